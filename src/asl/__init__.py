@@ -1,0 +1,1 @@
+"""ASL: Asymmetric Loss for multi-label classification."""

@@ -1,0 +1,291 @@
+"""Checkpoint files: atomic saving, safe loading (never runs pickled code), and strict, explained model loading.
+
+File format (the official model-zoo files and ours)::
+
+    {'model': state_dict, 'num_classes': int, 'idx_to_class': {int: str}, ...extra keys of ours...}
+
+Every value is loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, ``None``, and lists,
+tuples and dicts of them (so ``args`` is stored as a plain dict, never an ``argparse.Namespace``).
+:func:`load_checkpoint` also accepts a bare state dict (the original ``train.py`` saved those) and files whose
+weights sit under ``'state_dict'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import secrets
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "make_model_checkpoint",
+    "load_model_state",
+    "clean_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_IGNORED_SUFFIX = "num_batches_tracked"  # BatchNorm counters: absent from the official files, unused in eval
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be saved, read, trusted, or does not fit the model. The message is one clear line."""
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+def save_checkpoint(obj: Any, path: PathLike) -> None:
+    """Write ``obj`` with ``torch.save`` atomically: the file at ``path`` is either the old one or the new one.
+
+    The data goes to a temporary file in the same directory, is flushed to disk (fsync), and then replaces
+    ``path`` with ``os.replace``; a crash or a full disk never leaves a truncated checkpoint behind. The parent
+    directory is created if needed. Any failure raises :class:`CheckpointError` and removes the temporary file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # Open with 'xb' rather than tempfile.mkstemp so the file gets the usual permissions (umask), not 0600.
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise CheckpointError(f"could not save checkpoint to {path}: {type(exc).__name__}: {exc}") from exc
+    _fsync_directory(directory)
+    logger.debug("saved checkpoint %s", path)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable where the platform allows it (POSIX); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """Convert ``value`` to types that ``torch.load(weights_only=True)`` accepts, or raise CheckpointError."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.Tensor)):
+        return value
+    if isinstance(value, argparse.Namespace):
+        return _to_plain(vars(value), where)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, Mapping):
+        plain = {k if isinstance(k, (str, int)) else str(k): _to_plain(v, f"{where}[{k!r}]")
+                 for k, v in value.items()}
+        return OrderedDict(plain) if isinstance(value, OrderedDict) else plain
+    if isinstance(value, (list, tuple)):
+        items = [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise CheckpointError(f"cannot store {where} of type {type(value).__name__} in a checkpoint: only tensors, "
+                          f"numbers, strings and lists/tuples/dicts of them load with weights_only=True")
+
+
+def make_model_checkpoint(model_state: Mapping, num_classes: int, idx_to_class: Mapping, **extra: Any) -> Dict:
+    """Build a checkpoint dict in the official format plus ``extra`` entries (e.g. ``args``, ``epoch``, ``mAP``).
+
+    ``idx_to_class`` keys become ``int`` and values ``str`` (as in the official files); ``extra`` values are
+    converted to weights-only-loadable types (``argparse.Namespace`` -> dict, paths -> str, NumPy -> Python/torch);
+    anything else raises :class:`CheckpointError` now rather than producing a file that cannot be loaded.
+    """
+    ckpt: Dict[str, Any] = {
+        "model": model_state,
+        "num_classes": int(num_classes),
+        "idx_to_class": {int(k): str(v) for k, v in idx_to_class.items()},
+    }
+    for key, value in extra.items():
+        if key in ckpt:
+            raise CheckpointError(f"make_model_checkpoint: {key!r} is set by the named arguments")
+        ckpt[key] = _to_plain(value, key)
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
+
+
+def _download(url: str) -> str:
+    """Download ``url`` once into ``torch.hub.get_dir()/checkpoints`` (with a progress bar); return the path."""
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    if not filename:
+        raise CheckpointError(f"cannot tell a file name from the URL {url}")
+    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(cache_dir, filename)
+    if os.path.isfile(cached):
+        logger.info("using cached %s", cached)
+        return cached
+    os.makedirs(cache_dir, exist_ok=True)
+    logger.info("downloading %s to %s", url, cached)
+    try:
+        # Writes to a temporary file and moves it into place, so an interrupted download leaves no partial file.
+        torch.hub.download_url_to_file(url, cached, progress=True)
+    except Exception as exc:
+        raise CheckpointError(f"could not download {url}: {exc}") from exc
+    return cached
+
+
+def _explain_unpickling_error(path: str, exc: Exception) -> CheckpointError:
+    message = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", message)
+    if found:
+        return CheckpointError(
+            f"refusing to unpickle {path}: it is not a plain weights file (loading it would call "
+            f"{found.group(1)}, i.e. run code from the file); re-save only its tensors from a trusted source")
+    if "Weights only load failed" in message:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        reason = detail.group(1).strip() if detail else "unsupported content"
+        return CheckpointError(f"refusing to unpickle {path}: it is not a plain weights file ({reason})")
+    first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    return CheckpointError(f"could not read checkpoint {path}: {first_line}")
+
+
+def _normalize(obj: Any, source: str) -> Dict:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        return dict(obj)
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        ckpt = {k: v for k, v in obj.items() if k != "state_dict"}
+        ckpt["model"] = obj["state_dict"]
+        return ckpt
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        # original: train.py saved the bare state dict
+        return {"model": obj}
+    raise CheckpointError(f"{source} is neither a checkpoint (no 'model' or 'state_dict' entry) nor a state dict "
+                          f"(keys: {sorted(map(str, obj))[:5]})")
+
+
+def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu") -> Dict:
+    """Load a checkpoint file or URL safely, as a dict with at least the key ``'model'`` (the state dict).
+
+    - Always ``torch.load(..., weights_only=True)``: a file that needs arbitrary code to unpickle (a pickled
+      object whose reconstruction calls a function) is refused with :class:`CheckpointError`; nothing from it runs.
+    - ``http://`` / ``https://`` URLs are downloaded once into ``torch.hub.get_dir()/checkpoints`` (progress bar)
+      and loaded from there on later calls.
+    - A bare state dict is returned as ``{'model': state_dict}``; a ``'state_dict'`` entry is renamed ``'model'``.
+    - A missing or unreadable file raises :class:`CheckpointError` naming the path.
+    """
+    source = os.fspath(path_or_url)
+    path = _download(source) if _is_url(source) else source
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...
+        raise _explain_unpickling_error(path, exc) from exc
+    return _normalize(obj, path)
+
+
+def clean_state_dict(state_dict: Mapping) -> "OrderedDict[str, Any]":
+    """Strip wrapper prefixes (``module.`` from (Distributed)DataParallel, ``_orig_mod.`` from torch.compile)."""
+    cleaned: "OrderedDict[str, Any]" = OrderedDict()
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        cleaned[key] = value
+    return cleaned
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    last_linear = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last_linear = module
+    return last_linear.out_features if last_linear is not None else None
+
+
+def _shape(value: Any) -> tuple:
+    return tuple(getattr(value, "shape", ()))
+
+
+def _first(keys: list, limit: int = 3) -> str:
+    shown = repr(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
+                     skip_prefix: Optional[str] = None) -> None:
+    """Load ``state_dict`` into ``model`` strictly, or raise one :class:`CheckpointError` explaining the mismatch.
+
+    ``state_dict`` may also be a whole checkpoint (its ``'model'`` entry is used). ``module.`` / ``_orig_mod.``
+    prefixes are stripped, and BatchNorm ``num_batches_tracked`` counters are ignored on both sides (the official
+    files have none). Keys under ``skip_prefix`` (e.g. the classifier, for a pretrained start) are left out on both
+    sides and keep the model's own values. Any other missing or unexpected key, or any shape difference, is an error whose message names
+    ``model_name``, its class count and the first offending keys and shapes.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    ckpt = clean_state_dict(state_dict)
+    expected = model.state_dict()
+
+    def relevant(keys):
+        return [k for k in keys if not k.endswith(_IGNORED_SUFFIX) and not (skip_prefix and k.startswith(skip_prefix))]
+
+    missing = relevant(k for k in expected if k not in ckpt)
+    unexpected = relevant(k for k in ckpt if k not in expected)
+    mismatched = relevant(k for k in expected if k in ckpt and _shape(ckpt[k]) != _shape(expected[k]))
+    if missing or unexpected or mismatched:
+        count = _num_classes(model)
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first(unexpected)}")
+        if mismatched:
+            shapes = "; ".join(f"{k}: ckpt {_shape(ckpt[k])} vs model {_shape(expected[k])}" for k in mismatched[:3])
+            more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            parts.append(f"shape mismatch {shapes}{more}")
+        classes = f" ({count} classes)" if count is not None else ""
+        raise CheckpointError(f"checkpoint does not fit {model_name}{classes}: " + ", ".join(parts))
+
+    to_load = OrderedDict((k, v) for k, v in ckpt.items() if k in expected and relevant([k]))
+    result = model.load_state_dict(to_load, strict=False)
+    leftover = relevant(result.missing_keys) + relevant(result.unexpected_keys)
+    if leftover:  # cannot happen after the checks above; kept as a guard against silent partial loads
+        raise CheckpointError(f"checkpoint does not fit {model_name}: {_first(leftover)}")
+    logger.info("loaded %d tensors into %s", len(to_load), model_name)

@@ -1,0 +1,104 @@
+"""Model factory: TResNet-M/L/XL (official checkpoint layout) and any timm backbone as ``timm/<name>``."""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
+from .layers import ABN, fold_conv_abn
+from .timm_backbone import TimmClassifier
+from .tresnet import TRESNET_CONFIGS, TResNet
+
+__all__ = [
+    "MODEL_NAMES", "create_model", "prepare_for_inference", "load_pretrained_backbone", "normalize_state_dict",
+    "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
+]
+
+
+MODEL_NAMES = tuple(TRESNET_CONFIGS)
+TIMM_PREFIX = "timm/"
+
+
+def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
+                 pretrained: Optional[str] = None) -> nn.Module:
+    """Builds ``tresnet_m``, ``tresnet_l``, ``tresnet_xl`` or ``timm/<any timm model>``.
+
+    ``pretrained`` is a local file (or URL) of ImageNet weights for the backbone; the classifier is skipped.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    key = name.lower()
+    if key in TRESNET_CONFIGS:
+        layers, width = TRESNET_CONFIGS[key]
+        model: nn.Module = TResNet(layers, num_classes=num_classes, width_factor=width,
+                                   bottleneck_head=bottleneck_head)
+    elif key.startswith(TIMM_PREFIX):
+        if bottleneck_head:
+            raise ValueError("bottleneck_head is only available for the TResNet models")
+        model = TimmClassifier(name[len(TIMM_PREFIX):], num_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
+    if pretrained:
+        from ..checkpoint import load_checkpoint
+
+        load_pretrained_backbone(model, load_checkpoint(pretrained)["model"])
+    return model
+
+
+def head_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the classifier, which a pretrained start replaces (original: skip head.fc)."""
+    if isinstance(model, TimmClassifier):
+        return model.classifier_prefix
+    return "head.fc."
+
+
+def normalize_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Brings foreign layouts (DDP prefixes, timm's TResNet, bare timm models) into ``model``'s layout."""
+    sd = strip_prefixes(state_dict)
+    if isinstance(model, TResNet) and is_timm_tresnet_layout(sd):
+        sd = convert_timm_tresnet(sd)
+    if isinstance(model, TimmClassifier):
+        sd = model.adapt_state_dict(sd)
+    return sd
+
+
+def load_pretrained_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Loads every tensor except the classifier (original: the ImageNet head is skipped, it does not fit).
+
+    Accepts the MIIL ImageNet TResNet files, our checkpoints, model-zoo files and timm state dicts.
+    Raises ``CheckpointError`` naming the first mismatches when the backbone does not fit.
+    """
+    from ..checkpoint import load_model_state
+
+    name = getattr(model, "timm_name", None) or type(model).__name__
+    load_model_state(model, normalize_state_dict(model, state_dict), f"the backbone of {name}",
+                     skip_prefix=head_prefix(model))
+
+
+def _fold_sequential(seq: nn.Sequential) -> None:
+    """Replaces each (Conv2d, ABN) pair inside ``seq`` by a fused conv and the ABN's activation."""
+    if len(seq) == 2 and isinstance(seq[0], nn.Conv2d) and isinstance(seq[1], ABN):
+        fused, act = fold_conv_abn(seq[0], seq[1])
+        seq[0] = fused
+        seq[1] = act if act is not None else nn.Identity()
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
+
+    The original model is left untouched (its parameters keep training). Inference only: the folded
+    copy has no norm layers to train.
+    """
+    model = copy.deepcopy(model).eval()
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            _fold_sequential(module)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

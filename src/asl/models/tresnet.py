@@ -1,0 +1,147 @@
+"""TResNet-M/L/XL (Ridnik et al., WACV 2021) as used by ASL, with the official checkpoints' key layout."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Type, Union
+
+import torch
+import torch.nn as nn
+
+from .layers import ABN, AntiAliasDownsample, BottleneckHead, GlobalAvgPool, SEModule, SpaceToDepth, conv_abn
+
+__all__ = ["TResNet", "BasicBlock", "Bottleneck", "TRESNET_CONFIGS"]
+
+# name -> (blocks per stage, width factor); original: TResnetM / TResnetL / TResnetXL.
+TRESNET_CONFIGS = {
+    "tresnet_m": ((3, 4, 11, 3), 1.0),
+    "tresnet_l": ((4, 5, 18, 3), 1.2),
+    "tresnet_xl": ((4, 5, 24, 3), 1.3),
+}
+
+# Slopes of the leaky ReLUs: 1e-2 in the stem, 1e-3 inside the residual blocks (original).
+BLOCK_SLOPE = 1e-3
+
+
+def _strided_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int) -> nn.Sequential:
+    """A stride-2 conv is a stride-1 conv followed by the blur-downsample.
+
+    Nesting matters for the key names: ``convN.0.0.weight`` / ``convN.0.1.*`` then the parameter-free blur
+    as ``convN.1``, exactly as the official files.
+    """
+    conv = conv_abn(in_ch, out_ch, stride=1, kernel_size=kernel_size, activation_param=BLOCK_SLOPE)
+    if stride == 1:
+        return conv
+    return nn.Sequential(conv, AntiAliasDownsample(out_ch, stride=stride))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 use_se: bool = True) -> None:
+        super().__init__()
+        self.conv1 = _strided_conv(inplanes, planes, 3, stride)
+        self.conv2 = conv_abn(planes, planes, stride=1, activation="identity")
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.se = SEModule(planes, max(planes // 4, 64)) if use_se else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.conv1(x))
+        if self.se is not None:
+            out = self.se(out)
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 use_se: bool = True) -> None:
+        super().__init__()
+        self.conv1 = conv_abn(inplanes, planes, kernel_size=1, activation_param=BLOCK_SLOPE)
+        self.conv2 = _strided_conv(planes, planes, 3, stride)
+        self.conv3 = conv_abn(planes, planes * self.expansion, kernel_size=1, activation="identity")
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        # original: the SE sits between conv2 and conv3, on `planes` channels, reduced to planes*4/8 (min 64).
+        self.se = SEModule(planes, max(planes * self.expansion // 8, 64)) if use_se else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.conv1(x))
+        if self.se is not None:
+            out = self.se(out)
+        out = self.conv3(out)
+        return self.relu(out + shortcut)
+
+
+Block = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+class TResNet(nn.Module):
+    """TResNet backbone + linear (or bottleneck) head. Input: RGB in [0, 1], no mean/std normalisation."""
+
+    def __init__(self, layers: tuple[int, int, int, int], num_classes: int = 1000, in_chans: int = 3,
+                 width_factor: float = 1.0, bottleneck_head: bool = False, bottleneck_features: int = 512) -> None:
+        super().__init__()
+        planes = int(64 * width_factor)
+        self._inplanes = planes
+        stages = [
+            ("layer1", BasicBlock, planes, layers[0], 1, True),
+            ("layer2", BasicBlock, planes * 2, layers[1], 2, True),
+            ("layer3", Bottleneck, planes * 4, layers[2], 2, True),
+            ("layer4", Bottleneck, planes * 8, layers[3], 2, False),
+        ]
+        body = [("SpaceToDepth", SpaceToDepth()), ("conv1", conv_abn(in_chans * 16, planes, stride=1))]
+        body += [(name, self._make_stage(block, p, n, s, se)) for name, block, p, n, s, se in stages]
+        self.body = nn.Sequential(OrderedDict(body))
+        self.global_pool = nn.Sequential(OrderedDict([("global_pool_layer", GlobalAvgPool(flatten=True))]))
+        self.num_features = planes * 8 * Bottleneck.expansion
+        self.num_classes = num_classes
+        fc: nn.Module
+        if bottleneck_head:
+            fc = BottleneckHead(self.num_features, num_classes, bottleneck_features)
+        else:
+            fc = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Sequential(OrderedDict([("fc", fc)]))
+        self._init_weights()
+
+    def _make_stage(self, block: Block, planes: int, blocks: int, stride: int, use_se: bool) -> nn.Sequential:
+        downsample = None
+        out_channels = planes * block.expansion
+        if stride != 1 or self._inplanes != out_channels:
+            parts: list[nn.Module] = []
+            if stride == 2:
+                # original: average-pool first, then the 1x1 projection (keys downsample.1.*).
+                parts.append(nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False))
+            parts.append(conv_abn(self._inplanes, out_channels, kernel_size=1, activation="identity"))
+            downsample = nn.Sequential(*parts)
+        stage = [block(self._inplanes, planes, stride, downsample, use_se=use_se)]
+        self._inplanes = out_channels
+        stage += [block(self._inplanes, planes, use_se=use_se) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, ABN):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+        # original: the last norm of each residual branch starts at zero, so every block starts as identity
+        # (InPlaceABN still scales by |0| + eps, so the branch is tiny rather than exactly zero).
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.conv2[1].weight)
+            elif isinstance(m, Bottleneck):
+                nn.init.zeros_(m.conv3[1].weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.global_pool(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))

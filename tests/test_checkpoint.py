@@ -1,0 +1,287 @@
+"""Checkpoint I/O: atomic saves, weights-only loading, URL download, and the mismatch message."""
+
+import argparse
+import functools
+import http.server
+import os
+import pathlib
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import asl.checkpoint as checkpoint
+from asl.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint, load_model_state,
+                            make_model_checkpoint, save_checkpoint)
+
+
+def tiny_model(num_classes=3, hidden=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def assert_state_equal(a, b):
+    assert list(a.keys()) == list(b.keys())
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------------------- saving
+
+def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    model = tiny_model()
+    target = tmp_path / "new" / "dir" / "model.pth"  # parent directories are created
+    replaced = []
+    real_replace = os.replace
+
+    def spy_replace(src, dst):
+        replaced.append((os.fspath(src), os.fspath(dst)))
+        assert os.path.getsize(src) > 0 and not os.path.exists(dst)  # complete temp file, target not yet there
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", spy_replace)
+    ckpt = make_model_checkpoint(model.state_dict(), 3, {0: "a", 1: "b", 2: "c"}, epoch=4)
+    save_checkpoint(ckpt, target)
+
+    assert len(replaced) == 1
+    temp, final = replaced[0]
+    assert final == str(target) and os.path.dirname(temp) == str(target.parent)  # same directory
+    assert os.listdir(target.parent) == ["model.pth"]  # no temporary file left
+    loaded = load_checkpoint(target)
+    assert loaded["num_classes"] == 3 and loaded["idx_to_class"] == {0: "a", 1: "b", 2: "c"}
+    assert loaded["epoch"] == 4
+    assert_state_equal(loaded["model"], model.state_dict())
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "model.pth"
+    save_checkpoint({"model": {"w": torch.ones(2)}}, target)
+    before = target.read_bytes()
+    with pytest.raises(CheckpointError, match="could not save checkpoint to .*model.pth"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "bad": lambda: 0}, target)  # lambdas do not pickle
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
+def test_saved_file_gets_normal_permissions(tmp_path):
+    target = tmp_path / "model.pth"
+    save_checkpoint({"model": {}}, target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+def test_official_format_loads(tmp_path):
+    # Written with plain torch.save, as the model-zoo files were.
+    model = tiny_model(num_classes=2)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": state, "num_classes": 2, "idx_to_class": {0: "cat", 1: "dog"}}, tmp_path / "zoo.pth")
+    loaded = load_checkpoint(str(tmp_path / "zoo.pth"))
+    assert loaded["num_classes"] == 2 and loaded["idx_to_class"] == {0: "cat", 1: "dog"}
+    fresh = tiny_model(num_classes=2)
+    load_model_state(fresh, loaded["model"], "tiny")
+    assert_state_equal({k: fresh.state_dict()[k] for k in state}, state)
+
+
+def test_bare_state_dict_and_state_dict_key_are_wrapped(tmp_path):
+    state = tiny_model().state_dict()
+    torch.save(state, tmp_path / "bare.pth")
+    loaded = load_checkpoint(tmp_path / "bare.pth")
+    assert set(loaded) == {"model"}
+    assert_state_equal(loaded["model"], state)
+
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "other.pth")
+    loaded = load_checkpoint(tmp_path / "other.pth")
+    assert set(loaded) == {"model", "epoch"}
+    assert_state_equal(loaded["model"], state)
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+        load_checkpoint(tmp_path / "list.pth")
+    torch.save({"epoch": 1}, tmp_path / "nomodel.pth")
+    with pytest.raises(CheckpointError, match="no 'model' or 'state_dict'"):
+        load_checkpoint(tmp_path / "nomodel.pth")
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "model.pth"
+    with pytest.raises(CheckpointError, match=f"not found: {missing}"):
+        load_checkpoint(missing)
+
+
+def test_corrupt_file_is_a_checkpoint_error(tmp_path):
+    good = tmp_path / "good.pth"
+    save_checkpoint({"model": {"w": torch.ones(100)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        load_checkpoint(truncated)
+
+
+class Payload:
+    """Unpickling this creates a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Payload(marker)}, evil)
+
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(evil)
+    message = str(info.value)
+    assert "refusing to unpickle" in message and "not a plain weights file" in message
+    assert str(evil) in message and "\n" not in message
+    assert not marker.exists()
+
+    # The file really is an exploit: a full unpickle runs the payload (this is what we refuse to do).
+    loaded = torch.load(evil, weights_only=False)
+    loaded["extra"].close()
+    assert marker.exists()
+
+
+# -------------------------------------------------------------------------------------------------------- URLs
+
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests = []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    root = tmp_path / "served"
+    root.mkdir()
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    handler = type("Handler", (_CountingHandler,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_url_is_downloaded_once_into_the_hub_cache(http_root):
+    root, base_url, requests = http_root
+    model = tiny_model()
+    save_checkpoint(make_model_checkpoint(model.state_dict(), 3, {0: "a", 1: "b", 2: "c"}), root / "remote.pth")
+
+    loaded = load_checkpoint(f"{base_url}/remote.pth")
+    assert_state_equal(loaded["model"], model.state_dict())
+    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / "remote.pth"
+    assert cached.is_file()
+    assert requests == ["/remote.pth"]
+
+    again = load_checkpoint(f"{base_url}/remote.pth")  # served from the cache
+    assert requests == ["/remote.pth"]
+    assert again["num_classes"] == 3
+
+
+def test_url_errors_are_checkpoint_errors(http_root):
+    root, base_url, _ = http_root
+    with pytest.raises(CheckpointError, match="could not download"):
+        load_checkpoint(f"{base_url}/absent.pth")
+    cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    assert not (cache / "absent.pth").exists()
+
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Payload(root / "ran")}, root / "evil.pth")
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_checkpoint(f"{base_url}/evil.pth")
+    assert not (root / "ran").exists()
+
+
+# ------------------------------------------------------------------------------------------- checkpoint content
+
+def test_make_model_checkpoint_is_weights_only_loadable(tmp_path):
+    args = argparse.Namespace(lr=1e-4, data=pathlib.Path("/data/coco"), device=torch.device("cpu"), sizes=(224, 448))
+    ckpt = make_model_checkpoint(tiny_model().state_dict(), np.int64(3), {"0": "a", 1: "b", 2.0: "c"},
+                                 args=args, mAP=np.float32(86.5), epoch=7, history=[np.arange(3)])
+    assert ckpt["num_classes"] == 3 and type(ckpt["num_classes"]) is int
+    assert ckpt["idx_to_class"] == {0: "a", 1: "b", 2: "c"}
+    assert ckpt["args"] == {"lr": 1e-4, "data": "/data/coco", "device": "cpu", "sizes": (224, 448)}
+    assert isinstance(ckpt["mAP"], float)
+    path = tmp_path / "ours.pth"
+    save_checkpoint(ckpt, path)
+    raw = torch.load(path, weights_only=True)  # the plain torch loader accepts it
+    assert raw["args"]["data"] == "/data/coco"
+    assert torch.equal(raw["history"][0], torch.arange(3))
+
+
+def test_make_model_checkpoint_rejects_objects_that_would_not_load():
+    with pytest.raises(CheckpointError, match=r"args\['fn'\].*function"):
+        make_model_checkpoint({}, 1, {0: "a"}, args={"fn": lambda: 0})
+    with pytest.raises(CheckpointError, match="set by the named arguments"):
+        make_model_checkpoint({}, 1, {0: "a"}, **{"model": {}})
+
+
+# ------------------------------------------------------------------------------------------- load_model_state
+
+def test_load_model_state_strips_ddp_prefix_and_ignores_batch_counters():
+    source = tiny_model()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    wrapped = OrderedDict(("module." + k, v) for k, v in source.state_dict().items()
+                          if not k.endswith("num_batches_tracked"))
+    target = tiny_model()
+    load_model_state(target, wrapped, "tiny")
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(target.state_dict()[key], value), key
+    # A whole checkpoint dict is accepted too.
+    load_model_state(tiny_model(), {"model": wrapped, "num_classes": 3}, "tiny")
+
+
+def test_clean_state_dict():
+    cleaned = clean_state_dict({"module._orig_mod.a.weight": 1, "b": 2, "module.c": 3})
+    assert list(cleaned.items()) == [("a.weight", 1), ("b", 2), ("c", 3)]
+
+
+def test_wrong_class_count_gives_one_clear_message():
+    ckpt = tiny_model(num_classes=5).state_dict()
+    with pytest.raises(CheckpointError) as info:
+        load_model_state(tiny_model(num_classes=3), ckpt, "tiny_net")
+    assert str(info.value) == ("checkpoint does not fit tiny_net (3 classes): "
+                               "shape mismatch 3.weight: ckpt (5, 8) vs model (3, 8); "
+                               "3.bias: ckpt (5,) vs model (3,)")
+
+
+def test_wrong_architecture_names_missing_and_unexpected_keys():
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = tiny_model(num_classes=3)
+    with pytest.raises(CheckpointError) as info:
+        load_model_state(model, other.state_dict(), "tiny_net")
+    message = str(info.value)
+    assert message.startswith("checkpoint does not fit tiny_net (3 classes): ")
+    # missing: 1.weight, 1.bias, 1.running_mean, 1.running_var, 3.weight, 3.bias (1.num_batches_tracked ignored)
+    assert "missing keys ['1.weight', '1.bias', '1.running_mean'] (+3 more)" in message
+    assert "unexpected ['2.weight', '2.bias', '4.weight'] (+1 more)" in message
+    assert "shape mismatch" not in message and "\n" not in message
+    # Nothing was loaded.
+    assert_state_equal(model.state_dict(), tiny_model(num_classes=3).state_dict())

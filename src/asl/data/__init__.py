@@ -1,0 +1,200 @@
+"""Datasets and the training data pipeline.
+
+Creating a dataset
+------------------
+``create_dataset(name, root, split, image_size, train, cache_dir=None, **options)`` with ``name`` in
+:data:`DATASET_NAMES` (``coco``, ``voc``, ``nus-wide``, ``openimages``, ``csv``, ``synthetic``). ``split=None``
+picks the dataset's usual split (:func:`default_split`). Layouts and label conventions: Datasets.md.
+
+Options for every dataset:
+
+- ``seed=0``: the augmentation seed (see "Randomness");
+- ``strict=False``: ``True`` raises :class:`DatasetError` on the first unreadable image instead of skipping it;
+- ``with_index=False``: ``True`` makes items ``(image, target, index)`` (for evaluation in dataset order);
+- ``cutout_factor=0.5``.
+
+Dataset-specific options: ``voc``: ``difficult='positive'|'ignore'|'negative'`` (default positive for
+training, ignore for evaluation), ``year='2007'``; ``nus-wide``: ``csv_file``, ``image_root``; ``openimages``:
+``unannotated='negative'|'ignore'`` (training default negative; evaluation always keeps -1 unless told),
+``classes_file``, ``idx_to_class``, ``csv_file``; ``csv``: ``classes_file``, ``image_root``; ``synthetic``:
+``num_train``, ``num_val``, ``synthetic_size`` (generated picture side), ``generate_seed``. An unknown option
+raises ``TypeError``.
+
+Every dataset has ``classes`` (list of names), ``num_classes``, ``image_path(i)``, ``idx_to_class()``
+(``{i: name}``, the checkpoint field), ``target(i)`` (without reading the image), ``set_epoch(epoch)``,
+``num_unreadable()`` and ``num_missing`` (rows dropped at load because the file does not exist: NUS-WIDE).
+
+Items
+-----
+``dataset[i]`` is
+
+- ``(image, target)``: ``image`` a ``torch.uint8`` tensor ``(3, S, S)`` (``S = image_size``), ``target`` a
+  ``torch.float32`` tensor ``(num_classes,)`` with 1 = present, 0 = absent and -1 = not annotated / ignored
+  (Open Images unannotated, VOC difficult in evaluation);
+- ``(image, target, index)`` with ``with_index=True`` (``index`` the int ``i``);
+- ``None`` when the image cannot be read (missing, empty, truncated, not an image, decompression bomb): the
+  file is named once in a logged warning (once per run, across workers and epochs) and the item is skipped. With
+  ``strict=True`` a :class:`DatasetError` is raised instead.
+
+Convert images on the device with :func:`to_float` (``x.float().div(255)``: bit-identical to torchvision's
+``ToTensor``). No mean/std normalisation, as in the original.
+
+Batches
+-------
+Use ``collate_fn=collate_skip`` (or :func:`create_loader`, which also sets ``seed_worker`` and a seeded
+generator). A batch is a :class:`Batch` named tuple ``(images, targets, indices, skipped)``:
+
+- ``images`` uint8 ``(N, 3, S, S)``, ``targets`` float32 ``(N, C)``, where N counts the readable items only;
+- ``indices`` int64 ``(N,)`` dataset indices when the dataset has ``with_index=True``, else ``None``;
+- ``skipped`` (int) the number of unreadable items dropped from this batch: sum it for the epoch summary.
+
+``N`` can be 0 (every item of the batch unreadable): skip such a batch (``batch.images.shape[0] == 0``).
+
+Typical loops::
+
+    train_set = create_dataset("coco", root, None, 224, train=True, cache_dir=cache, seed=seed)
+    loader = create_loader(train_set, 128, shuffle=True, num_workers=8, seed=seed)  # or a DistributedSampler
+    for epoch in range(epochs):
+        train_set.set_epoch(epoch)            # (and sampler.set_epoch(epoch) when distributed)
+        for images, targets, _, skipped in loader:
+            x = to_float(images.to(device, non_blocking=True))
+            ...
+
+    val_set = create_dataset("coco", root, None, 224, train=False, with_index=True)
+    for images, targets, indices, skipped in loader_over_val_set:
+        scores[indices] = model(to_float(images.to(device))).sigmoid().cpu()   # dataset order, any sharding
+
+Randomness
+----------
+The training augmentation of item ``i`` in epoch ``e`` is drawn from a generator seeded by ``(seed, e, i)``
+(:func:`asl.data.transforms.item_rng`), never from global state, so it is the same for any number of workers,
+any worker order, and after a resume. Call ``dataset.set_epoch(e)`` before iterating the loader of epoch ``e``;
+the epoch lives in shared memory, so this also reaches persistent workers. ``seed_worker`` (``worker_init_fn``)
+seeds ``random``/``numpy.random`` in each worker from torch's per-worker seed for any other library.
+
+Cache
+-----
+``cache_dir`` keeps the resized uint8 image of every file (keyed by path, size and mtime; atomic writes, safe to
+share between workers, ranks and runs). Later epochs skip decode and resize with bit-identical pixels; the
+random augmentation is still drawn every epoch. See :mod:`asl.data.cache`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader,
+                   parse_list_literal, seed_worker)
+from .transforms import EvalTransform, TrainTransform, UnreadableImageError, item_rng, to_float
+
+__all__ = [
+    "DATASET_NAMES",
+    "create_dataset",
+    "default_split",
+    "canonical_name",
+    "DatasetError",
+    "UnreadableImageError",
+    "MultiLabelDataset",
+    "LabelTable",
+    "Batch",
+    "collate_skip",
+    "create_loader",
+    "seed_worker",
+    "to_float",
+    "item_rng",
+    "TrainTransform",
+    "EvalTransform",
+    "parse_list_literal",
+    "generate_synthetic_coco",
+]
+
+DATASET_NAMES = ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic")
+
+_ALIASES = {
+    "mscoco": "coco", "ms-coco": "coco", "coco2014": "coco",
+    "pascal-voc": "voc", "voc2007": "voc", "pascal_voc": "voc",
+    "nus_wide": "nus-wide", "nuswide": "nus-wide",
+    "open-images": "openimages", "open_images": "openimages", "oi": "openimages",
+}
+
+_DEFAULT_SPLITS = {
+    "coco": ("train2014", "val2014"),
+    "voc": ("trainval", "test"),
+    "nus-wide": ("train", "val"),
+    "openimages": ("train", "test"),
+    "csv": ("train", "val"),
+    "synthetic": ("train", "val"),
+}
+
+_COMMON_OPTIONS = ("seed", "strict", "with_index", "cutout_factor")
+_DATASET_OPTIONS = {
+    "coco": (),
+    "voc": ("difficult", "year"),
+    "nus-wide": ("csv_file", "image_root"),
+    "openimages": ("unannotated", "classes_file", "idx_to_class", "csv_file"),
+    "csv": ("classes_file", "image_root"),
+    "synthetic": ("num_train", "num_val", "synthetic_size", "generate_seed"),
+}
+
+
+def canonical_name(name: str) -> str:
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return key
+
+
+def default_split(name: str, train: bool) -> str:
+    """The usual split name: coco train2014/val2014, voc trainval/test, nus-wide train/val, openimages
+    train/test, csv train/val, synthetic train/val."""
+    return _DEFAULT_SPLITS[canonical_name(name)][0 if train else 1]
+
+
+def create_dataset(name: str, root, split: str | None, image_size: int, train: bool, cache_dir=None,
+                   **options) -> MultiLabelDataset:
+    """Build dataset ``name`` from ``root``; see the module docstring for options, items and batches.
+
+    Raises :class:`DatasetError` (one line naming the expected path, pointing to Datasets.md) when a folder or
+    annotation file is missing, ``ValueError`` for an unknown name, ``TypeError`` for an unknown option.
+    """
+    key = canonical_name(name)
+    unknown = sorted(set(options) - set(_COMMON_OPTIONS) - set(_DATASET_OPTIONS[key]))
+    if unknown:
+        raise TypeError(f"unknown option(s) for dataset {key!r}: {', '.join(unknown)}; "
+                        f"accepted: {', '.join(_COMMON_OPTIONS + _DATASET_OPTIONS[key])}")
+    if split is None:
+        split = default_split(key, train)
+    common = {k: options.pop(k) for k in _COMMON_OPTIONS if k in options}
+    common.update(image_size=int(image_size), cache_dir=cache_dir)
+    if key == "coco":
+        from .coco import load_coco
+        return load_coco(root, split, train=train, **common)
+    if key == "voc":
+        from .voc import load_voc
+        return load_voc(root, split, train=train, **options, **common)
+    if key == "nus-wide":
+        from .nus_wide import load_nus_wide
+        return load_nus_wide(root, split, train=train, **options, **common)
+    if key == "openimages":
+        from .open_images import load_open_images
+        return load_open_images(root, split, train=train, **options, **common)
+    if key == "csv":
+        from .csv import load_csv
+        return load_csv(root, split, train=train, **options, **common)
+    from .coco import load_coco
+    from .synthetic import SYNTHETIC_SPLITS, ensure_synthetic_coco
+    if split not in SYNTHETIC_SPLITS:
+        raise ValueError(f"synthetic splits are {SYNTHETIC_SPLITS}, not {split!r}")
+    gen = {"num_train": options.get("num_train", 512), "num_val": options.get("num_val", 128),
+           "image_size": options.get("synthetic_size", 64), "seed": options.get("generate_seed", 0)}
+    ensure_synthetic_coco(Path(root), **gen)
+    dataset = load_coco(root, split, train=train, **common)
+    dataset.name = "synthetic"
+    return dataset
+
+
+def generate_synthetic_coco(root, num_train: int = 512, num_val: int = 128, image_size: int = 64, seed: int = 0):
+    """Write the generated demo set in the COCO layout under ``root`` (see :mod:`asl.data.synthetic`)."""
+    from .synthetic import generate_synthetic_coco as _generate
+    return _generate(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)

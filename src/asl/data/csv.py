@@ -1,0 +1,93 @@
+"""A custom multi-label dataset described by one CSV file (the "ASL on my own data" case).
+
+::
+
+    image,labels,split
+    photos/0001.jpg,cat|dog,train
+    photos/0002.jpg,car,val
+    photos/0003.jpg,,train
+
+- ``image``: a path relative to the CSV's folder (or ``image_root``), or absolute;
+- ``labels``: class names separated by ``|`` or ``;`` (empty = no class present);
+- ``split`` (optional column): rows of other splits are left out; without the column every row is used.
+
+``root`` is the CSV file itself, or a folder holding ``<split>.csv`` or ``labels.csv``. The class list is
+``classes_file`` (one name per line), else ``classes.txt`` beside the CSV, else the sorted names found in the CSV
+(all splits of it). With one CSV per split and no classes file the two class lists may differ: give a
+``classes.txt``.
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import logging
+import re
+from pathlib import Path
+
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error
+
+__all__ = ["load_csv", "read_classes_file"]
+
+logger = logging.getLogger(__name__)
+
+_SEPARATORS = re.compile(r"[|;]")
+
+
+def read_classes_file(path) -> list[str]:
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"duplicate class names in {path}")
+    return names
+
+
+def _find_csv(root: Path, split: str | None) -> Path:
+    if root.is_file():
+        return root
+    if not root.is_dir():
+        raise missing_path_error("CSV dataset file or folder", root)
+    for name in ([f"{split}.csv"] if split else []) + ["labels.csv"]:
+        if (root / name).is_file():
+            return root / name
+    raise missing_path_error("CSV dataset file", root / (f"{split}.csv" if split else "labels.csv"))
+
+
+def load_csv(root, split: str | None, *, classes_file=None, image_root=None, **dataset_kwargs) -> MultiLabelDataset:
+    csv_path = _find_csv(Path(root), split)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = _csv.DictReader(f)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        if "image" not in header or "labels" not in header:
+            raise DatasetError(f"{csv_path} needs a header 'image,labels[,split]' (found {reader.fieldnames})")
+        reader.fieldnames = header
+        rows = []
+        for line_no, row in enumerate(reader, 2):
+            image = (row.get("image") or "").strip()
+            if not image:
+                raise DatasetError(f"empty image path at {csv_path}:{line_no}")
+            names = [n.strip() for n in _SEPARATORS.split(row.get("labels") or "") if n.strip()]
+            rows.append((image, names, (row.get("split") or "").strip(), line_no))
+    has_split = "split" in header
+    if classes_file is None and (csv_path.parent / "classes.txt").is_file():
+        classes_file = csv_path.parent / "classes.txt"
+    if classes_file is not None:
+        if not Path(classes_file).is_file():
+            raise missing_path_error("classes file", classes_file)
+        classes = read_classes_file(classes_file)
+    else:
+        classes = sorted({n for _, names, _, _ in rows for n in names})
+    index = {name: i for i, name in enumerate(classes)}
+    rel_paths, positives = [], []
+    for image, names, row_split, line_no in rows:
+        if has_split and split is not None and row_split != split:
+            continue
+        for n in names:
+            if n not in index:
+                raise DatasetError(f"label {n!r} at {csv_path}:{line_no} is not in the classes file {classes_file}")
+        rel_paths.append(image)
+        positives.append(sorted({index[n] for n in names}))
+    if not rel_paths:
+        raise DatasetError(f"no rows{f' with split {split!r}' if has_split else ''} in {csv_path}")
+    image_dir = Path(image_root) if image_root is not None else csv_path.parent
+    labels = LabelTable(len(classes), 0.0, {1.0: positives})
+    return MultiLabelDataset(image_dir, rel_paths, labels, classes, name="csv", split=split or "", **dataset_kwargs)

@@ -1,0 +1,168 @@
+"""A generated, deterministic multi-label demo set in the COCO layout (the repository's embedded demo data).
+
+Each picture shows 1 to 3 shapes of different classes (circle, square, triangle, cross, ring, star) in random
+colours on a noisy, cluttered background (thin lines and dots that belong to no class). It is written exactly in
+the layout the ``coco`` loader reads::
+
+    root/annotations/instances_train.json   root/train/000000000001.jpg ...
+    root/annotations/instances_val.json     root/val/...
+
+so ``create_dataset('synthetic', root, 'train', ...)`` is the COCO loader on generated files (generated first if
+absent). Every picture has at least one annotation, so none is dropped. Pixels depend only on
+``(seed, split, image number, image_size)``: the same call gives the same files (for one Pillow/libjpeg build).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["SHAPE_CLASSES", "generate_synthetic_coco", "ensure_synthetic_coco", "SYNTHETIC_SPLITS"]
+
+logger = logging.getLogger(__name__)
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
+SYNTHETIC_SPLITS = ("train", "val")
+_SPLIT_CODE = {"train": 1, "val": 2}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    for _ in range(100):
+        colour = rng.integers(0, 256, 3)
+        if np.abs(colour.astype(int) - background.astype(int)).sum() > 200:
+            break
+    return tuple(int(c) for c in colour)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, colour) -> None:
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif name == "square":
+        h = r * 0.85
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=colour)
+    elif name == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)], fill=colour)
+    elif name == "cross":
+        t = max(r * 0.3, 1.5)
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
+    elif name == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(int(round(r * 0.35)), 2))
+    elif name == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else r * 0.45
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=colour)
+    else:
+        raise ValueError(name)
+
+
+def _render(rng: np.random.Generator, size: int):
+    background = rng.integers(0, 256, 3)
+    noise = rng.normal(0.0, 12.0, (size, size, 3))
+    pixels = np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(img)
+    # clutter that belongs to no class
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, size, 4))
+        draw.line([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=1)
+    for _ in range(int(rng.integers(5, 15))):
+        x, y = (float(v) for v in rng.uniform(0, size, 2))
+        draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    count = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+    classes = rng.choice(len(SHAPE_CLASSES), size=count, replace=False)
+    placed = []
+    annotations = []
+    for c in classes:
+        r = float(rng.uniform(0.11, 0.19) * size)
+        for _ in range(50):  # keep shapes apart so each stays recognisable
+            cx, cy = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
+            if all(math.hypot(cx - px, cy - py) > r + pr + 2 for px, py, pr in placed):
+                break
+        placed.append((cx, cy, r))
+        _draw_shape(draw, SHAPE_CLASSES[int(c)], cx, cy, r, _contrasting_colour(rng, background))
+        x0, y0 = max(cx - r, 0.0), max(cy - r, 0.0)
+        w, h = min(cx + r, size) - x0, min(cy + r, size) - y0
+        annotations.append((int(c) + 1, [round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)]))
+    return img, annotations
+
+
+def generate_synthetic_coco(root, num_train: int = 512, num_val: int = 128, image_size: int = 64,
+                            seed: int = 0) -> Path:
+    """Write the synthetic set under ``root`` (COCO layout, see the module docstring) and return ``root``.
+
+    Files are written atomically and the annotation json last, so a reader never sees a half-written split and
+    concurrent generators (several ranks) write identical bytes.
+    """
+    root = Path(root)
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_train), ("val", num_val)):
+        image_dir = root / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            image_id = i + 1
+            rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], image_id])
+            img, shapes = _render(rng, int(image_size))
+            file_name = f"{image_id:012d}.jpg"
+            buffer = _encode_jpeg(img)
+            _atomic_write(image_dir / file_name, buffer)
+            images.append({"id": image_id, "file_name": file_name, "width": int(image_size),
+                           "height": int(image_size)})
+            for category_id, bbox in shapes:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                                    "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
+                                    "segmentation": []})
+        document = {
+            "info": {"description": "asl synthetic shapes (generated)", "seed": int(seed),
+                     "image_size": int(image_size), "num_images": count},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        _atomic_write(root / "annotations" / f"instances_{split}.json",
+                      json.dumps(document, indent=None, separators=(",", ":")).encode())
+    logger.info("generated synthetic COCO set in %s (%d train, %d val, %dpx)", root, num_train, num_val, image_size)
+    return root
+
+
+def _encode_jpeg(img: Image.Image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+def ensure_synthetic_coco(root, **kwargs) -> Path:
+    """Generate the set unless both annotation files are already there."""
+    root = Path(root)
+    if all((root / "annotations" / f"instances_{s}.json").is_file() for s in SYNTHETIC_SPLITS):
+        return root
+    return generate_synthetic_coco(root, **kwargs)

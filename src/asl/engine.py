@@ -1,0 +1,345 @@
+"""The training step and the evaluation loop, usable from train.py, validate.py and user code.
+
+- :func:`param_groups_weight_decay` / :func:`create_optimizer`: the original's Adam with weight decay on
+  conv/linear weights only.
+- :func:`train_one_epoch`: one epoch of the original recipe (AMP forward, fp32 summed loss, GradScaler, a
+  scheduler step and an EMA update after every optimizer step), resumable mid-epoch.
+- :func:`evaluate` / :func:`evaluate_many`: sigmoid scores over a loader, gathered from every rank back into
+  dataset order (so the mAP under ``torchrun`` equals the single-process one).
+
+Batches are what :func:`asl.data.collate_skip` returns: ``(images uint8 NCHW, targets float, indices | None,
+skipped)``; plain ``(images, targets)`` or ``(images, targets, indices)`` tuples work too. Images become
+``float / 255`` on the device (the original's ``ToTensor``).
+
+Nothing here prints: progress goes to the ``on_step`` callback and to ``logging``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from . import distributed as dist_utils
+
+__all__ = [
+    "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "train_one_epoch", "evaluate",
+    "evaluate_many", "unpack_batch", "images_to_float", "autocast_context", "UNANNOTATED_MODES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How targets of -1 ("not annotated", Open Images) enter the loss: ignored (masked out) or counted as negatives.
+UNANNOTATED_MODES = ("ignore", "negative")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer step, so the weights stay the last good ones."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}: training diverged; "
+                         f"the last checkpoint was kept (try a lower --lr, or --amp-dtype bfloat16)")
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float,
+                              skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Two parameter groups: no decay for biases and 1-D parameters (norm scales), decay for the rest.
+
+    original: the "true weight decay" helper puts a parameter in the no-decay group when it is 1-D or its name
+    ends with ``.bias`` (or is listed in ``skip``), and returns ``[no_decay, decay]`` in that order; the decay
+    group carries ``weight_decay``, which Adam adds to the gradient (L2), the no-decay group carries 0.
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def create_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 1e-4) -> torch.optim.Adam:
+    """original: ``Adam(params=[no_decay, decay], lr=lr, weight_decay=0)`` (the groups override the 0)."""
+    return torch.optim.Adam(param_groups_weight_decay(model, weight_decay), lr=lr, weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+    """``(images, targets, indices or None, skipped)`` from a Batch, a 2-tuple or a 3-tuple."""
+    if hasattr(batch, "images"):
+        return batch.images, batch.targets, batch.indices, int(batch.skipped)
+    if len(batch) == 2:
+        return batch[0], batch[1], None, 0
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2], 0
+    return batch[0], batch[1], batch[2], int(batch[3])
+
+
+def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Moves a batch to ``device`` and scales uint8 to [0, 1] there (4x less host-to-device traffic).
+
+    Non-blocking copies only on CUDA (they need pinned memory there and mean nothing elsewhere).
+    """
+    images = images.to(device, non_blocking=device.type == "cuda")
+    if images.dtype == torch.uint8:
+        # original: ToTensor() divides by 255 on the CPU; the same float32 values, computed on the device.
+        return images.float().div_(255)
+    return images.float()
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``amp_dtype`` (None = full precision)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,
+                                                                                  Optional[torch.Tensor]]:
+    if unannotated is None:
+        return targets, None
+    if unannotated == "ignore":
+        return targets.clamp(min=0), targets >= 0
+    if unannotated == "negative":
+        return targets.clamp(min=0), None
+    raise ValueError(f"unannotated must be one of {UNANNOTATED_MODES} or None, got {unannotated!r}")
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Optional[Any], scaler: Optional[torch.amp.GradScaler], ema: Optional[Any],
+                    device: torch.device, epoch: int, *, amp_dtype: Optional[torch.dtype] = None,
+                    start_step: int = 0, max_steps: Optional[int] = None, world_size: int = 1,
+                    unannotated: Optional[str] = None,
+                    on_step: Optional[Callable[[dict[str, Any]], None]] = None,
+                    stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+    """Trains ``model`` on ``loader`` for one epoch (or from ``start_step`` up to ``max_steps``).
+
+    One step is exactly the original's: ``with autocast: out = model(x).float()``; ``loss = criterion(out, y)``
+    (fp32, summed); ``scaler.scale(loss).backward()``; ``scaler.step(optimizer)``; ``scaler.update()``;
+    ``scheduler.step()``; ``ema.update(model)``.
+
+    Args:
+        loader: yields batches for steps ``start_step, start_step + 1, ...`` (the caller's sampler skips the
+            batches done before a mid-epoch resume).
+        scaler: a GradScaler (disabled is fine) or None.
+        ema: a :class:`asl.ema.ModelEma` or None.
+        start_step: index of the first step (for logging and ``on_step``; nothing is skipped here).
+        max_steps: the epoch ends after this many steps in total (``--max-steps-per-epoch``).
+        world_size: number of processes. Each rank's loss is a sum over its share of the global batch and DDP
+            *averages* gradients, so the loss is multiplied by ``world_size`` to give the gradient of the
+            summed loss over the whole global batch, as one process with batch ``-b`` would have (Adam's
+            epsilon and the L2 weight decay make the gradient's scale matter).
+        unannotated: ``None`` (targets are 0/1), ``'ignore'`` (targets of -1 are masked out of the loss) or
+            ``'negative'`` (-1 counts as 0).
+        on_step: called after every completed step with a dict ``epoch, step, steps, loss, lr, images,
+            images_per_sec`` (``loss`` is the summed loss of the global batch).
+        stop_requested: polled every step; when it returns True (on any rank) the epoch ends after the
+            current step with ``interrupted=True``.
+
+    Returns a dict: ``loss`` (mean over the steps of the global batch's summed loss), ``steps`` (steps
+    done in this call), ``next_step`` (where a resume would start), ``images`` (global count),
+    ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr`` (after the last step),
+    ``interrupted``.
+
+    Raises :class:`NonFiniteLossError` before the optimizer step when the loss is NaN/inf (on any rank).
+    """
+    model.train()
+    num_steps = len(loader) + start_step if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if max_steps is not None:
+        num_steps = min(num_steps, max_steps) if num_steps is not None else max_steps
+    distributed = world_size > 1
+    loss_sum = 0.0
+    images_seen = 0
+    skipped = 0
+    steps_done = 0
+    step = start_step
+    interrupted = False
+    start_time = time.perf_counter()
+
+    for step, batch in enumerate(loader, start=start_step):
+        if num_steps is not None and step >= num_steps:
+            break
+        images, targets, _, batch_skipped = unpack_batch(batch)
+        skipped += batch_skipped
+        n_local = images.shape[0]
+        if n_local == 0 and distributed:
+            raise RuntimeError(f"every image of a batch was unreadable (epoch {epoch}, step {step}); under "
+                               f"DDP every rank must run each step: fix the data or use --strict-data")
+        if n_local > 0:
+            x = images_to_float(images, device)
+            y, mask = _split_unannotated(targets.to(device, non_blocking=device.type == "cuda").float(),
+                                         unannotated)
+            with autocast_context(device, amp_dtype):
+                # original: the loss is computed in fp32 on model(x).float(), outside autocast.
+                output = model(x).float()
+            loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaled = loss * world_size if distributed else loss
+            if scaler is not None:
+                scaled = scaler.scale(scaled)
+            scaled.backward()
+            local_loss = loss.detach()
+        else:
+            # Every image of this batch was unreadable (single process): nothing to learn from, but the
+            # schedule still advances so the run keeps the recipe's length.
+            local_loss = torch.zeros((), device=device)
+
+        # One small synchronisation per step: the global loss (shown, and checked for NaN/inf) and the
+        # stop flag, which must be agreed by all ranks or the others would wait forever in the next all-reduce.
+        stop_local = bool(stop_requested()) if stop_requested is not None else False
+        if distributed:
+            status = torch.stack([local_loss.float(), torch.tensor(float(stop_local), device=local_loss.device),
+                                  torch.tensor(float(n_local), device=local_loss.device)])
+            status = dist_utils.all_reduce_sum(status)
+            loss_value, stop, n_global = float(status[0]), bool(status[1] > 0), int(status[2])
+        else:
+            loss_value, stop, n_global = float(local_loss), stop_local, n_local
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(epoch, step, loss_value)
+
+        if n_local > 0:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None and n_local > 0:
+            # original: ema.update(model) right after scheduler.step(), every step.
+            ema.update(model)
+
+        loss_sum += loss_value
+        images_seen += n_global
+        steps_done += 1
+        if on_step is not None:
+            elapsed = time.perf_counter() - start_time
+            on_step({"epoch": epoch, "step": step, "steps": num_steps, "loss": loss_value,
+                     "lr": _current_lr(optimizer), "images": images_seen,
+                     "images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0})
+        if stop:
+            interrupted = True
+            break
+
+    elapsed = time.perf_counter() - start_time
+    if distributed:
+        skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped], device=device))[0])
+    return {
+        "loss": loss_sum / steps_done if steps_done else float("nan"),
+        "steps": steps_done,
+        "next_step": start_step + steps_done,
+        "num_steps": num_steps,
+        "images": images_seen,
+        "images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0,
+        "skipped": skipped,
+        "lr": _current_lr(optimizer),
+        "interrupted": interrupted,
+    }
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: torch.device, *,
+                  amp_dtype: Optional[torch.dtype] = None,
+                  on_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    """Sigmoid scores of several models over one pass of ``loader`` (e.g. the regular and the EMA model).
+
+    original: validation runs the regular and the EMA model on each batch under autocast and keeps
+    ``sigmoid(output)``. Here the sigmoid is taken of the fp32 logits (under fp16 autocast the original's
+    scores are rounded to fp16, which creates ties between close scores; the fp32 ranking is the exact one).
+
+    Under ``torchrun`` each rank evaluates its share (the loader's ``DistributedSampler``, which pads with
+    repeated items), and the rows are gathered on every rank by dataset index with the padding removed. The
+    batches must then carry dataset indices (``with_index=True`` in :func:`asl.data.create_dataset`); a single
+    process without indices keeps the loader's order.
+
+    Each model is put in eval mode for the pass and restored to its previous mode afterwards. Pass the plain
+    models (not DDP wrappers: their forward would broadcast buffers between ranks).
+
+    Returns a dict: ``scores`` {name: float32 array (N, C)}, ``targets`` (N, C), ``indices`` (N,) dataset
+    indices (or 0..N-1), ``skipped`` (unreadable images, all ranks), ``num_images`` N.
+    """
+    distributed = dist_utils.is_dist()
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    targets_all: list[torch.Tensor] = []
+    indices_all: list[torch.Tensor] = []
+    skipped = 0
+    seen = 0
+    try:
+        for i, batch in enumerate(loader):
+            images, targets, indices, batch_skipped = unpack_batch(batch)
+            skipped += batch_skipped
+            n = images.shape[0]
+            if n == 0:
+                continue
+            if indices is None:
+                if distributed:
+                    raise ValueError("distributed evaluation needs dataset indices in the batches "
+                                     "(create the dataset with with_index=True)")
+                indices = torch.arange(seen, seen + n)
+            seen += n
+            x = images_to_float(images, device)
+            with autocast_context(device, amp_dtype):
+                for name, m in models.items():
+                    scores[name].append(torch.sigmoid(m(x).float()).cpu())
+            targets_all.append(targets.float().cpu())
+            indices_all.append(indices.long().cpu())
+            if on_batch is not None:
+                on_batch(i)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+
+    num_classes = targets_all[0].shape[1] if targets_all else 0
+    local = {"targets": torch.cat(targets_all) if targets_all else torch.zeros((0, num_classes))}
+    for name in models:
+        local[f"scores/{name}"] = torch.cat(scores[name]) if scores[name] else torch.zeros((0, num_classes))
+    idx = torch.cat(indices_all) if indices_all else torch.zeros(0, dtype=torch.long)
+    if distributed:
+        # A rank may have seen no batch (tiny sets): give its empty tensors the common class count.
+        num_classes = max(int(t[0]) for t in dist_utils.all_gather_varlen(torch.tensor([num_classes])))
+        for key, value in local.items():
+            if value.numel() == 0:
+                local[key] = torch.zeros((0, num_classes))
+        skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
+    idx, gathered = dist_utils.gather_by_index(idx, local)
+    return {
+        "scores": {name: gathered[f"scores/{name}"].numpy() for name in models},
+        "targets": gathered["targets"].numpy(),
+        "indices": idx.numpy(),
+        "skipped": skipped,
+        "num_images": int(idx.numel()),
+    }
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
+             on_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    """Sigmoid scores of one model over ``loader``, in dataset order (see :func:`evaluate_many`).
+
+    Returns a dict: ``scores`` float32 array (N, C), ``targets`` (N, C), ``indices`` (N,), ``skipped``,
+    ``num_images``. Compute the metrics from it with :mod:`asl.metrics`, e.g.
+    ``asl.metrics.mAP(out['targets'], out['scores'])``.
+    """
+    out = evaluate_many({"model": model}, loader, device, amp_dtype=amp_dtype, on_batch=on_batch)
+    out["scores"] = out["scores"]["model"]
+    return out

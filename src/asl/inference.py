@@ -1,0 +1,295 @@
+"""Shared logic of validate.py, infer.py and export.py: a ready model from a checkpoint, pictures, predictions.
+
+- :func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
+  architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is
+  told from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree.
+- :func:`load_picture` decodes a picture and applies exactly validate.py's evaluation transform (a squish
+  ``Resize((s, s))`` then ``[0, 1]``, no mean/std normalisation).
+- :func:`predict` runs a batch (AMP on CUDA) and returns probabilities; :func:`detections` applies the threshold.
+- :func:`annotate` writes the detected classes and scores onto a picture with PIL (no display, no matplotlib).
+
+Nothing here prints or exits: errors are exceptions with one clear line (the CLIs print them).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square, to_float
+from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
+
+__all__ = [
+    "LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "default_threshold",
+    "DATASET_THRESHOLDS", "IMAGE_EXTENSIONS", "find_images", "load_picture", "predict", "detections",
+    "annotate", "read_picture", "UnreadableImageError",
+]
+
+logger = logging.getLogger(__name__)
+
+# original (infer.py): the threshold defaults to 0.995 for Open Images and to 0.7 for every other dataset type.
+DATASET_THRESHOLDS = {"MS-COCO": 0.7, "OpenImages": 0.995}
+OTHER_DATASET_THRESHOLD = 0.7
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def default_threshold(dataset_type: Optional[str]) -> float:
+    """The original's per-dataset default threshold; the name is matched case- and punctuation-insensitively."""
+    def key(name: str) -> str:
+        return "".join(ch for ch in name.lower() if ch.isalnum())
+
+    wanted = key(dataset_type or "")
+    for name, value in DATASET_THRESHOLDS.items():
+        if key(name) == wanted:
+            return value
+    return OTHER_DATASET_THRESHOLD
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for evaluation plus what the checkpoint says about it."""
+
+    model: nn.Module
+    model_name: str
+    num_classes: int
+    bottleneck_head: bool
+    class_names: list[str]
+    source: str
+    checkpoint_info: dict[str, Any] = field(default_factory=dict)
+
+
+def class_names_from_checkpoint(ckpt: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Class names in output order from ``idx_to_class``; ``class_<i>`` where the file has none.
+
+    The official files store ``{index: name}``. The original listed ``idx_to_class.values()`` in dict order; we sort
+    by index when the keys are exactly ``0..C-1`` (same result for the official files, and robust to a dict that
+    was re-ordered, e.g. by a JSON round trip with string keys), and keep the dict order otherwise.
+    """
+    mapping = ckpt.get("idx_to_class")
+    if not isinstance(mapping, Mapping) or not mapping:
+        logger.info("the checkpoint has no idx_to_class; classes are named class_0..class_%d", num_classes - 1)
+        return [f"class_{i}" for i in range(num_classes)]
+    try:
+        by_index = {int(k): str(v) for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        by_index = {}
+    if sorted(by_index) == list(range(len(mapping))):
+        names = [by_index[i] for i in range(len(mapping))]
+    else:
+        names = [str(v) for v in mapping.values()]
+    if len(names) != num_classes:
+        raise CheckpointError(f"the checkpoint's idx_to_class names {len(names)} classes but its classifier has "
+                              f"{num_classes} outputs")
+    return names
+
+
+def _user_name(name: Optional[str]) -> Optional[str]:
+    if name is None or not str(name).strip():
+        return None
+    name = str(name).strip()
+    return name if name.lower().startswith("timm/") else name.lower()
+
+
+def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = None,
+                         num_classes: Optional[int] = None) -> dict[str, Any]:
+    """Decides ``model_name``, ``bottleneck_head`` and ``num_classes`` for a checkpoint.
+
+    Sources, in order of trust: the tensor shapes (always, for TResNets), the checkpoint's own ``model_name`` /
+    ``bottleneck_head`` entries (ours), then the user's ``model_name`` / ``num_classes``. Any disagreement is a
+    :class:`CheckpointError`: loading a TResNet-L file into a TResNet-M cannot work, and a silently different
+    class count would make every metric meaningless.
+    """
+    state = ckpt["model"]
+    wanted = _user_name(model_name)
+    stored = _user_name(ckpt.get("model_name")) if isinstance(ckpt.get("model_name"), str) else None
+    try:
+        shapes: Optional[dict] = detect_architecture(state)
+    except ValueError as exc:
+        shapes = None
+        shape_problem = str(exc)
+    if shapes is not None:
+        name, bottleneck, classes = shapes["model_name"], bool(shapes["bottleneck_head"]), shapes["num_classes"]
+        if stored is not None and stored != name:
+            raise CheckpointError(f"the checkpoint says model_name={stored!r} but its weights are a {name}")
+        how = "detected from the weights' shapes"
+    elif stored is not None:
+        # Ours, for a timm/<name> backbone: the shapes do not tell the architecture, the file does.
+        name, bottleneck, classes = stored, bool(ckpt.get("bottleneck_head", False)), None
+        how = "named by the checkpoint"
+    elif wanted is not None:
+        name, bottleneck, classes = wanted, bool(ckpt.get("bottleneck_head", False)), None
+        how = "given on the command line"
+    else:
+        raise CheckpointError(f"cannot tell the architecture of this checkpoint ({shape_problem}); "
+                              f"pass --model-name (known: {', '.join(MODEL_NAMES)}, or timm/<name>)")
+    if wanted is not None and wanted != name:
+        raise CheckpointError(f"--model-name {model_name} contradicts the checkpoint, which holds a {name} "
+                              f"({how})")
+    stored_classes = ckpt.get("num_classes")
+    if stored_classes is not None:
+        stored_classes = int(stored_classes)
+        if classes is not None and classes != stored_classes:
+            raise CheckpointError(f"the checkpoint says num_classes={stored_classes} but its classifier has "
+                                  f"{classes} outputs")
+        classes = stored_classes
+    if classes is None:
+        classes = num_classes
+    if classes is None:
+        raise CheckpointError("the checkpoint does not say how many classes it has; pass --num-classes")
+    if num_classes is not None and int(num_classes) != classes:
+        raise CheckpointError(f"--num-classes {num_classes} contradicts the checkpoint, which has {classes} classes")
+    logger.info("architecture %s (%s), %d classes%s", name, how, classes,
+                ", bottleneck head" if bottleneck else "")
+    return {"model_name": name, "bottleneck_head": bottleneck, "num_classes": int(classes)}
+
+
+def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
+               num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+               prepare: bool = True, channels_last: Optional[bool] = None) -> LoadedModel:
+    """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
+
+    ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
+    (see :func:`resolve_architecture`). ``channels_last`` defaults to True on CUDA only (faster there; on CPU
+    and in ONNX export it buys nothing).
+    """
+    source = os.fspath(path_or_url)
+    ckpt = load_checkpoint(source)
+    arch = resolve_architecture(ckpt, model_name, num_classes)
+    model = create_model(arch["model_name"], arch["num_classes"], bottleneck_head=arch["bottleneck_head"])
+    load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])
+    model.eval()
+    device = torch.device(device)
+    if prepare:
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        model = prepare_for_inference(model, channels_last=channels_last)
+    model.to(device)
+    info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
+            isinstance(v, (int, float, str, bool, type(None)))}
+    return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
+                       bottleneck_head=arch["bottleneck_head"],
+                       class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
+                       checkpoint_info=info)
+
+
+def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
+    """Expands folders (recursively, sorted, picture extensions only) and keeps files as given.
+
+    A file given explicitly is kept whatever its extension (it may still be a picture; reading it will tell).
+    A path that does not exist raises ``FileNotFoundError``.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists():
+            candidates = [path]
+        else:
+            raise FileNotFoundError(f"no such picture or folder: {path}")
+        for p in candidates:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(p)
+    return found
+
+
+def read_picture(path: Union[str, os.PathLike]) -> Image.Image:
+    """The decoded RGB picture at full resolution; :class:`UnreadableImageError` naming the file otherwise."""
+    return load_rgb(path)
+
+
+def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:
+    """Decodes ``path`` (RGB) and returns ``(picture, uint8 CHW tensor of size image_size)``.
+
+    The tensor is exactly what validate.py feeds the model for a dataset image (bilinear squish-resize, no crop).
+    original: infer.py resized with PIL's default filter while validate.py used torchvision's bilinear Resize;
+    we use the validation transform for both, so a picture gets the scores it would get in validate.py.
+    Raises :class:`UnreadableImageError` (an ``OSError``) naming the file.
+    """
+    picture = load_rgb(path)
+    return picture, pil_to_uint8(resize_square(picture, image_size))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.device], amp: bool = True) -> torch.Tensor:
+    """Probabilities ``sigmoid(model(x))`` as float32 on the CPU, for a uint8 (or float [0,1]) NCHW batch.
+
+    AMP (float16 autocast) is used on CUDA only when ``amp``; the sigmoid is taken in float32.
+    """
+    device = torch.device(device)
+    x = images.to(device, non_blocking=True)
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        logits = model(x)
+    return torch.sigmoid(logits.float()).cpu()
+
+
+def detections(probabilities: Union[torch.Tensor, np.ndarray, Sequence[float]], class_names: Sequence[str],
+               threshold: float, top_k: Optional[int] = None) -> list[dict[str, Any]]:
+    """``[{'class': name, 'score': p}, ...]`` for the classes with ``p > threshold``, highest score first.
+
+    original: a class is detected when its probability is strictly above the threshold. ``top_k`` keeps at most
+    the K best of those (use threshold 0 for a plain top-K).
+    """
+    probs = np.asarray(probabilities.cpu() if isinstance(probabilities, torch.Tensor) else probabilities,
+                       dtype=np.float64).reshape(-1)
+    if probs.shape[0] != len(class_names):
+        raise ValueError(f"{probs.shape[0]} scores for {len(class_names)} class names")
+    chosen = np.flatnonzero(probs > threshold)
+    # Stable sort on the negated scores: ties keep the class order, so the output is deterministic.
+    chosen = chosen[np.argsort(-probs[chosen], kind="stable")]
+    if top_k is not None:
+        chosen = chosen[:max(int(top_k), 0)]
+    return [{"class": str(class_names[i]), "score": float(probs[i])} for i in chosen]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        # Pillow >= 10.1 ships a scalable default font; older Pillow only has the fixed bitmap font.
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+MIN_ANNOTATED_SIDE = 256
+
+
+def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.Image:
+    """A copy of ``picture`` with one line ``name score`` per detection in a dark box at the top left.
+
+    Pictures smaller than ``MIN_ANNOTATED_SIDE`` are enlarged first (nearest neighbour, so pixels stay
+    visible): otherwise the labels of a thumbnail-sized input would not fit on it.
+    """
+    image = picture.convert("RGB")
+    if min(image.size) < MIN_ANNOTATED_SIDE:
+        factor = -(-MIN_ANNOTATED_SIDE // min(image.size))
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    lines = [f"{d['class']} {float(d['score']):.3f}" for d in found] or ["no class above the threshold"]
+    size = max(10, min(image.width, image.height) // 25)
+    font = _font(size)
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    margin = max(2, size // 4)
+    boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
+    line_height = max(b[3] - b[1] for b in boxes) + margin
+    width = max(b[2] - b[0] for b in boxes) + 2 * margin
+    height = line_height * len(lines) + margin
+    # Semi-transparent background so the text is readable on any picture.
+    draw.rectangle((0, 0, width, height), fill=(0, 0, 0, 160))
+    for i, line in enumerate(lines):
+        draw.text((margin, margin + i * line_height), line, fill=(255, 255, 255, 255), font=font)
+    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")

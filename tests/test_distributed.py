@@ -1,0 +1,135 @@
+"""Distributed helpers: index gathering, the resumable sampler, and 2-process (gloo, CPU) runs.
+
+The 2-process tests start real process groups on 127.0.0.1 with a free port: one through
+``torch.multiprocessing.spawn`` (evaluate() under DDP equals one process), one through ``torchrun`` (train.py).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from asl import distributed as D
+from asl.data import collate_skip
+from asl.engine import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """Deterministic uint8 images with multi-hot targets; item i is (image, target, i)."""
+
+    def __init__(self, n=11, num_classes=4):
+        g = torch.Generator().manual_seed(1)
+        self.images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+        self.targets = (torch.rand(n, num_classes, generator=g) > 0.5).float()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i], i
+
+
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+
+def test_gather_by_index_sorts_and_drops_duplicates_without_a_process_group():
+    idx = torch.tensor([3, 0, 2, 0, 1])
+    vals = torch.tensor([[3.0], [0.0], [2.0], [0.0], [1.0]])
+    out_idx, out = D.gather_by_index(idx, {"v": vals})
+    assert out_idx.tolist() == [0, 1, 2, 3]
+    assert out["v"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert not D.is_dist() and D.is_main() and D.get_world_size() == 1
+
+
+def test_resumable_sampler_skips_the_done_samples_of_the_epoch_only():
+    ds = list(range(10))
+    s = D.ResumableDistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=5)
+    s.set_epoch(2)
+    full = list(s)
+    # torch's documented order: a permutation seeded by seed + epoch
+    g = torch.Generator().manual_seed(5 + 2)
+    assert full == torch.randperm(10, generator=g).tolist()
+    s.set_start(4)
+    assert list(s) == full[4:] and len(s) == 6
+    # two ranks deal out the same permutation, padded with its first items
+    r0 = D.ResumableDistributedSampler(list(range(5)), num_replicas=2, rank=0, shuffle=False)
+    r1 = D.ResumableDistributedSampler(list(range(5)), num_replicas=2, rank=1, shuffle=False)
+    assert list(r0) == [0, 2, 4] and list(r1) == [1, 3, 0]
+
+
+def _eval_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    try:
+        assert info.distributed and info.backend == "gloo" and info.rank == rank
+        ds = IndexedImages()
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate_skip)
+        out = evaluate(_model(), loader, info.device)
+        total = D.all_reduce_sum(torch.tensor([rank + 1.0]))
+        torch.save({"scores": torch.from_numpy(out["scores"]), "targets": torch.from_numpy(out["targets"]),
+                    "indices": torch.from_numpy(out["indices"]), "total": total},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        D.destroy_distributed()
+
+
+def test_two_process_evaluate_equals_single_process(tmp_path):
+    # 11 items on 2 ranks: the sampler pads rank 1 with item 0, which must not be counted twice.
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ds = IndexedImages()
+    single = evaluate(_model(), torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_skip),
+                      torch.device("cpu"))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["indices"].tolist() == list(range(11))
+        assert torch.equal(got["targets"], torch.from_numpy(single["targets"]))
+        assert torch.allclose(got["scores"], torch.from_numpy(single["scores"]), atol=1e-6)
+        assert got["total"].item() == 3.0
+    from asl.metrics import mAP
+    a = mAP(single["targets"], single["scores"])
+    b = mAP(torch.load(tmp_path / "rank0.pt")["targets"].numpy(), torch.load(tmp_path / "rank0.pt")["scores"].numpy())
+    assert a == pytest.approx(b, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_trains_and_rank0_alone_writes(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(REPO / "train.py"), str(tmp_path / "syn"), "--dataset", "synthetic",
+           "--dataset-option", "num_train=24", "--dataset-option", "num_val=11", "--model-name", "timm/test_resnet",
+           "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "2", "--stop-epoch", "1",
+           "--lr", "1e-3", "--output-dir", str(out), "--device", "cpu"]
+    # generate the synthetic set once, before two processes race to do it
+    from asl.data import generate_synthetic_coco
+    generate_synthetic_coco(tmp_path / "syn", num_train=24, num_val=11, image_size=64, seed=0)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("current_mAP = ") == 2  # rank 0 alone prints
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pth", "log.txt", "model-highest.pth"]
+    lines = (out / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["step"] == 0 and last["steps_per_epoch"] == 3  # 24 images, global batch 8
+    assert not any(k.startswith("module.") for k in last["model"])  # the unwrapped model is saved
+    best = torch.load(out / "model-highest.pth", weights_only=True)
+    assert best["weights"] in ("ema", "regular") and best["num_classes"] == len(best["idx_to_class"])

@@ -1,0 +1,187 @@
+"""engine: optimizer groups, the training step's contract, and evaluate() order/scores."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from asl.data import Batch
+from asl.ema import ModelEma
+from asl.engine import (NonFiniteLossError, create_optimizer, evaluate, evaluate_many, param_groups_weight_decay,
+                        train_one_epoch)
+from asl.losses import AsymmetricLoss
+
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def _batches(n_batches=3, bs=4, num_classes=3, seed=0, with_index=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n_batches):
+        images = torch.randint(0, 256, (bs, 3, 8, 8), generator=g, dtype=torch.uint8)
+        targets = (torch.rand(bs, num_classes, generator=g) > 0.5).float()
+        idx = torch.arange(b * bs, (b + 1) * bs) if with_index else None
+        out.append(Batch(images, targets, idx, 0))
+    return out
+
+
+def test_weight_decay_groups_follow_the_original_rule():
+    model = TinyNet()
+    no_decay, decay = param_groups_weight_decay(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["conv.weight", "fc.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["bn.bias", "bn.weight", "conv.bias", "fc.bias"]
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+
+
+def test_adam_weight_decay_is_l2_added_to_the_gradient_on_weights_only():
+    torch.manual_seed(0)
+    model = TinyNet()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = create_optimizer(model, lr=0.1, weight_decay=0.5)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        g = grads[n] + (0.5 * w0[n] if n in ("conv.weight", "fc.weight") else 0)
+        # first Adam step written out: m_hat = g, v_hat = g^2, update = lr * m_hat / (sqrt(v_hat) + eps)
+        expected = w0[n] - 0.1 * g / (g.abs() + 1e-8)
+        assert torch.allclose(p.detach(), expected, atol=1e-6), n
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    opt = create_optimizer(model, lr=1e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, steps_per_epoch=3, epochs=2, pct_start=0.2)
+    ema = ModelEma(model, 0.9)
+    crit = AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05)
+    return model, opt, sched, ema, crit
+
+
+def test_one_epoch_steps_scheduler_and_ema_every_step_and_reports_the_summed_loss():
+    model, opt, sched, ema, crit = _setup()
+    batches = _batches()
+    seen = []
+    stats = train_one_epoch(model, batches, crit, opt, sched, None, ema, CPU, 0, on_step=seen.append)
+    assert stats["steps"] == 3 and stats["next_step"] == 3 and stats["images"] == 12
+    assert sched.last_epoch == 3  # one scheduler step per optimizer step
+    assert [s["step"] for s in seen] == [0, 1, 2]
+    # the reported loss of the first step is the summed ASL of the initial model's fp32 output
+    model2, *_ = _setup()
+    x = batches[0].images.float() / 255
+    first = crit(model2(x).float(), batches[0].targets).item()
+    assert seen[0]["loss"] == pytest.approx(first, rel=1e-6)
+    assert stats["loss"] == pytest.approx(sum(s["loss"] for s in seen) / 3)
+    assert seen[-1]["lr"] == pytest.approx(sched.get_last_lr()[0])
+    # EMA moved, by the original rule, towards the model
+    assert not torch.equal(ema.state_dict()["fc.weight"], model2.state_dict()["fc.weight"])
+
+
+def test_resume_in_the_middle_of_an_epoch_equals_running_through():
+    full = _setup()
+    train_one_epoch(full[0], _batches(), full[4], full[1], full[2], None, full[3], CPU, 0)
+    part = _setup()
+    b = _batches()
+    first = train_one_epoch(part[0], b[:1], part[4], part[1], part[2], None, part[3], CPU, 0, max_steps=3)
+    assert first["next_step"] == 1
+    rest = train_one_epoch(part[0], b[1:], part[4], part[1], part[2], None, part[3], CPU, 0, start_step=1,
+                           max_steps=3)
+    assert rest["next_step"] == 3
+    for (k, v), v2 in zip(full[0].state_dict().items(), part[0].state_dict().values()):
+        assert torch.equal(v, v2), k
+
+
+def test_max_steps_and_stop_request_end_the_epoch_after_the_current_step():
+    model, opt, sched, ema, crit = _setup()
+    assert train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 0, max_steps=2)["steps"] == 2
+    model, opt, sched, ema, crit = _setup()
+    calls = []
+    stats = train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 0,
+                            stop_requested=lambda: (calls.append(1), len(calls) >= 2)[1])
+    assert stats["interrupted"] and stats["steps"] == 2 and sched.last_epoch == 2
+
+
+def test_world_size_scales_the_gradient_to_the_global_sum(monkeypatch):
+    # Under DDP gradients are averaged over ranks; the loss is multiplied by world_size so the gradient is the
+    # one of the loss summed over the global batch. Checked on one process (all-reduce faked as identity).
+    import asl.distributed
+
+    monkeypatch.setattr(asl.distributed, "all_reduce_sum", lambda t: t.clone())
+    grads = []
+    for ws in (1, 2):
+        model, opt, sched, ema, crit = _setup()
+        monkeypatch.setattr(opt, "step", lambda *a, **k: None)  # keep the gradient to inspect it
+        train_one_epoch(model, _batches(1), crit, opt, None, None, None, CPU, 0, world_size=ws)
+        grads.append(model.fc.weight.grad.clone())
+    assert torch.allclose(grads[1], 2 * grads[0])
+
+
+def test_unannotated_targets_are_masked_out_of_the_loss():
+    model, opt, sched, ema, crit = _setup()
+    b = _batches(1)[0]
+    targets = b.targets.clone()
+    targets[:, 0] = -1
+    seen = []
+    train_one_epoch(model, [Batch(b.images, targets, b.indices, 0)], crit, opt, None, None, None, CPU, 0,
+                    unannotated="ignore", on_step=seen.append)
+    model2, *_ = _setup()
+    logits = model2(b.images.float() / 255)
+    expected = crit(logits[:, 1:], b.targets[:, 1:]).item()  # column 0 does not count at all
+    assert seen[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    model, opt, sched, ema, crit = _setup()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 4)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("fc") or k.startswith("conv"):  # parameters untouched (no step taken)
+            assert torch.equal(v, after[k]) or (v.isnan().all() and after[k].isnan().all()), k
+    assert sched.last_epoch == 0
+
+
+def test_evaluate_returns_sigmoid_scores_in_dataset_order_and_restores_train_mode():
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    batches = _batches(3)
+    # shuffle the batch order and the rows: evaluate sorts by dataset index
+    shuffled = []
+    for b in reversed(batches):
+        perm = torch.tensor([2, 0, 3, 1])
+        shuffled.append(Batch(b.images[perm], b.targets[perm], b.indices[perm], 1))
+    out = evaluate(model, shuffled, CPU)
+    assert model.training
+    assert out["num_images"] == 12 and out["skipped"] == 3
+    assert out["indices"].tolist() == list(range(12))
+    model.eval()
+    with torch.no_grad():
+        x = torch.cat([b.images for b in batches]).float() / 255
+        expected = torch.sigmoid(model(x)).numpy()
+    assert out["scores"].shape == (12, 3)
+    assert abs(out["scores"] - expected).max() < 1e-6
+    assert (out["targets"] == torch.cat([b.targets for b in batches]).numpy()).all()
+
+
+def test_evaluate_many_runs_each_model_and_handles_missing_indices():
+    torch.manual_seed(0)
+    a, b = TinyNet(), TinyNet()
+    out = evaluate_many({"a": a, "b": b}, _batches(2, with_index=False), CPU)
+    assert set(out["scores"]) == {"a", "b"}
+    assert out["indices"].tolist() == list(range(8))
+    assert not math.isclose(float(out["scores"]["a"].sum()), float(out["scores"]["b"].sum()))

@@ -1,0 +1,227 @@
+"""infer.py on real COCO pictures with an official-layout checkpoint made from timm's TResNet-M.
+
+The reference scores are timm's forward on pictures loaded with PIL + torchvision ``Resize((s, s))`` +
+``ToTensor`` (validate.py's preprocessing), so the test also proves that infer.py preprocesses like validate.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from asl.checkpoint import CheckpointError  # noqa: E402
+from asl.cli import run_main  # noqa: E402
+from asl.inference import annotate, default_threshold, detections, load_model, resolve_architecture  # noqa: E402
+from asl.models import convert_timm_tresnet, create_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tiny_coco"
+SIZE = 32  # TResNet works down to 32 pixels; 4x cheaper than 64
+
+pytestmark = pytest.mark.skipif(not (DATA / "val2017").is_dir(), reason=f"shared test data not found at {DATA}")
+
+sys.path.insert(0, str(REPO))
+import infer  # noqa: E402
+
+
+def class_names() -> list[str]:
+    data = json.loads((DATA / "annotations" / "instances_val2017.json").read_text())
+    return [c["name"] for c in data["categories"]]
+
+
+def timm_tresnet(name: str = "tresnet_m", seed: int = 0):
+    """Random timm TResNet whose BatchNorm scales are >= 1e-5, so the official |w|+1e-5 form is exact."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=80).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.uniform_(-0.2, 0.2)
+        model.head.fc.weight.normal_(0.0, 0.1)
+    return model
+
+
+def save_official(model, path: Path) -> Path:
+    torch.save({"model": convert_timm_tresnet(model.state_dict()), "num_classes": 80,
+                "idx_to_class": dict(enumerate(class_names()))}, path)
+    return path
+
+
+def reference_scores(model, files, size: int = SIZE) -> np.ndarray:
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        return torch.sigmoid(model(x)).double().numpy()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    model = timm_tresnet()
+    pictures = sorted((DATA / "val2017").glob("*.jpg"))[:5]
+    return {"model": model, "path": save_official(model, tmp / "coco_m.pth"), "pictures": pictures,
+            "scores": dict(zip(pictures, reference_scores(model, pictures))), "names": class_names()}
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def separating_threshold(scores: np.ndarray, top: int = 10) -> tuple[float, int]:
+    """A threshold in the widest gap among the ``top`` best scores, and how many scores lie above it."""
+    s = np.sort(scores)[::-1][: top + 1]
+    gaps = s[:-1] - s[1:]
+    k = int(np.argmax(gaps))
+    assert gaps[k] > 1e-3, "scores too close together for a robust threshold"
+    return float((s[k] + s[k + 1]) / 2), k + 1
+
+
+def test_one_picture_json_matches_reference(setup, capsys):
+    picture = setup["pictures"][0]
+    ref = setup["scores"][picture]
+    th, count = separating_threshold(ref)
+    code = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", f"--input_size={SIZE}",
+                                 f"--th={th}", "--json", "--device=cpu"])
+    assert code == 0
+    [obj] = json_lines(capsys.readouterr().out)
+    assert obj["image"] == str(picture)
+    found = obj["detections"]
+    assert len(found) == count
+    order = np.argsort(-ref)[:count]
+    assert [d["class"] for d in found] == [setup["names"][k] for k in order]  # best first, names from idx_to_class
+    assert [d["score"] for d in found] == pytest.approx(ref[order], abs=1e-4)
+
+
+def test_folder_recursive_batched_with_unreadable_and_top_k(setup, tmp_path, capsys):
+    folder = tmp_path / "pics"
+    (folder / "a" / "b").mkdir(parents=True)
+    pictures = setup["pictures"]
+    layout = [folder / pictures[0].name, folder / "a" / pictures[1].name, folder / "a" / "b" / pictures[2].name,
+              folder / "a" / "b" / pictures[3].name]
+    for src, dst in zip(pictures, layout):
+        shutil.copy(src, dst)
+    (folder / "a" / "broken.jpg").write_bytes(b"not a picture")
+    (folder / "notes.txt").write_text("not a picture either, and not picked up: no picture extension")
+    out_dir = tmp_path / "annotated"
+    code = run_main(infer.main, ["--model-path", str(setup["path"]), "--pic-path", str(folder),
+                                 "--input-size", str(SIZE), "--th", "0", "--top-k", "3", "--json", "-b", "2",
+                                 "-j", "0", "--output", str(out_dir)])
+    captured = capsys.readouterr()
+    assert code == 0
+    objs = {o["image"]: o["detections"] for o in json_lines(captured.out)}
+    assert set(objs) == {str(p) for p in layout}
+    for src, dst in zip(pictures, layout):
+        ref = setup["scores"][src]
+        top3 = np.argsort(-ref)[:3]
+        assert [d["class"] for d in objs[str(dst)]] == [setup["names"][k] for k in top3]
+        assert [d["score"] for d in objs[str(dst)]] == pytest.approx(ref[top3], abs=1e-4)
+    unreadable = [ln for ln in captured.err.splitlines() if "broken.jpg" in ln]
+    assert len(unreadable) == 1 and "Traceback" not in captured.err
+    # Annotated copies keep the folder layout and are valid pictures of the original size.
+    for src, dst in zip(pictures, layout):
+        written = out_dir / dst.relative_to(folder)
+        with Image.open(written) as im:
+            im.verify()
+        with Image.open(written) as im, Image.open(src) as original:
+            assert im.size == original.size
+    assert not (out_dir / "a" / "broken.jpg").exists()
+
+
+def test_plain_output_and_annotated_file(setup, tmp_path, capsys):
+    picture = setup["pictures"][1]
+    out = tmp_path / "annotated.png"
+    code = run_main(infer.main, ["--model_path", str(setup["path"]), "--pic_path", str(picture), "--input_size",
+                                 str(SIZE), "--th", "0", "--top_k", "2", "--output", str(out)])
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    best = setup["names"][int(np.argmax(setup["scores"][picture]))]
+    assert line.startswith(f"{picture}: {best} (")
+    with Image.open(out) as im:
+        im.verify()
+    with Image.open(out) as im, Image.open(picture) as original:
+        assert im.size == original.size
+        # The text box is drawn at the top left; the rest of the picture is untouched.
+        drawn = np.asarray(im.convert("RGB"), dtype=np.int16)
+        source = np.asarray(original.convert("RGB"), dtype=np.int16)
+        assert np.abs(drawn[:20, :40] - source[:20, :40]).max() > 30
+        assert np.array_equal(drawn[-10:, -10:], source[-10:, -10:])
+
+
+def test_nothing_readable_fails_with_one_line_naming_the_picture(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\x89PNG broken")
+    code = run_main(infer.main, ["--model_path", str(bad.parent.parent / "missing.pth"), "--pic_path", str(bad)],
+                    prog="infer.py")
+    assert code == 2  # the checkpoint is checked first: nothing is decoded for a run that cannot work
+    capsys.readouterr()
+    code = run_main(infer.main, ["--model_path", str(setup["path"]), "--pic_path", str(bad), "--input_size",
+                                 str(SIZE)], prog="infer.py")
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "bad.jpg" in ln]) == 1, err
+    assert "could be read" in err.strip().splitlines()[-1]
+
+
+def test_missing_path_is_one_line_error(setup, tmp_path, capsys):
+    code = run_main(infer.main, ["--model_path", str(setup["path"]), "--pic_path", str(tmp_path / "nope.jpg")],
+                    prog="infer.py")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "nope.jpg" in err
+
+
+# ------------------------------------------------------------------------------------------- library parts
+
+def test_default_thresholds_follow_the_original():
+    assert default_threshold("MS-COCO") == 0.7
+    assert default_threshold("OpenImages") == 0.995
+    assert default_threshold("openimages") == 0.995
+    assert default_threshold("NUS-WIDE") == 0.7 and default_threshold(None) == 0.7
+
+
+def test_detections_threshold_is_strict_and_sorted():
+    found = detections(torch.tensor([0.2, 0.9, 0.7, 0.95]), ["a", "b", "c", "d"], threshold=0.7)
+    assert found == [{"class": "d", "score": pytest.approx(0.95)}, {"class": "b", "score": pytest.approx(0.9)}]
+    assert [d["class"] for d in detections([0.2, 0.9, 0.7, 0.95], "abcd", 0.0, top_k=3)] == ["d", "b", "c"]
+
+
+def test_bottleneck_head_and_class_count_detected_from_shapes(tmp_path):
+    """An Open Images style file: bottleneck head, no model name, no idx_to_class, num_classes from the head."""
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", 7, bottleneck_head=True)
+    path = tmp_path / "oi_like.pth"
+    torch.save({"model": model.state_dict()}, path)
+    loaded = load_model(path)
+    assert (loaded.model_name, loaded.bottleneck_head, loaded.num_classes) == ("tresnet_m", True, 7)
+    assert loaded.class_names == [f"class_{i}" for i in range(7)]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-4)
+    with pytest.raises(CheckpointError, match="tresnet_xl"):
+        resolve_architecture({"model": model.state_dict()}, "tresnet_xl")
+    with pytest.raises(CheckpointError, match="num_classes"):
+        resolve_architecture({"model": model.state_dict(), "num_classes": 8})
+
+
+def test_annotate_keeps_size_and_mode():
+    picture = Image.new("L", (320, 300), color=200)
+    out = annotate(picture, [{"class": "person", "score": 0.93}])
+    assert out.size == (320, 300) and out.mode == "RGB"
+    assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn
+
+
+def test_annotate_enlarges_thumbnails_by_a_whole_factor():
+    out = annotate(Image.new("RGB", (120, 90), color=(200, 10, 10)), [{"class": "person", "score": 0.93}])
+    assert out.size == (360, 270)  # ceil(256 / 90) = 3, nearest neighbour keeps the pixels
+    assert tuple(np.asarray(out)[-1, -1]) == (200, 10, 10)
+    assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn

@@ -1,0 +1,166 @@
+"""train.py's command line: flag spellings and types, bad input (one line, exit code 2), SIGINT, NaN loss."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from asl.cli import ArgumentParser, run_main, select_device  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads; one avoids oversubscribing a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from asl.data import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("syn")
+    generate_synthetic_coco(root, num_train=16, num_val=8, image_size=40, seed=0)
+    return root
+
+
+def _flags(data, out, *extra):
+    return [str(data), "--dataset", "synthetic", "--model-name", "timm/test_resnet", "--image-size", "32",
+            "-b", "8", "-j", "0", "--epochs", "2", "--stop-epoch", "1", "--device", "cpu",
+            "--output-dir", str(out), *extra]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_parser_accepts_both_spellings_and_types_every_flag():
+    parser = train.build_parser()
+    a = parser.parse_args(["d", "--model-path", "x.pth", "--stop_epoch", "3", "--num_classes", "20",
+                           "--batch-size", "64", "--ema_decay", "0.5", "--image_size", "448"])
+    assert (a.model_path, a.stop_epoch, a.num_classes, a.batch_size, a.ema_decay, a.image_size) == \
+        ("x.pth", 3, 20, 64, 0.5, 448)
+    b = parser.parse_args(["d", "--model_path", "", "-b", "16"])
+    assert b.model_path == "" and b.batch_size == 16 and b.stop_epoch == 40
+    defaults = parser.parse_args(["d"])
+    assert (defaults.lr, defaults.batch_size, defaults.workers, defaults.image_size, defaults.epochs,
+            defaults.stop_epoch, defaults.ema_decay, defaults.seed, defaults.output_dir, defaults.dataset,
+            defaults.model_name, defaults.gamma_neg, defaults.gamma_pos, defaults.clip, defaults.weight_decay) == \
+        (1e-4, 128, 8, 224, 80, 40, 0.9997, 0, "models", "coco", "tresnet_m", 4.0, 0.0, 0.05, 1e-4)
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:
+            assert action.type is not None or action.choices is not None, action.option_strings
+    with pytest.raises(TypeError):
+        ArgumentParser().add_argument("--untyped")
+
+
+def test_run_main_turns_exceptions_into_one_line(capsys):
+    def bad_input(argv):
+        raise ValueError("unknown model 'x'\nsecond line")
+
+    def bug(argv):
+        raise RuntimeError("boom")
+
+    assert run_main(bad_input, [], prog="p") == 2
+    assert _one_error_line(capsys) == "p: error: unknown model 'x' second line"
+    assert run_main(bug, [], prog="p") == 1
+    assert _one_error_line(capsys) == "p: error: boom"
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type in ("cpu", "cuda")
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    assert train.main([str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "data directory not found" in _one_error_line(capsys)
+
+
+def test_coco_folder_without_annotations(tmp_path, capsys):
+    assert train.main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "annotation" in _one_error_line(capsys).lower()
+
+
+def test_unknown_dataset_and_model(tmp_path, synthetic, capsys):
+    assert train.main(_flags(synthetic, tmp_path / "o", "--dataset", "imagenet")) == 2
+    assert "unknown dataset" in _one_error_line(capsys)
+    assert train.main(_flags(synthetic, tmp_path / "o", "--model-name", "tresnet_q")) == 2
+    assert "unknown model" in _one_error_line(capsys)
+
+
+def test_num_classes_contradicting_the_dataset(tmp_path, synthetic, capsys):
+    assert train.main(_flags(synthetic, tmp_path / "o", "--num-classes", "80")) == 2
+    line = _one_error_line(capsys)
+    assert "--num-classes 80" in line and "6 classes" in line
+
+
+def test_unwritable_output_dir(tmp_path, synthetic, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert train.main(_flags(synthetic, blocker / "out")) == 2
+    assert "output directory is not writable" in _one_error_line(capsys)
+
+
+def test_pretrained_file_that_does_not_fit(tmp_path, synthetic, capsys):
+    bad = tmp_path / "other.pth"
+    torch.save({"model": {"conv.weight": torch.zeros(3, 3)}}, bad)
+    assert train.main(_flags(synthetic, tmp_path / "o", "--model-path", str(bad))) == 2
+    assert "not fit" in _one_error_line(capsys)
+    assert train.main(_flags(synthetic, tmp_path / "o", "--model-path", str(tmp_path / "missing.pth"))) == 2
+    assert "not found" in _one_error_line(capsys)
+
+
+def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path, synthetic, monkeypatch, capsys):
+    original = train.train_one_epoch
+
+    def interrupting(*args, **kwargs):
+        on_step = kwargs["on_step"]
+
+        def hook(state):
+            on_step(state)
+            if state["epoch"] == 0 and state["step"] == 0:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler train.py installed
+
+        kwargs["on_step"] = hook
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupting)
+    out = tmp_path / "o"
+    # -b 4: 4 steps per epoch. The signal arrives between steps 0 and 1 (after step 0 polled the flag), so
+    # step 1 is the "current step": it completes, then the run saves and stops, mid-epoch.
+    assert train.main(_flags(synthetic, out, "-b", "4")) == 0
+    assert "interrupted at epoch 0, step 2" in capsys.readouterr().out
+    saved = torch.load(out / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    assert train.main(_flags(synthetic, out, "-b", "4", "--resume", "auto")) == 0
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_non_finite_loss_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_path, synthetic, monkeypatch,
+                                                                          capsys):
+    out = tmp_path / "o"
+    assert train.main(_flags(synthetic, out, "--stop-epoch", "0")) == 0
+    good = (out / "last.pth").read_bytes()
+
+    class Diverged(train.AsymmetricLoss):
+        def forward(self, logits, targets, **kwargs):
+            return super().forward(logits, targets, **kwargs) * float("nan")
+
+    monkeypatch.setattr(train, "AsymmetricLoss", Diverged)
+    capsys.readouterr()
+    code = train.main(_flags(synthetic, out, "--resume", "auto"))
+    assert code not in (0, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "non-finite loss" in err.strip().splitlines()[-1]
+    assert (out / "last.pth").read_bytes() == good

@@ -1,0 +1,83 @@
+"""End to end on real COCO images: train TResNet-M on tiny_coco (CPU, 32px), its mAP on its own training images
+rises clearly above the untrained model's, and validate.py gives the saved model-highest.pth the same mAP."""
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tiny_coco"
+sys.path.insert(0, str(REPO))
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (DATA / "annotations").is_dir(), reason="../shared/data/tiny_coco is absent")]
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process can slow this
+    run down tenfold; one thread costs little when the machine is idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SIZE, BATCH = 32, 10  # 49 annotated images: batches of 10 never leave a single image for BatchNorm
+
+
+def _untrained_map() -> float:
+    from asl.data import create_dataset, create_loader
+    from asl.engine import evaluate
+    from asl.metrics import mAP
+    from asl.models import create_model
+
+    ds = create_dataset("coco", DATA, "train2017", SIZE, train=False, with_index=True)
+    torch.manual_seed(0)  # train.py initialises the model right after seeding with --seed (0)
+    model = create_model("tresnet_m", ds.num_classes)
+    out = evaluate(model, create_loader(ds, BATCH), torch.device("cpu"))
+    return mAP(out["targets"], out["scores"])
+
+
+def test_tresnet_m_learns_tiny_coco_and_validate_agrees(tmp_path):
+    import train
+    import validate
+
+    baseline = _untrained_map()
+    out = tmp_path / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = train.main([str(DATA), "--train-split", "train2017", "--val-split", "train2017",
+                           "--image-size", str(SIZE), "-b", str(BATCH), "-j", "0", "--epochs", "5",
+                           "--stop-epoch", "4", "--lr", "2e-3", "--ema-decay", "0.9", "--device", "cpu",
+                           "--output-dir", str(out), "--print-freq", "2"])
+    text = stdout.getvalue()
+    assert code == 0, text
+    assert text.count("current_mAP = ") == 5
+    assert "Epoch [0/5], Step [000/005], LR " in text  # the original's progress line
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4]
+    for r in records:
+        assert {"train_loss", "mAP_regular", "mAP_ema", "lr", "images_per_sec", "skipped_images"} <= set(r)
+        assert r["mAP"] == max(r["mAP_regular"], r["mAP_ema"])
+    best = max(r["mAP"] for r in records)
+    assert best > baseline + 5 and best > 1.5 * baseline, (baseline, [r["mAP"] for r in records])
+
+    ckpt = torch.load(out / "model-highest.pth", weights_only=True)
+    assert ckpt["num_classes"] == 80 and len(ckpt["idx_to_class"]) == 80
+    assert ckpt["model_name"] == "tresnet_m" and ckpt["image_size"] == SIZE and isinstance(ckpt["args"], dict)
+    assert ckpt["mAP"] == pytest.approx(best) and ckpt["weights"] in ("ema", "regular")
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = validate.main([str(DATA), "--model-name", "tresnet_m", "--model-path", str(out / "model-highest.pth"),
+                              "--val-split", "train2017", "--image-size", str(SIZE), "-b", str(BATCH), "-j", "0",
+                              "--device", "cpu"])
+    assert code == 0, stdout.getvalue()
+    last = stdout.getvalue().strip().splitlines()[-1]
+    assert last.startswith("mAP score:")
+    # validate.py folds BatchNorm into the convolutions: the same function up to float rounding
+    assert float(last.split(":")[1]) == pytest.approx(best, abs=0.05)

@@ -1,0 +1,127 @@
+"""Exact resume: a run stopped by --stop-epoch, or killed with SIGKILL mid-epoch, then resumed, ends with
+bit-identical weights to an uninterrupted run (CPU, same seed), with -j 0 and with DataLoader workers.
+
+A tiny timm model (timm/test_resnet) and a tiny generated set keep these runs to seconds; the property tested is
+the training program's (data order, augmentation, optimizer/scheduler/EMA state, step skipping), not the model's.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads; one avoids oversubscribing a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from asl.data import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("syn")
+    generate_synthetic_coco(root, num_train=32, num_val=12, image_size=48, seed=0)
+    return root
+
+
+def _flags(data, out, *extra):
+    return [str(data), "--dataset", "synthetic", "--model-name", "timm/test_resnet", "--image-size", "32",
+            "-b", "8", "--epochs", "3", "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu",
+            "--output-dir", str(out), "--seed", "7", *extra]
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    la = torch.load(a / "last.pth", weights_only=True)
+    lb = torch.load(b / "last.pth", weights_only=True)
+    assert (la["epoch"], la["step"]) == (lb["epoch"], lb["step"])
+    for part in ("model", "ema"):
+        assert la[part].keys() == lb[part].keys()
+        for k in la[part]:
+            assert torch.equal(la[part][k], lb[part][k]), f"{part}.{k} differs"
+    sa, sb = la["optimizer"]["state"], lb["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+    assert la["scheduler"]["last_epoch"] == lb["scheduler"]["last_epoch"]
+    assert la["highest_mAP"] == lb["highest_mAP"]
+
+
+def test_stop_epoch_then_resume_is_bit_identical(tmp_path, synthetic):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train.main(_flags(synthetic, full, "-j", "0", "--stop-epoch", "1")) == 0
+    assert train.main(_flags(synthetic, split, "-j", "0", "--stop-epoch", "0")) == 0
+    first = torch.load(split / "last.pth", weights_only=True)
+    assert (first["epoch"], first["step"]) == (1, 0)
+    # the command line's --stop-epoch applies on resume
+    assert train.main(_flags(synthetic, split, "-j", "0", "--stop-epoch", "1", "--resume", "auto")) == 0
+    _assert_identical(full, split)
+    assert len((split / "log.txt").read_text().splitlines()) == 2
+    assert torch.load(split / "model-highest.pth", weights_only=True)["mAP"] == \
+        torch.load(full / "model-highest.pth", weights_only=True)["mAP"]
+
+
+def test_resume_refuses_a_different_schedule(tmp_path, synthetic, capsys):
+    out = tmp_path / "out"
+    assert train.main(_flags(synthetic, out, "-j", "0", "--stop-epoch", "0", "--max-steps-per-epoch", "1")) == 0
+    capsys.readouterr()
+    flags = _flags(synthetic, out, "-j", "0", "--resume", "auto", "--max-steps-per-epoch", "1")
+    flags[flags.index("--lr") + 1] = "2e-3"
+    assert train.main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr" in err[0] and "0.001" in err[0] and "0.002" in err[0]
+
+
+# Run train.py in a subprocess that SIGKILLs itself right after the 3rd step of epoch 1: after the periodic
+# mid-epoch last.pth (written every 2 steps) and before the next, so the step after it is lost and redone.
+_KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train
+original = train.train_one_epoch
+def killing(*args, **kwargs):
+    on_step = kwargs["on_step"]
+    def hook(state):
+        on_step(state)
+        if state["epoch"] == 1 and state["step"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    kwargs["on_step"] = hook
+    return original(*args, **kwargs)
+train.train_one_epoch = killing
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")  # 2 cores: no oversubscription
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    common = ["-j", "2", "--stop-epoch", "1", "--save-every-steps", "2"]
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), *_flags(synthetic, full, *common)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", _KILLER.format(repo=str(REPO)), *_flags(synthetic, killed, *common)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    saved = torch.load(killed / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)  # the periodic mid-epoch save survived
+    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), *_flags(synthetic, killed, *common, "--resume",
+                                                                          str(killed / "last.pth"))],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stdout and "epoch 1, step 2" in run.stdout
+    _assert_identical(full, killed)

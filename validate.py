@@ -1,0 +1,307 @@
+"""Evaluate a checkpoint (official model-zoo file or ours, by path or URL) on a multi-label dataset.
+
+    python validate.py /data/coco --model-name tresnet_l --model-path MS_COCO_TRresNet_L_448_86.6.pth
+    python validate.py /data/coco --model_name=tresnet_l --model_path=https://.../MS_COCO_TRresNet_L_448_86.6.pth
+    torchrun --nproc_per_node=8 validate.py /data/coco --model-path ...        # the same mAP, faster
+
+Prints the original's progress lines (``Test: [i/N] ...`` and the cumulative ``P_C R_C F_C P_O R_O F_O`` at
+``--thre``), the final `` * P_C ...`` line, the throughput, and last ``mAP score: X``. Datasets whose targets mark
+labels as not annotated (-1: Open Images, VOC "difficult") are scored with the partial-label mAP.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from asl import distributed as dist_utils
+from asl.cli import ArgumentParser, UsageError, run_main, setup_logging
+from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
+from asl.engine import evaluate, unpack_batch
+from asl.inference import load_model
+from asl.metrics import ThresholdMetrics, mAP, partial_mAP, per_class_ap, per_class_partial_ap
+
+logger = logging.getLogger("validate")
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
+MAX_NAMED_SKIPPED = 20
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="validate.py", description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
+    p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
+    p.add_argument("--model-path", type=str, default=None,
+                   help="required: checkpoint file or http(s) URL (MODEL_ZOO.md)")
+    p.add_argument("--model-name", type=str, default=None,
+                   help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="optional check: the checkpoint defines the class count")
+    p.add_argument("--dataset", type=str, default="coco", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--val-split", type=str, default=None, help="default: val2014 for coco (see Datasets.md)")
+    p.add_argument("--image-size", "--input-size", type=int, default=448)
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="global batch size (split across ranks)")
+    p.add_argument("-j", "--workers", type=int, default=8, help="data loading workers per process")
+    p.add_argument("--thre", type=float, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
+    p.add_argument("-p", "--print-freq", type=int, default=64, help="progress line every N batches")
+    p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--amp-dtype", type=str, default="float16", choices=sorted(AMP_DTYPES),
+                   help="autocast dtype on CUDA (CPU always evaluates in fp32)")
+    p.add_argument("--output-json", type=str, default=None, help="write every metric, per-class AP included")
+    p.add_argument("--per-class", action="store_true", help="print the per-class AP table")
+    p.add_argument("--cache-dir", type=str, default=None, help="cache of resized images (faster reruns)")
+    p.add_argument("--strict-data", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--dataset-option", type=str, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset option (e.g. csv_file=..., classes_file=...); repeatable")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def check_args(args) -> None:
+    if not args.model_path:
+        # Checked here rather than with argparse's required=True, which would not see the --model_path spelling.
+        raise UsageError("--model-path is required: a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
+    for flag, value in {"--batch-size": args.batch_size, "--image-size": args.image_size,
+                        "--print-freq": args.print_freq}.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not 0.0 <= args.thre <= 1.0:
+        raise UsageError(f"--thre is a probability, within [0, 1]; got {args.thre}")
+    for item in args.dataset_option:
+        if "=" not in item:
+            raise UsageError(f"--dataset-option expects KEY=VALUE, got {item!r}")
+    generated = args.dataset == "synthetic" and not os.path.exists(args.data)
+    if not generated and not os.path.isdir(args.data):  # synthetic data is generated where it is missing
+        raise UsageError(f"data directory not found: {args.data}")
+
+
+class BatchPrinter:
+    """The original's progress lines, printed every ``print_freq`` batches (rank 0, its own share of the data).
+
+    ``engine.evaluate`` reports only the batch number, so the batch's targets are picked up from the loader and
+    its scores from a forward hook on the model; both are read in ``on_batch`` right after the forward.
+    """
+
+    def __init__(self, num_classes: int, threshold: float, print_freq: int, num_batches: int, enabled: bool):
+        self.meter = ThresholdMetrics(num_classes, threshold)
+        self.threshold = threshold
+        self.print_freq = print_freq
+        self.num_batches = num_batches
+        self.enabled = enabled
+        self.targets: Optional[torch.Tensor] = None
+        self.scores: Optional[torch.Tensor] = None
+        self.end = time.perf_counter()
+        self.time_sum = 0.0
+        self.batches = 0
+        self.count = 0
+        self.prec_sum = 0.0
+        self.rec_sum = 0.0
+
+    def wrap(self, loader):
+        for batch in loader:
+            self.targets = unpack_batch(batch)[1]
+            yield batch
+
+    def hook(self, module, inputs, output) -> None:
+        self.scores = torch.sigmoid(output.detach().float()).cpu()
+
+    def on_batch(self, i: int) -> None:
+        scores, targets = self.scores, self.targets.float()
+        self.meter.update(scores, targets)
+        pred = scores > self.threshold
+        tp = int((pred & (targets == 1)).sum())
+        fp = int((pred & (targets == 0)).sum())
+        fn = int((~pred & (targets == 1)).sum())
+        # original: per-batch overall precision/recall in percent (0 when undefined), averaged over images.
+        prec = 100.0 * tp / (tp + fp) if tp + fp else 0.0
+        rec = 100.0 * tp / (tp + fn) if tp + fn else 0.0
+        n = scores.shape[0]
+        now = time.perf_counter()
+        batch_time = now - self.end
+        self.end = now
+        self.time_sum += batch_time
+        self.batches += 1
+        self.count += n
+        self.prec_sum += prec * n
+        self.rec_sum += rec * n
+        if self.enabled and i % self.print_freq == 0:
+            print("Test: [{0}/{1}]\tTime {2:.3f} ({3:.3f})\tPrecision {4:.2f} ({5:.2f})\tRecall {6:.2f} ({7:.2f})"
+                  .format(i, self.num_batches, batch_time, self.time_sum / self.batches, prec,
+                          self.prec_sum / self.count, rec, self.rec_sum / self.count), flush=True)
+            print(self.meter.format_line(), flush=True)
+
+
+def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
+                   meter: ThresholdMetrics) -> list[dict[str, Any]]:
+    ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
+    at_threshold = meter.per_class()
+    rows = []
+    for k, name in enumerate(classes):
+        value = float(ap[k])
+        rows.append({
+            "index": k,
+            "class": name,
+            "ap": None if math.isnan(value) else 100.0 * value,
+            "positives": int((targets[:, k] == 1).sum()),
+            "negatives": int((targets[:, k] == 0).sum()),
+            "precision": float(at_threshold["precision"][k]),
+            "recall": float(at_threshold["recall"][k]),
+            "f1": float(at_threshold["f1"][k]),
+        })
+    return rows
+
+
+def print_per_class(rows: Sequence[dict[str, Any]]) -> None:
+    width = max([len("class")] + [len(r["class"]) for r in rows])
+    print(f"{'idx':>5}  {'class':<{width}}  {'AP':>7}  {'pos':>6}  {'P':>6}  {'R':>6}  {'F1':>6}")
+    for r in rows:
+        ap = "-" if r["ap"] is None else f"{r['ap']:.2f}"
+        print(f"{r['index']:>5}  {r['class']:<{width}}  {ap:>7}  {r['positives']:>6}  {r['precision']:>6.2f}  "
+              f"{r['recall']:>6.2f}  {r['f1']:>6.2f}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.dataset = canonical_name(args.dataset)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(args.verbose, main_process=main_process)
+    check_args(args)
+    split = args.val_split or default_split(args.dataset, train=False)
+
+    info = dist_utils.init_distributed(args.device)
+    try:
+        return _validate(args, split, info)
+    finally:
+        dist_utils.destroy_distributed()
+
+
+def _validate(args, split: str, info) -> int:
+    device = info.device
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    # Under torchrun with a URL, rank 0 downloads into the hub cache while the others wait, then they read it.
+    is_url = args.model_path.startswith(("http://", "https://"))
+    if info.distributed and is_url and not info.is_main:
+        dist_utils.barrier()
+    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=device)
+    if info.distributed and is_url and info.is_main:
+        dist_utils.barrier()
+    say(f"model: {loaded.model_name}{' (bottleneck head)' if loaded.bottleneck_head else ''}, "
+        f"{loaded.num_classes} classes, from {args.model_path}")
+
+    options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
+    for item in args.dataset_option:
+        key, value = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    dataset = create_dataset(args.dataset, args.data, split, args.image_size, train=False,
+                             cache_dir=args.cache_dir, **options)
+    if dataset.num_classes != loaded.num_classes:
+        raise UsageError(f"the checkpoint has {loaded.num_classes} classes but the {args.dataset} {split} data has "
+                         f"{dataset.num_classes}")
+    if loaded.class_names != list(dataset.classes) and not loaded.class_names[0].startswith("class_"):
+        logger.warning("the checkpoint's class names differ from the dataset's (first: %r vs %r); the dataset's "
+                       "are reported", loaded.class_names[0], dataset.classes[0])
+    say(f"{args.dataset} {split}: {len(dataset)} images, {dataset.num_classes} classes")
+    if len(dataset) == 0:
+        raise UsageError(f"the {args.dataset} {split} split of {args.data} has no images")
+
+    local_batch = max(1, math.ceil(args.batch_size / info.world_size))
+    # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
+    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                   shuffle=False) if info.distributed else None)
+    loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
+                           pin_memory=device.type == "cuda")
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == "cuda" else None
+
+    printer = BatchPrinter(dataset.num_classes, args.thre, args.print_freq, len(loader), info.is_main)
+    handle = loaded.model.register_forward_hook(printer.hook)
+    say("starting validation")
+    start = time.perf_counter()
+    try:
+        out = evaluate(loaded.model, printer.wrap(loader), device, amp_dtype=amp_dtype, on_batch=printer.on_batch)
+    finally:
+        handle.remove()
+    elapsed = time.perf_counter() - start
+
+    scores, targets, indices = out["scores"], out["targets"], out["indices"]
+    if out["num_images"] == 0:
+        raise UsageError(f"none of the {len(dataset)} images of {args.data} ({split}) could be read")
+    skipped = sorted(set(range(len(dataset))) - set(int(i) for i in indices))
+    partial = bool((targets < 0).any())
+
+    meter = ThresholdMetrics(dataset.num_classes, args.thre)
+    meter.update(scores, targets)
+    at_threshold = meter.compute()
+    score = (partial_mAP if partial else mAP)(targets, scores)
+    rows = per_class_rows(dataset.classes, targets, scores, partial, meter)
+    images_per_s = out["num_images"] / elapsed if elapsed > 0 else float("inf")
+
+    if info.is_main:
+        print("--------------------------------------------------------------------")
+        print(" * " + meter.format_line(at_threshold))
+        if skipped:
+            named = ", ".join(dataset.image_path(i) for i in skipped[:MAX_NAMED_SKIPPED])
+            more = f" (+{len(skipped) - MAX_NAMED_SKIPPED} more)" if len(skipped) > MAX_NAMED_SKIPPED else ""
+            print(f"skipped {len(skipped)} unreadable image(s): {named}{more}")
+        if args.per_class:
+            print_per_class(rows)
+        if args.output_json:
+            write_json(args, split, loaded, out["num_images"], skipped, dataset, partial, score, at_threshold,
+                       rows, elapsed)
+        print(f"{out['num_images']} images in {elapsed:.1f} s: {images_per_s:.1f} images/s "
+              f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device.type})")
+        if partial:
+            print("(partial-label mAP: targets of -1 are not annotated and left out of each class's ranking)")
+        # original: print("mAP score:", mAP_score) -- the last line, full precision
+        print("mAP score:", score, flush=True)
+    return 0
+
+
+def write_json(args, split, loaded, num_images, skipped, dataset, partial, score, at_threshold, rows,
+               elapsed) -> None:
+    report = {
+        "mAP": score,
+        "metric": "partial_mAP" if partial else "mAP",
+        "threshold": args.thre,
+        **{k: float(v) for k, v in at_threshold.items()},
+        "num_images": num_images,
+        "skipped": [dataset.image_path(i) for i in skipped],
+        "seconds": elapsed,
+        "images_per_second": num_images / elapsed if elapsed > 0 else None,
+        "model_name": loaded.model_name,
+        "model_path": args.model_path,
+        "num_classes": loaded.num_classes,
+        "dataset": args.dataset,
+        "data": str(args.data),
+        "split": split,
+        "image_size": args.image_size,
+        "per_class": rows,
+    }
+    path = Path(args.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # allow_nan=False: a NaN would make the file unreadable for strict JSON parsers; AP of skipped classes is null.
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, prog="validate.py"))

@@ -222,6 +222,6 @@ def test_annotate_keeps_size_and_mode():
 
 def test_annotate_enlarges_thumbnails_by_a_whole_factor():
     out = annotate(Image.new("RGB", (120, 90), color=(200, 10, 10)), [{"class": "person", "score": 0.93}])
-    assert out.size == (360, 270)  # ceil(256 / 90) = 3, nearest neighbour keeps the pixels
+    assert out.size == (240, 180)  # ceil(160 / 90) = 2, nearest neighbour keeps the pixels
     assert tuple(np.asarray(out)[-1, -1]) == (200, 10, 10)
     assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn

@@ -265,7 +265,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-MIN_ANNOTATED_SIDE = 256
+MIN_ANNOTATED_SIDE = 160
 
 
 def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.Image:

@@ -40,7 +40,7 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.checkpoint import load_checkpoint, load_model_state, make_model_checkpoint, save_checkpoint
-from asl.cli import ArgumentParser, UsageError, run_main, setup_logging
+from asl.cli import ArgumentParser, UsageError, check_data_dir, parse_key_values, run_main, setup_logging
 from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
 from asl.ema import ModelEma
 from asl.engine import create_optimizer, evaluate_many, train_one_epoch
@@ -109,15 +109,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def check_args(args) -> None:
     """Rejects impossible values up front, each with one line naming the flag."""
     positive = {"--batch-size": args.batch_size, "--image-size": args.image_size, "--epochs": args.epochs,
@@ -137,14 +128,8 @@ def check_args(args) -> None:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.ema_decay <= 1:
         raise UsageError(f"--ema-decay must be within [0, 1], got {args.ema_decay}")
-    generated = canonical_name(args.dataset) == "synthetic" and not os.path.exists(args.data)
-    if not generated and not os.path.isdir(args.data):  # synthetic data is generated where it is missing
-        raise UsageError(f"data directory not found: {args.data}")
-    if not generated and not os.access(args.data, os.R_OK | os.X_OK):
-        raise UsageError(f"data directory is not readable: {args.data}")
-    for item in args.dataset_option:
-        if "=" not in item:
-            raise UsageError(f"--dataset-option expects KEY=VALUE, got {item!r}")
+    check_data_dir(args.data, generated=canonical_name(args.dataset) == "synthetic")
+    parse_key_values(args.dataset_option)
 
 
 def dataset_options(args, train: bool) -> dict[str, Any]:
@@ -153,9 +138,7 @@ def dataset_options(args, train: bool) -> dict[str, Any]:
         options["unannotated"] = args.unannotated
     if args.dataset == "voc" and train:
         options["difficult"] = args.difficult
-    for item in args.dataset_option:
-        key, value = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    options.update(parse_key_values(args.dataset_option))
     return options
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from asl import distributed as dist_utils
-from asl.cli import ArgumentParser, UsageError, run_main, setup_logging
+from asl.atomic import atomic_write_text
+from asl.cli import ArgumentParser, UsageError, check_data_dir, parse_key_values, run_main, setup_logging
 from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
 from asl.engine import evaluate, unpack_batch
 from asl.inference import load_model
@@ -64,15 +65,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def check_args(args) -> None:
     if not args.model_path:
         # Checked here rather than with argparse's required=True, which would not see the --model_path spelling.
@@ -85,12 +77,8 @@ def check_args(args) -> None:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not 0.0 <= args.thre <= 1.0:
         raise UsageError(f"--thre is a probability, within [0, 1]; got {args.thre}")
-    for item in args.dataset_option:
-        if "=" not in item:
-            raise UsageError(f"--dataset-option expects KEY=VALUE, got {item!r}")
-    generated = args.dataset == "synthetic" and not os.path.exists(args.data)
-    if not generated and not os.path.isdir(args.data):  # synthetic data is generated where it is missing
-        raise UsageError(f"data directory not found: {args.data}")
+    parse_key_values(args.dataset_option)
+    check_data_dir(args.data, generated=args.dataset == "synthetic")
 
 
 class BatchPrinter:
@@ -208,9 +196,7 @@ def _validate(args, split: str, info) -> int:
         f"{loaded.num_classes} classes, from {args.model_path}")
 
     options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
-    for item in args.dataset_option:
-        key, value = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    options.update(parse_key_values(args.dataset_option))
     dataset = create_dataset(args.dataset, args.data, split, args.image_size, train=False,
                              cache_dir=args.cache_dir, **options)
     if dataset.num_classes != loaded.num_classes:
@@ -297,10 +283,8 @@ def write_json(args, split, loaded, num_images, skipped, dataset, partial, score
     }
     path = Path(args.output_json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # allow_nan=False: a NaN would make the file unreadable for strict JSON parsers; AP of skipped classes is null.
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,17 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tiny_coco"
 sys.path.insert(0, str(REPO))
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (DATA / "annotations").is_dir(), reason="../shared/data/tiny_coco is absent")]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process can slow this
-    run down tenfold; one thread costs little when the machine is idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SIZE, BATCH = 32, 10  # 49 annotated images: batches of 10 never leave a single image for BatchNorm

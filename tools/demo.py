@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="demo_data")
     parser.add_argument("--output-dir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--lr", default="2e-3", help="peak OneCycle learning rate (the paper: 1e-4 over 40 epochs)")
+    parser.add_argument("--lr", default="1e-3", help="peak OneCycle learning rate (the paper: 1e-4 over 40 epochs)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     models = Path(args.output_dir) / "models"

@@ -38,7 +38,7 @@ import torch
 
 __all__ = [
     "ArgumentParser", "UsageError", "USER_ERRORS", "run_main", "format_error", "select_device",
-    "str2bool", "setup_logging",
+    "str2bool", "setup_logging", "parse_key_values", "check_data_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,3 +196,33 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     if not main_process:
         level = logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def _number_or_text(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_key_values(items: Sequence[str], flag: str = "--dataset-option") -> dict[str, Any]:
+    """``['num_train=64', 'csv-file=a.csv']`` -> ``{'num_train': 64, 'csv_file': 'a.csv'}`` (numbers cast)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _number_or_text(value.strip())
+    return options
+
+
+def check_data_dir(path: str, generated: bool = False) -> None:
+    """A missing or unreadable dataset root is bad input; ``generated`` data (synthetic) may not exist yet."""
+    if generated and not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"data directory not found: {path}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"data directory is not readable: {path}")

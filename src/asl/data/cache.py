@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_bytes
 from .transforms import decode_and_resize
 
 __all__ = ["ResizeCache"]
@@ -69,17 +69,7 @@ class ResizeCache:
             if folder not in self._made_dirs:
                 os.makedirs(folder, exist_ok=True)
                 self._made_dirs.add(folder)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".u8")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(np.ascontiguousarray(arr).tobytes())
-                os.replace(tmp, entry)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            atomic_write_bytes(entry, np.ascontiguousarray(arr).tobytes())
         except OSError as exc:
             # A full or read-only cache must not stop training: the pixels are the same without it.
             if not self._warned_write:

@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     checkpoint = models / "model-highest.pth"
     out = run("validate", ["validate.py", args.data, "--dataset", "synthetic", "--val-split", "val",
                            "--model-path", str(checkpoint), "--image-size", size, "-b", "64", "-j", "2",
-                           "--thre", "0.5"])
+                           "--thre", "0.75"])
     pictures = sorted((Path(args.data) / "val").glob("*.jpg"))[:4]
-    run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.5",
+    run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.75",
                   "--output", "pics/demo", "--pic_path", *map(str, pictures)])
     run("plot", ["tools/plot_training_curve.py", str(models / "log.txt"), "--output", "pics/demo/training_curve.png"])
 

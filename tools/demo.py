@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="demo_data")
     parser.add_argument("--output-dir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--lr", default="1e-3", help="peak OneCycle learning rate (the paper: 1e-4 over 40 epochs)")
     args = parser.parse_args(argv)
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     checkpoint = models / "model-highest.pth"
     out = run("validate", ["validate.py", args.data, "--dataset", "synthetic", "--val-split", "val",
                            "--model-path", str(checkpoint), "--image-size", size, "-b", "64", "-j", "2",
-                           "--thre", "0.75"])
+                           "--thre", "0.7"])
     pictures = sorted((Path(args.data) / "val").glob("*.jpg"))[:4]
-    run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.75",
+    run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.7",
                   "--output", "pics/demo", "--pic_path", *map(str, pictures)])
     run("plot", ["tools/plot_training_curve.py", str(models / "log.txt"), "--output", "pics/demo/training_curve.png"])
 

@@ -46,7 +46,7 @@ from asl.ema import ModelEma
 from asl.engine import create_optimizer, evaluate_many, train_one_epoch
 from asl.losses import AsymmetricLoss
 from asl.metrics import mAP, partial_mAP
-from asl.models import create_model, load_pretrained_backbone
+from asl.models import check_model_name, create_model, load_pretrained_backbone
 
 logger = logging.getLogger("train")
 
@@ -128,6 +128,7 @@ def check_args(args) -> None:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.ema_decay <= 1:
         raise UsageError(f"--ema-decay must be within [0, 1], got {args.ema_decay}")
+    check_model_name(args.model_name)
     check_data_dir(args.data, generated=canonical_name(args.dataset) == "synthetic")
     parse_key_values(args.dataset_option)
 

@@ -13,13 +13,27 @@ from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
 
 __all__ = [
-    "MODEL_NAMES", "create_model", "prepare_for_inference", "load_pretrained_backbone", "normalize_state_dict",
+    "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone", "normalize_state_dict",
     "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
 ]
 
 
 MODEL_NAMES = tuple(TRESNET_CONFIGS)
 TIMM_PREFIX = "timm/"
+
+
+def check_model_name(name: str) -> None:
+    """Raises ``ValueError`` listing the known names, before any expensive set-up (data loaders) happens."""
+    key = name.lower()
+    if key in TRESNET_CONFIGS:
+        return
+    if key.startswith(TIMM_PREFIX):
+        import timm
+
+        if timm.is_model(name[len(TIMM_PREFIX):]):
+            return
+        raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r} (see timm.list_models())")
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
 
 
 def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
@@ -30,17 +44,16 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    check_model_name(name)
     key = name.lower()
     if key in TRESNET_CONFIGS:
         layers, width = TRESNET_CONFIGS[key]
         model: nn.Module = TResNet(layers, num_classes=num_classes, width_factor=width,
                                    bottleneck_head=bottleneck_head)
-    elif key.startswith(TIMM_PREFIX):
+    else:
         if bottleneck_head:
             raise ValueError("bottleneck_head is only available for the TResNet models")
         model = TimmClassifier(name[len(TIMM_PREFIX):], num_classes)
-    else:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
     if pretrained:
         from ..checkpoint import load_checkpoint
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import csv
 import logging
 import os
 import re
@@ -266,6 +267,23 @@ def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_worker
 _QUOTED = r"""(?:'[^'\\\n]*'|"[^"\\\n]*")"""
 _SIMPLE_LIST = re.compile(r"\[\s*(?:%s(?:\s*,\s*%s)*\s*,?)?\s*\]" % (_QUOTED, _QUOTED))
 _QUOTED_ITEM = re.compile(_QUOTED)
+
+
+def iter_miil_csv(path: Path, columns: Sequence[str]):
+    """Yields ``(where, cells)`` for each data row of a MIIL CSV (NUS-WIDE split, Open Images ``data.csv``).
+
+    Blank lines are skipped, and so is a header: a first row whose second column is not a list literal.
+    A row with fewer than ``len(columns)`` cells raises DatasetError naming the file and line.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f), 1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) < len(columns):
+                raise DatasetError(f"expected {len(columns)} columns ({', '.join(columns)}) at {path}:{line_no}")
+            if line_no == 1 and not row[1].strip().startswith("["):
+                continue  # header row
+            yield f"{path}:{line_no}", [cell.strip() for cell in row]
 
 
 def parse_list_literal(text: str, where: str = "") -> list[str]:

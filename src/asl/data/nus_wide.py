@@ -8,12 +8,12 @@ Many NUS-WIDE images are gone from the web: rows whose image file is missing are
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
 
-from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, parse_list_literal, require_dir
+from .base import (DatasetError, LabelTable, MultiLabelDataset, iter_miil_csv, missing_path_error, parse_list_literal,
+                   require_dir)
 
 __all__ = ["load_nus_wide", "NUS_WIDE_CSV_NAMES"]
 
@@ -38,16 +38,8 @@ def _find_csv(root: Path, csv_file) -> Path:
 
 def read_nus_wide_csv(path: Path) -> list[tuple[str, list[str], str]]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < 3:
-                raise DatasetError(f"expected 3 columns (image, labels, split) at {path}:{line_no}")
-            image, labels, split = row[0].strip(), row[1].strip(), row[2].strip()
-            if line_no == 1 and not labels.startswith("["):
-                continue  # header row
-            rows.append((image, parse_list_literal(labels, f"{path}:{line_no}"), split))
+    for where, (image, labels, split, *_) in iter_miil_csv(path, ("image", "labels", "split")):
+        rows.append((image, parse_list_literal(labels, where), split))
     return rows
 
 

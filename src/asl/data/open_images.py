@@ -22,7 +22,8 @@ import csv
 import logging
 from pathlib import Path
 
-from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, parse_list_literal, require_dir
+from .base import (DatasetError, LabelTable, MultiLabelDataset, iter_miil_csv, missing_path_error, parse_list_literal,
+                   require_dir)
 
 __all__ = ["load_open_images", "read_class_table", "UNANNOTATED_MODES"]
 
@@ -108,17 +109,9 @@ def load_open_images(root, split: str, *, train: bool, unannotated: str | None =
         raise missing_path_error("Open Images data.csv", csv_path)
     image_dir = require_dir(root / split, "Open Images image folder")
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < 4:
-                raise DatasetError(f"expected 4 columns (image, positives, negatives, split) at {csv_path}:{line_no}")
-            if line_no == 1 and not row[1].strip().startswith("["):
-                continue  # header
-            where = f"{csv_path}:{line_no}"
-            rows.append((row[0].strip(), parse_list_literal(row[1], where), parse_list_literal(row[2], where),
-                         row[3].strip()))
+    columns = ("image", "positives", "negatives", "split")
+    for where, (image, pos, neg, row_split, *_) in iter_miil_csv(csv_path, columns):
+        rows.append((image, parse_list_literal(pos, where), parse_list_literal(neg, where), row_split))
     mids, names = _class_order(root, rows, idx_to_class, classes_file)
     index = {m: i for i, m in enumerate(mids)}
     rel_paths, positives, negatives = [], [], []

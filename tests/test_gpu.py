@@ -1,0 +1,40 @@
+"""CUDA-only checks of the training step (fp16 with GradScaler, bf16) and of evaluation; skipped without CUDA."""
+import pytest
+import torch
+
+from asl.ema import ModelEma
+from asl.engine import create_optimizer, evaluate, train_one_epoch
+from asl.losses import AsymmetricLoss
+from asl.models import create_model, prepare_for_inference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _batches(n=3, size=64, classes=5):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+             (torch.rand(4, classes, generator=g) < 0.3).float()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_amp_training_step_on_cuda(amp_dtype):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", 5).to(device)
+    before = model.head.fc.weight.detach().clone()
+    optimizer = create_optimizer(model, lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    stats = train_one_epoch(model, _batches(), AsymmetricLoss(4, 0, 0.05), optimizer, None, scaler,
+                            ModelEma(model, 0.9), device, 0, amp_dtype=amp_dtype)
+    assert stats["steps"] == 3 and stats["images"] == 12
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert not torch.equal(model.head.fc.weight.detach(), before)
+
+
+def test_cuda_evaluation_matches_cpu():
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", 5).eval()
+    batches = [(images, targets, torch.arange(i * 4, i * 4 + 4)) for i, (images, targets) in enumerate(_batches())]
+    cpu = evaluate(prepare_for_inference(model), batches, torch.device("cpu"))
+    gpu = evaluate(prepare_for_inference(model.to("cuda")), batches, torch.device("cuda"))
+    torch.testing.assert_close(torch.as_tensor(gpu["scores"]), torch.as_tensor(cpu["scores"]), rtol=1e-3, atol=1e-3)

@@ -60,6 +60,17 @@ def test_parser_accepts_both_spellings_and_types_every_flag():
         ArgumentParser().add_argument("--untyped")
 
 
+def test_required_option_is_satisfied_by_either_spelling(capsys):
+    parser = ArgumentParser(prog="p")
+    parser.add_argument("--model-path", type=str, required=True)
+    assert parser.parse_args(["--model_path", "a"]).model_path == "a"
+    assert parser.parse_args(["--model-path=b"]).model_path == "b"
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args([])
+    assert err.value.code == 2
+    assert "required: --model-path" in capsys.readouterr().err
+
+
 def test_run_main_turns_exceptions_into_one_line(capsys):
     def bad_input(argv):
         raise ValueError("unknown model 'x'\nsecond line")

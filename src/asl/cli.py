@@ -96,6 +96,9 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        # Required options with aliases are checked after parsing: argparse's own check would not count the
+        # alias spelling (``--model_path``) as giving the option declared as ``--model-path``.
+        self._required_options: dict[str, str] = {}
 
     def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
         is_option = bool(name_or_flags) and name_or_flags[0].startswith("-")
@@ -113,6 +116,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 for other in ("--" + body.replace("-", "_"), "--" + body.replace("_", "-")):
                     if other not in names and other not in aliases:
                         aliases.append(other)
+        if aliases and kwargs.get("required"):
+            kwargs["required"] = False
+            self._required_options[kwargs["dest"]] = names[0]
         main_action = super().add_argument(*names, **kwargs)
         if aliases:
             # The alias shares dest and default; SUPPRESS keeps it out of --help and away from defaults.
@@ -120,6 +126,13 @@ class ArgumentParser(argparse.ArgumentParser):
             alias_kwargs.pop("required", None)
             super().add_argument(*aliases, **alias_kwargs)
         return main_action
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None):  # type: ignore[override]
+        parsed, extras = super().parse_known_args(args, namespace)
+        missing = [flag for dest, flag in self._required_options.items() if getattr(parsed, dest, None) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return parsed, extras
 
     def error(self, message: str):  # type: ignore[override]
         """Usage errors as one line (argparse would print the whole usage block first), exit code 2."""

@@ -27,7 +27,7 @@ FORMATS = ("onnx",)
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Export an ASL checkpoint (official model-zoo file or ours) to ONNX.")
-    parser.add_argument("--model-path", type=str, default=None, help="required: checkpoint file or http(s) URL")
+    parser.add_argument("--model-path", type=str, required=True, help="checkpoint file or http(s) URL")
     parser.add_argument("--model-name", type=str, default=None,
                         help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
     parser.add_argument("--format", type=str, default="onnx", choices=FORMATS)
@@ -77,8 +77,8 @@ def _add_metadata(path: Path, metadata: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if not args.model_path:  # not argparse's required=True, which would not see the --model_path spelling
-        raise UsageError("--model-path is required: a checkpoint file or an http(s) URL")
+    if not args.model_path:
+        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL")
     if args.image_size < 1:
         raise UsageError(f"--image-size must be positive, got {args.image_size}")
     try:

@@ -23,16 +23,17 @@ from tqdm import tqdm
 
 from asl.cli import ArgumentParser, UsageError, run_main, select_device, setup_logging
 from asl.inference import (IMAGE_EXTENSIONS, annotate, default_threshold, detections, find_images, load_model,
-                           load_picture, predict, read_picture)
+                           load_picture, predict)
+from asl.data.transforms import load_rgb
 
 logger = logging.getLogger("infer")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="ASL inference on pictures (files or folders).")
-    parser.add_argument("--model-path", type=str, default=None, help="required: checkpoint file or http(s) URL")
-    parser.add_argument("--pic-path", type=str, nargs="+", default=None,
-                        help="required: picture file(s) and/or folder(s); folders are searched recursively")
+    parser.add_argument("--model-path", type=str, required=True, help="checkpoint file or http(s) URL")
+    parser.add_argument("--pic-path", type=str, nargs="+", required=True,
+                        help="picture file(s) and/or folder(s); folders are searched recursively")
     parser.add_argument("--model-name", type=str, default=None,
                         help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
     parser.add_argument("--input-size", "--image-size", type=int, default=448, help="square input size")
@@ -106,11 +107,8 @@ def _output_plan(output: Optional[str], paths: Sequence[Path], roots: Sequence[P
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    # Checked here rather than with argparse's required=True, which would not see the underscore spellings.
     if not args.model_path:
-        raise UsageError("--model_path is required: a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
-    if not args.pic_path:
-        raise UsageError("--pic_path is required: picture file(s) or folder(s)")
+        raise UsageError("--model_path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     if args.input_size < 1 or args.batch_size < 1 or args.workers < 0:
         raise UsageError("--input-size and --batch-size must be positive and --workers non-negative")
     if args.top_k is not None and args.top_k < 1:
@@ -175,7 +173,7 @@ def _report(path: Path, found: list, as_json: bool, bar: tqdm) -> None:
 def _write_annotated(path: Path, found: list, target: Path) -> None:
     # The annotation is drawn on the full-resolution picture, so it is decoded again here (the loader worker
     # only returned the resized tensor).
-    picture = read_picture(path)
+    picture = load_rgb(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     annotate(picture, found).save(target, quality=95)  # quality: JPEG only, ignored by the other formats
     logger.debug("wrote %s", target)

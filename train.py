@@ -46,7 +46,7 @@ from asl.ema import ModelEma
 from asl.engine import create_optimizer, evaluate_many, train_one_epoch
 from asl.losses import AsymmetricLoss
 from asl.metrics import mAP, partial_mAP
-from asl.models import check_model_name, create_model, load_pretrained_backbone
+from asl.models import check_model_name, create_model
 
 logger = logging.getLogger("train")
 
@@ -310,10 +310,11 @@ def train(args) -> int:
 
     # ---- model, EMA, optimizer, schedule
     torch.manual_seed(args.seed)
-    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head)
-    if args.model_path and resume is None:
-        load_pretrained_backbone(model, load_checkpoint(args.model_path)["model"])
-        logger.info("backbone initialised from %s", args.model_path)
+    # A resumed run takes every weight from last.pth, so the pretrained file is only read for a new run.
+    pretrained = args.model_path if args.model_path and resume is None else None
+    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, pretrained=pretrained)
+    if pretrained:
+        logger.info("backbone initialised from %s", pretrained)
     model.to(device)
     ema = ModelEma(model, args.ema_decay)  # original: the EMA starts from the (pretrained) model
     optimizer = create_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
@@ -363,10 +364,14 @@ def train(args) -> int:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
         writer = SummaryWriter(str(output_dir / "tensorboard"))
 
-    def save_last(epoch: int, step: int) -> None:
-        """last.pth: resume position (epoch, step) = the next step to run."""
-        dist_utils.broadcast_module_state(model)
-        dist_utils.broadcast_module_state(ema.module)
+    def save_last(epoch: int, step: int, synced: bool = False) -> None:
+        """last.pth: resume position (epoch, step) = the next step to run.
+
+        ``synced``: the ranks' weights were already made identical (right after evaluation), skip the broadcast.
+        """
+        if not synced:
+            dist_utils.broadcast_module_state(model)
+            dist_utils.broadcast_module_state(ema.module)
         if not main_proc:
             return
         save_checkpoint({
@@ -434,7 +439,7 @@ def train(args) -> int:
                         image_size=args.image_size, bottleneck_head=args.bottleneck_head, args=plain_args(args),
                         weights="ema" if best_is_ema else "regular", mAP=current, epoch=epoch),
                         output_dir / HIGHEST)
-            save_last(epoch + 1, 0)
+            save_last(epoch + 1, 0, synced=True)
             if main_proc:
                 print(f"mAP score regular {map_regular:.2f}, mAP score EMA {map_ema:.2f}", flush=True)
                 print(f"current_mAP = {current:.2f}, highest_mAP = {highest:.2f}", flush=True)

@@ -24,6 +24,7 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
+from asl.checkpoint import is_url
 from asl.cli import ArgumentParser, UsageError, check_data_dir, parse_key_values, run_main, setup_logging
 from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
 from asl.engine import evaluate, unpack_batch
@@ -39,7 +40,7 @@ MAX_NAMED_SKIPPED = 20
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="validate.py", description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
     p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
-    p.add_argument("--model-path", type=str, default=None,
+    p.add_argument("--model-path", type=str, required=True,
                    help="required: checkpoint file or http(s) URL (MODEL_ZOO.md)")
     p.add_argument("--model-name", type=str, default=None,
                    help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
@@ -67,8 +68,7 @@ def build_parser() -> ArgumentParser:
 
 def check_args(args) -> None:
     if not args.model_path:
-        # Checked here rather than with argparse's required=True, which would not see the --model_path spelling.
-        raise UsageError("--model-path is required: a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
+        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     for flag, value in {"--batch-size": args.batch_size, "--image-size": args.image_size,
                         "--print-freq": args.print_freq}.items():
         if value < 1:
@@ -186,11 +186,11 @@ def _validate(args, split: str, info) -> int:
     say = print if info.is_main else (lambda *a, **k: None)
 
     # Under torchrun with a URL, rank 0 downloads into the hub cache while the others wait, then they read it.
-    is_url = args.model_path.startswith(("http://", "https://"))
-    if info.distributed and is_url and not info.is_main:
+    remote = is_url(args.model_path)
+    if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
     loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=device)
-    if info.distributed and is_url and info.is_main:
+    if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     say(f"model: {loaded.model_name}{' (bottleneck head)' if loaded.bottleneck_head else ''}, "
         f"{loaded.num_classes} classes, from {args.model_path}")

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "is_url",
     "make_model_checkpoint",
     "load_model_state",
     "clean_state_dict",
@@ -138,7 +139,7 @@ def make_model_checkpoint(model_state: Mapping, num_classes: int, idx_to_class: 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def _is_url(source: str) -> bool:
+def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
@@ -204,7 +205,7 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu") -> Dict:
     - A missing or unreadable file raises :class:`CheckpointError` naming the path.
     """
     source = os.fspath(path_or_url)
-    path = _download(source) if _is_url(source) else source
+    path = _download(source) if is_url(source) else source
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

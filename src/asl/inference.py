@@ -30,7 +30,7 @@ from .models import MODEL_NAMES, create_model, detect_architecture, normalize_st
 __all__ = [
     "LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "default_threshold",
     "DATASET_THRESHOLDS", "IMAGE_EXTENSIONS", "find_images", "load_picture", "predict", "detections",
-    "annotate", "read_picture", "UnreadableImageError",
+    "annotate", "UnreadableImageError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,11 +203,6 @@ def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
                 seen.add(key)
                 found.append(p)
     return found
-
-
-def read_picture(path: Union[str, os.PathLike]) -> Image.Image:
-    """The decoded RGB picture at full resolution; :class:`UnreadableImageError` naming the file otherwise."""
-    return load_rgb(path)
 
 
 def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:

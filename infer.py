@@ -25,6 +25,7 @@ from asl.cli import ArgumentParser, UsageError, run_main, select_device, setup_l
 from asl.inference import (IMAGE_EXTENSIONS, annotate, default_threshold, detections, find_images, load_model,
                            load_picture, predict)
 from asl.data.transforms import load_rgb
+from asl.precision import amp_dtype_arg, resolve_amp_dtype
 
 logger = logging.getLogger("infer")
 
@@ -48,7 +49,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-b", "--batch-size", type=int, default=16)
     parser.add_argument("-j", "--workers", type=int, default=2, help="picture decoding processes")
     parser.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable float16 autocast on CUDA")
+    parser.add_argument("--amp-dtype", type=amp_dtype_arg, default="none", metavar="{none,float16,bfloat16}",
+                        help="opt-in autocast on CUDA; default fp32, as the original")
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -140,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 unreadable.append(paths[index])
                 tqdm.write(f"infer.py: cannot read {paths[index]}: {reason}", file=sys.stderr)
             if images is not None:
-                probabilities = predict(loaded.model, images, device, amp=args.amp)
+                probabilities = predict(loaded.model, images, device, amp_dtype=resolve_amp_dtype(args.amp_dtype, device))
                 for row, index in zip(probabilities, indices):
                     found = detections(row, loaded.class_names, threshold, args.top_k)
                     _report(paths[index], found, args.json, bar)

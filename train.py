@@ -47,6 +47,7 @@ from asl.engine import create_optimizer, evaluate_many, train_one_epoch
 from asl.losses import AsymmetricLoss
 from asl.metrics import mAP, partial_mAP
 from asl.models import check_model_name, create_model
+from asl.precision import amp_dtype_arg, resolve_amp_dtype
 
 logger = logging.getLogger("train")
 
@@ -56,7 +57,6 @@ HIGHEST = "model-highest.pth"
 SCHEDULE_FLAGS = ("dataset", "train_split", "model_name", "bottleneck_head", "num_classes", "image_size",
                   "batch_size", "lr", "epochs", "max_steps_per_epoch", "weight_decay", "ema_decay", "gamma_neg",
                   "gamma_pos", "clip", "unannotated", "difficult", "seed")
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -88,7 +88,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output-dir", type=str, default="models")
     p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--amp-dtype", type=str, default="float16", choices=sorted(AMP_DTYPES),
+    p.add_argument("--amp-dtype", type=amp_dtype_arg, default="float16", metavar="{none,float16,bfloat16}",
                    help="autocast dtype on CUDA (CPU always trains in fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--print-freq", type=int, default=100, help="print the original's progress line every N steps")
@@ -256,7 +256,7 @@ def train(args) -> int:
     if args.batch_size % info.world_size:
         raise UsageError(f"-b {args.batch_size} is not divisible by the {info.world_size} processes")
     local_batch = args.batch_size // info.world_size
-    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == "cuda" else None
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device)
 
     output_dir = Path(args.output_dir)
     problem = None
@@ -315,6 +315,10 @@ def train(args) -> int:
     model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, pretrained=pretrained)
     if pretrained:
         logger.info("backbone initialised from %s", pretrained)
+    elif resume is None and args.dataset != "synthetic" and main_proc:
+        # original: train.py always started from ImageNet weights; the paper's numbers need them.
+        logger.warning("training %s from scratch (no --model-path): the paper's numbers start from ImageNet-"
+                       "pretrained weights, see MODEL_ZOO.md", args.model_name)
     model.to(device)
     ema = ModelEma(model, args.ema_decay)  # original: the EMA starts from the (pretrained) model
     optimizer = create_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)

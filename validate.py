@@ -30,10 +30,10 @@ from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loade
 from asl.engine import evaluate, unpack_batch
 from asl.inference import load_model
 from asl.metrics import ThresholdMetrics, mAP, partial_mAP, per_class_ap, per_class_partial_ap
+from asl.precision import amp_dtype_arg, resolve_amp_dtype
 
 logger = logging.getLogger("validate")
 
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
 MAX_NAMED_SKIPPED = 20
 
 
@@ -54,8 +54,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--thre", type=float, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
     p.add_argument("-p", "--print-freq", type=int, default=64, help="progress line every N batches")
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--amp-dtype", type=str, default="float16", choices=sorted(AMP_DTYPES),
-                   help="autocast dtype on CUDA (CPU always evaluates in fp32)")
+    p.add_argument("--amp-dtype", type=amp_dtype_arg, default="none", metavar="{none,float16,bfloat16}",
+                   help="opt-in autocast on CUDA; default fp32, as the original (CPU always evaluates in fp32)")
     p.add_argument("--output-json", type=str, default=None, help="write every metric, per-class AP included")
     p.add_argument("--per-class", action="store_true", help="print the per-class AP table")
     p.add_argument("--cache-dir", type=str, default=None, help="cache of resized images (faster reruns)")
@@ -197,6 +197,10 @@ def _validate(args, split: str, info) -> int:
 
     options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
     options.update(parse_key_values(args.dataset_option))
+    if (args.dataset == "openimages" and not {"idx_to_class", "classes_file"} & set(options)
+            and not loaded.class_names[0].startswith("class_")):
+        # A 9605-class model only scores right in its own class order, which its file carries.
+        options["idx_to_class"] = dict(enumerate(loaded.class_names))
     dataset = create_dataset(args.dataset, args.data, split, args.image_size, train=False,
                              cache_dir=args.cache_dir, **options)
     if dataset.num_classes != loaded.num_classes:
@@ -215,7 +219,7 @@ def _validate(args, split: str, info) -> int:
                                                    shuffle=False) if info.distributed else None)
     loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
                            pin_memory=device.type == "cuda")
-    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == "cuda" else None
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device)
 
     printer = BatchPrinter(dataset.num_classes, args.thre, args.print_freq, len(loader), info.is_main)
     handle = loaded.model.register_forward_hook(printer.hook)

@@ -19,8 +19,7 @@ from asl.ema import ModelEma
 from asl.engine import create_optimizer
 from asl.losses import AsymmetricLoss
 from asl.models import create_model
-
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
+from asl.precision import AMP_DTYPES
 
 
 def _sync(device: torch.device) -> None:

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist_utils
+from .precision import autocast
 
 __all__ = [
     "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "train_one_epoch", "evaluate",
-    "evaluate_many", "unpack_batch", "images_to_float", "autocast_context", "UNANNOTATED_MODES",
+    "evaluate_many", "unpack_batch", "images_to_float", "UNANNOTATED_MODES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,6 @@ def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
         # original: ToTensor() divides by 255 on the CPU; the same float32 values, computed on the device.
         return images.float().div_(255)
     return images.float()
-
-
-def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``amp_dtype`` (None = full precision)."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,
@@ -184,7 +180,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             x = images_to_float(images, device)
             y, mask = _split_unannotated(targets.to(device, non_blocking=device.type == "cuda").float(),
                                          unannotated)
-            with autocast_context(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 # original: the loss is computed in fp32 on model(x).float(), outside autocast.
                 output = model(x).float()
             loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
@@ -299,7 +295,7 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
                 indices = torch.arange(seen, seen + n)
             seen += n
             x = images_to_float(images, device)
-            with autocast_context(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 for name, m in models.items():
                     scores[name].append(torch.sigmoid(m(x).float()).cpu())
             targets_all.append(targets.float().cpu())

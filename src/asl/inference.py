@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square, to_float
+from .precision import autocast
 from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
 
 __all__ = [
@@ -218,17 +219,18 @@ def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.device], amp: bool = True) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.device],
+            amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Probabilities ``sigmoid(model(x))`` as float32 on the CPU, for a uint8 (or float [0,1]) NCHW batch.
 
-    AMP (float16 autocast) is used on CUDA only when ``amp``; the sigmoid is taken in float32.
+    original: inference runs in fp32; ``amp_dtype`` opts in to autocast. The sigmoid is taken in float32.
     """
     device = torch.device(device)
     x = images.to(device, non_blocking=True)
     x = to_float(x) if x.dtype == torch.uint8 else x.float()
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+    with autocast(device, amp_dtype):
         logits = model(x)
     return torch.sigmoid(logits.float()).cpu()
 

@@ -37,10 +37,12 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
-                 pretrained: Optional[str] = None) -> nn.Module:
+                 pretrained: Optional[str] = None, memory_efficient: bool = True) -> nn.Module:
     """Builds ``tresnet_m``, ``tresnet_l``, ``tresnet_xl`` or ``timm/<any timm model>``.
 
     ``pretrained`` is a local file (or URL) of ImageNet weights for the backbone; the classifier is skipped.
+    ``memory_efficient`` (TResNet only) makes the norm layers keep only their output for backward, as InPlaceABN
+    did; ``False`` lets autograd keep the plain ops' tensors. Outputs and gradients are the same either way.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -50,6 +52,9 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
         layers, width = TRESNET_CONFIGS[key]
         model: nn.Module = TResNet(layers, num_classes=num_classes, width_factor=width,
                                    bottleneck_head=bottleneck_head)
+        for module in model.modules():
+            if isinstance(module, ABN):
+                module.memory_efficient = memory_efficient
     else:
         if bottleneck_head:
             raise ValueError("bottleneck_head is only available for the TResNet models")

@@ -15,6 +15,79 @@ import torch.nn.functional as F
 __all__ = ["ABN", "conv_abn", "SpaceToDepth", "AntiAliasDownsample", "SEModule", "GlobalAvgPool", "BottleneckHead"]
 
 
+class _SignedAbs(torch.autograd.Function):
+    """``|w|`` whose derivative is ``-1`` where ``w < 0`` and ``+1`` elsewhere, zero included.
+
+    original (inplace_abn backward): the weight gradient is negated only where ``weight < 0``. Autograd's ``abs``
+    has derivative ``sign(0) = 0`` instead, which would freeze every norm weight that sits at exactly 0 (TResNet
+    zero-initialises the last norm of each residual branch, so training from scratch would never open them).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight.abs()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return torch.where(weight < 0, -grad, grad)
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+class _ABNFunction(torch.autograd.Function):
+    """BatchNorm (scale ``|w| + eps``) + leaky ReLU/identity that keeps only its *output* for backward.
+
+    This is InPlaceABN's memory trick in plain PyTorch. Backward recomputes the normalised input from the
+    output: the leaky ReLU is inverted (its slope is positive), then the affine map (``|w| + eps`` is never 0,
+    which is why InPlaceABN takes the absolute value). The output is usually kept by the next layer anyway, so
+    the norm costs no extra activation memory, where BatchNorm + activation keep two tensors. The forward runs
+    the very kernel ``F.batch_norm`` runs, so the outputs are bit-identical to the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float,
+                slope: Optional[float]):
+        scale = weight.abs() + eps
+        # F.batch_norm returns only the output of this op; its saved batch statistics give the inverse std.
+        out, _, save_invstd, _, _ = torch.ops.aten._batch_norm_impl_index(
+            x, scale, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+        if slope is not None:
+            F.leaky_relu(out, slope, inplace=True)
+        invstd = save_invstd if training else torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(out, weight, bias, invstd)
+        ctx.training, ctx.eps, ctx.slope, ctx.x_dtype = training, eps, slope, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, weight, bias, invstd = ctx.saved_tensors
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        y, dy = y.to(dtype), grad_out.to(dtype)
+        if ctx.slope is not None:
+            negative = y < 0
+            y = torch.where(negative, y / ctx.slope, y)
+            dy = torch.where(negative, dy * ctx.slope, dy)
+        scale = weight.to(dtype).abs() + ctx.eps
+        xhat = (y - _channel_view(bias.to(dtype), y.dim())) / _channel_view(scale, y.dim())
+        dims = [0, *range(2, y.dim())]
+        sum_dy = dy.sum(dims)
+        sum_xhat_dy = (xhat * dy).sum(dims)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gain = _channel_view(scale * invstd.to(dtype), y.dim())
+            if ctx.training:
+                count = y.numel() // y.shape[1]
+                dy = dy - _channel_view(sum_dy / count, y.dim()) - xhat * _channel_view(sum_xhat_dy / count, y.dim())
+            grad_x = (dy * gain).to(ctx.x_dtype)
+        # original (inplace_abn): dweight = sum(xhat * dy), negated only where weight < 0 (0 counts as positive).
+        grad_w = torch.where(weight < 0, -sum_xhat_dy, sum_xhat_dy).to(weight.dtype)
+        return grad_x, grad_w, sum_dy.to(bias.dtype), None, None, None, None, None, None
+
+
 class ABN(nn.Module):
     """BatchNorm + activation with InPlaceABN's parameterisation.
 
@@ -23,10 +96,14 @@ class ABN(nn.Module):
     so loading them into an ordinary ``BatchNorm2d`` would silently change the network: we reproduce the
     absolute value here. The state dict holds ``weight, bias, running_mean, running_var`` and, like the
     official files, no ``num_batches_tracked``.
+
+    Gradients are InPlaceABN's, including its rule for a weight of exactly 0. With ``memory_efficient`` (the
+    default, as InPlaceABN was the original's) training keeps only the output for backward; otherwise autograd
+    differentiates the plain ops, which keeps the input too.
     """
 
     def __init__(self, num_features: int, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 eps: float = 1e-5, momentum: float = 0.1) -> None:
+                 eps: float = 1e-5, momentum: float = 0.1, memory_efficient: bool = True) -> None:
         super().__init__()
         if activation not in ("leaky_relu", "identity"):
             raise ValueError(f"unsupported activation {activation!r}; expected 'leaky_relu' or 'identity'")
@@ -35,6 +112,7 @@ class ABN(nn.Module):
         self.activation_param = float(activation_param)
         self.eps = eps
         self.momentum = momentum
+        self.memory_efficient = memory_efficient
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -42,18 +120,28 @@ class ABN(nn.Module):
 
     def effective_scale(self) -> torch.Tensor:
         # original (inplace_abn): the affine scale is |w| + eps, in training and in eval alike.
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _SignedAbs.apply(self.weight) + self.eps
         return self.weight.abs() + self.eps
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slope = self.activation_param if self.activation == "leaky_relu" else None
+        if self.memory_efficient and self.training and self._needs_grad(x):
+            return _ABNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                      self.training, self.momentum, self.eps, slope)
         x = F.batch_norm(x, self.running_mean, self.running_var, self.effective_scale(), self.bias,
                          self.training, self.momentum, self.eps)
-        if self.activation == "leaky_relu":
-            x = F.leaky_relu(x, self.activation_param, inplace=True)
+        if slope is not None:
+            x = F.leaky_relu(x, slope, inplace=True)
         return x
 
     def extra_repr(self) -> str:
         act = self.activation if self.activation == "identity" else f"leaky_relu({self.activation_param:g})"
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}, "
+                f"memory_efficient={self.memory_efficient}")
 
 
 def conv_abn(in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 3,

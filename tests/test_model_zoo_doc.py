@@ -1,0 +1,66 @@
+"""MODEL_ZOO.md lists the original's seven files, and every command in it parses (no download happens)."""
+import re
+import shlex
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from asl.checkpoint import is_url
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import infer  # noqa: E402
+import validate  # noqa: E402
+
+ZOO = "https://miil-public-eu.oss-eu-central-1.aliyuncs.com/model-zoo/ASL/"
+# The original MODEL_ZOO.md: six models and the NUS-WIDE split file.
+ORIGINAL_FILES = {
+    "MS_COCO_TRresNet_M_224_81.8.pth", "MS_COCO_TRresNet_L_448_86.6.pth", "MS_COCO_TResNet_xl_640_88.4.pth",
+    "Open_ImagesV6_TRresNet_L_448.pth", "PASCAL_VOC_TResNet_xl_448_96.0.pth", "NUS_WIDE_TRresNet_L_448_65.2.pth",
+    "nus_wid_data.csv",
+}
+TEXT = (REPO / "MODEL_ZOO.md").read_text(encoding="utf-8")
+
+
+def _urls() -> set[str]:
+    return set(re.findall(r"https?://[^\s)\]`'\"]+", TEXT))
+
+
+def _commands(script: str) -> list[list[str]]:
+    """Each ``python <script> ...`` command of the code blocks, with its continuation lines joined."""
+    blocks = "\n".join(re.findall(r"```\n(.*?)```", TEXT, flags=re.S)).replace("\\\n", " ")
+    return [shlex.split(line)[2:] for line in blocks.splitlines() if line.startswith(f"python {script} ")]
+
+
+def test_lists_all_seven_files_of_the_original():
+    names = {Path(urllib.parse.urlparse(u).path).name for u in _urls() if u.startswith(ZOO)}
+    assert names == ORIGINAL_FILES
+
+
+@pytest.mark.parametrize("url", sorted(u for u in _urls() if u.endswith(".pth")))
+def test_every_checkpoint_url_is_accepted_by_validate(url, tmp_path):
+    args = validate.build_parser().parse_args([str(tmp_path), "--model-path", url])
+    validate.check_args(args)
+    assert is_url(args.model_path)
+
+
+def test_every_validate_and_infer_command_parses(tmp_path, monkeypatch):
+    validate_commands, infer_commands = _commands("validate.py"), _commands("infer.py")
+    assert len(validate_commands) >= 6 and len(infer_commands) >= 5
+    monkeypatch.chdir(tmp_path)
+    for argv in validate_commands:
+        Path(argv[0]).mkdir(exist_ok=True)
+        args = validate.build_parser().parse_args(argv)
+        validate.check_args(args)
+        size = re.search(r"_(224|448|640)[_.]", args.model_path)
+        assert size and int(size.group(1)) == args.image_size, argv
+    for argv in infer_commands:
+        args = infer.build_parser().parse_args(argv)
+        size = re.search(r"_(224|448|640)[_.]", args.model_path)
+        assert size and int(size.group(1)) == args.input_size, argv
+        if "Open_Images" in args.model_path:
+            assert args.dataset_type == "OpenImages"
+            assert infer.default_threshold(args.dataset_type) == 0.995

@@ -1,0 +1,54 @@
+"""Evaluation precision: fp32 by default in validate.py and infer.py (the original has no autocast there),
+AMP in training, one flag spelling everywhere."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asl.precision import amp_dtype_arg, autocast, resolve_amp_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import infer  # noqa: E402
+import train  # noqa: E402
+import validate  # noqa: E402
+
+
+@pytest.mark.parametrize("module, default", [(validate, None), (infer, None), (train, torch.float16)])
+def test_defaults_fp32_for_evaluation_and_fp16_amp_for_training_on_cuda(module, default):
+    if module is infer:
+        args = module.build_parser().parse_args(["--model-path", "m.pth", "--pic-path", "x.jpg"])
+    elif module is validate:
+        args = module.build_parser().parse_args(["DATA", "--model-path", "m.pth"])
+    else:
+        args = module.build_parser().parse_args(["DATA"])
+    assert resolve_amp_dtype(args.amp_dtype, torch.device("cuda")) is default
+    assert resolve_amp_dtype(args.amp_dtype, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("module", [validate, infer, train])
+@pytest.mark.parametrize("flag", ["--amp-dtype", "--amp_dtype"])
+def test_reduced_precision_is_the_same_opt_in_flag_everywhere(module, flag):
+    base = {infer: ["--model-path", "m.pth", "--pic-path", "x.jpg"], validate: ["DATA", "--model-path", "m.pth"],
+            train: ["DATA"]}[module]
+    args = module.build_parser().parse_args(base + [flag, "bfloat16"])
+    assert resolve_amp_dtype(args.amp_dtype, torch.device("cuda")) is torch.bfloat16
+
+
+def test_flag_values():
+    assert amp_dtype_arg("fp32") == amp_dtype_arg("none") == "none"
+    assert amp_dtype_arg("FP16") == "float16"
+    with pytest.raises(argparse.ArgumentTypeError):
+        amp_dtype_arg("int8")
+
+
+def test_no_amp_dtype_means_no_autocast():
+    x = torch.rand(4, 4)
+    with autocast(torch.device("cpu"), None):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (x @ x).dtype == torch.float32
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16

@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on generated data, through the real scripts, on a laptop CPU in minutes.
 
-1. generate the synthetic COCO-format set (shapes on clutter) under demo_data/;
+1. generate the synthetic COCO-format set (shapes on clutter, 256-px pictures) under demo_data/;
 2. train TResNet-M on it with train.py: the paper's recipe (ASL 4/0/0.05, Adam, OneCycle, EMA, Cutout,
    RandAugment) at 64 px with a short schedule and a higher peak learning rate (a short run from scratch);
 3. validate the best checkpoint with validate.py;
@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import shlex
 import subprocess
 import sys
 import time
@@ -21,17 +22,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(step: str, args: list[str]) -> str:
-    """Runs one of the repository's scripts and echoes its output; stops the demo on failure."""
-    print(f"\n=== {step}: python {' '.join(args)}", flush=True)
+def run(step: str, args: list[str]) -> None:
+    """Runs one of the repository's scripts on this terminal, so its progress shows live; stops on failure."""
+    print(f"\n=== {step}: python {shlex.join(args)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    print(proc.stdout.rstrip())
+    returncode = subprocess.call([sys.executable, *args], cwd=REPO)
     print(f"=== {step} took {time.perf_counter() - start:.0f} s", flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step '{step}' failed with exit code {proc.returncode}")
-    return proc.stdout
+    if returncode != 0:
+        raise SystemExit(f"demo step '{step}' failed with exit code {returncode}")
+
+
+def generate(data: Path, picture_size: int) -> None:
+    """The demo set, generated again if an earlier version left one with other pictures."""
+    from asl.data import generate_synthetic_coco
+
+    annotation = data / "annotations" / "instances_val.json"
+    if annotation.is_file() and json.loads(annotation.read_text())["info"].get("image_size") == picture_size:
+        return
+    print(f"\n=== generate: {data}/ ({picture_size}-px pictures)", flush=True)
+    generate_synthetic_coco(data, image_size=picture_size)
 
 
 def chance_map(data: Path, split: str) -> float:
@@ -50,28 +59,31 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="demo_data")
     parser.add_argument("--output-dir", default="demo_out")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64, help="network input size")
+    parser.add_argument("--picture-size", type=int, default=256,
+                        help="side of the generated pictures (the annotated copies are drawn from them)")
     parser.add_argument("--lr", default="1e-3", help="peak OneCycle learning rate (the paper: 1e-4 over 40 epochs)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     models = Path(args.output_dir) / "models"
     size = str(args.image_size)
+    generate(Path(args.data), args.picture_size)
 
     run("train", ["train.py", args.data, "--dataset", "synthetic", "--model-name", "tresnet_m", "--model-path", "",
                   "--image-size", size, "-b", "16", "-j", "2", "--lr", args.lr, "--epochs", str(args.epochs),
                   "--stop-epoch", str(args.epochs - 1), "--ema-decay", "0.97", "--print-freq", "20",
                   "--output-dir", str(models), "--cache-dir", str(Path(args.output_dir) / "cache")])
     checkpoint = models / "model-highest.pth"
-    out = run("validate", ["validate.py", args.data, "--dataset", "synthetic", "--val-split", "val",
-                           "--model-path", str(checkpoint), "--image-size", size, "-b", "64", "-j", "2",
-                           "--thre", "0.7"])
+    report = Path(args.output_dir) / "validate.json"
+    run("validate", ["validate.py", args.data, "--dataset", "synthetic", "--val-split", "val",
+                     "--model-path", str(checkpoint), "--image-size", size, "-b", "64", "-j", "2",
+                     "--thre", "0.7", "--output-json", str(report)])
     pictures = sorted((Path(args.data) / "val").glob("*.jpg"))[:4]
     run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.7",
                   "--output", "pics/demo", "--pic_path", *map(str, pictures)])
     run("plot", ["tools/plot_training_curve.py", str(models / "log.txt"), "--output", "pics/demo/training_curve.png"])
 
-    found = re.findall(r"mAP score: ([0-9.]+)", out)
-    final = float(found[-1]) if found else float("nan")
+    final = float(json.loads(report.read_text())["mAP"])
     chance = chance_map(Path(args.data), "val")
     print(f"\nDemo done in {time.perf_counter() - started:.0f} s: validation mAP {final:.2f} "
           f"(chance level {chance:.2f}); annotated pictures in pics/demo/")

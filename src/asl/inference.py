@@ -262,7 +262,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-MIN_ANNOTATED_SIDE = 160
+MIN_ANNOTATED_SIDE = 320
 
 
 def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.Image:

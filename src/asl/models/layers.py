@@ -34,10 +34,6 @@ class _SignedAbs(torch.autograd.Function):
         return torch.where(weight < 0, -grad, grad)
 
 
-def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (ndim - 2)))
-
-
 class _ABNFunction(torch.autograd.Function):
     """BatchNorm (scale ``|w| + eps``) + leaky ReLU/identity that keeps only its *output* for backward.
 
@@ -65,27 +61,39 @@ class _ABNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         y, weight, bias, invstd = ctx.saved_tensors
-        dtype = torch.promote_types(y.dtype, torch.float32)
-        y, dy = y.to(dtype), grad_out.to(dtype)
+        grad_out = grad_out.contiguous(memory_format=_memory_format(y))
         if ctx.slope is not None:
-            negative = y < 0
-            y = torch.where(negative, y / ctx.slope, y)
-            dy = torch.where(negative, dy * ctx.slope, dy)
-        scale = weight.to(dtype).abs() + ctx.eps
-        xhat = (y - _channel_view(bias.to(dtype), y.dim())) / _channel_view(scale, y.dim())
-        dims = [0, *range(2, y.dim())]
-        sum_dy = dy.sum(dims)
-        sum_xhat_dy = (xhat * dy).sum(dims)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gain = _channel_view(scale * invstd.to(dtype), y.dim())
-            if ctx.training:
-                count = y.numel() // y.shape[1]
-                dy = dy - _channel_view(sum_dy / count, y.dim()) - xhat * _channel_view(sum_xhat_dy / count, y.dim())
-            grad_x = (dy * gain).to(ctx.x_dtype)
+            # Undo the activation on the output and on its gradient (fused kernels: where y <= 0, divide y by the
+            # slope / multiply the gradient by it).
+            grad_out = torch.ops.aten.leaky_relu_backward(grad_out, y, ctx.slope, True)
+            y = torch.ops.aten.leaky_relu_backward(y, y, 1.0 / ctx.slope, True)
+        stats_dtype = invstd.dtype
+        scale = weight.detach().to(stats_dtype).abs() + ctx.eps
+        if ctx.training:
+            # PyTorch's fused batch-norm backward, fed the *output* as its input: with mean = bias and
+            # invstd = 1 / scale it recovers xhat = (y - bias) / scale, and the weight scale^2 * invstd turns its
+            # input gradient into scale * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), InPlaceABN's.
+            grad_x, sum_xhat_dy, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, y, scale * scale * invstd, None, None, bias.detach().to(stats_dtype), scale.reciprocal(),
+                True, 0.0, [ctx.needs_input_grad[0], True, True])
+        else:
+            view = (1, -1) + (1,) * (y.dim() - 2)
+            dims = [0, *range(2, y.dim())]
+            xhat = (y.to(stats_dtype) - bias.to(stats_dtype).view(view)) / scale.view(view)
+            sum_dy = grad_out.to(stats_dtype).sum(dims)
+            sum_xhat_dy = (xhat * grad_out.to(stats_dtype)).sum(dims)
+            grad_x = grad_out * (scale * invstd).view(view).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
         # original (inplace_abn): dweight = sum(xhat * dy), negated only where weight < 0 (0 counts as positive).
         grad_w = torch.where(weight < 0, -sum_xhat_dy, sum_xhat_dy).to(weight.dtype)
         return grad_x, grad_w, sum_dy.to(bias.dtype), None, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class ABN(nn.Module):
@@ -191,8 +199,37 @@ class AntiAliasDownsample(nn.Module):
         self.register_buffer("filt", kernel.expand(channels, 1, 3, 3).clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, self.filt.to(x.dtype), stride=self.stride, groups=x.shape[1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Blur.apply(x, self.filt, self.stride)
+        return _blur(x, self.filt, self.stride)
+
+
+def _blur(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(x, filt.to(x.dtype), stride=stride, groups=x.shape[1])
+
+
+class _Blur(torch.autograd.Function):
+    """The fixed blur, keeping nothing for backward.
+
+    Autograd would keep the padded input for the convolution's backward, an extra activation at each
+    downsampling. The blur is linear with a constant filter, so its backward does not depend on the input:
+    it is recomputed as the gradient of the same blur at a zero input of the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
+        ctx.shape, ctx.dtype, ctx.stride = x.shape, x.dtype, stride
+        ctx.save_for_backward(filt)
+        return _blur(x, filt, stride)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (filt,) = ctx.saved_tensors
+        with torch.enable_grad():
+            probe = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_out.device, requires_grad=True)
+            (grad_x,) = torch.autograd.grad(_blur(probe, filt, ctx.stride), probe, grad_out.to(ctx.dtype))
+        return grad_x, None, None
 
 
 class GlobalAvgPool(nn.Module):

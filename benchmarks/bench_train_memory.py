@@ -1,0 +1,95 @@
+"""Activation memory and speed of a TResNet training step, against timm's TResNet doing the same work.
+
+Memory: the bytes of the distinct storages autograd keeps for backward during one training-mode forward,
+counted with ``torch.autograd.graph.saved_tensors_hooks`` (deterministic: the same figure on any machine for a
+given torch version), reported with and without the parameters (conv weights are saved by both models alike).
+Speed: forward + backward + SGD step, the three models interleaved in one process, median of the repeats.
+
+    python benchmarks/bench_train_memory.py --model-name tresnet_m -b 4 --image-size 224
+    python benchmarks/bench_train_memory.py --speed -b 8 --image-size 160 --repeats 7
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from asl.models import create_model
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(all saved storages, saved storages that are not parameters), in bytes, for one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    total = sum(seen.values())
+    return total, total - sum(n for ptr, n in seen.items() if ptr in params)
+
+
+def step_seconds(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum").backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-name", default="tresnet_m")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("-b", "--batch-size", type=int, default=4)
+    parser.add_argument("--speed", action="store_true", help="also time training steps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args(argv)
+
+    import timm
+
+    torch.manual_seed(0)
+    models = {
+        "timm": timm.create_model(args.model_name, num_classes=80),
+        "asl plain autograd": create_model(args.model_name, 80, memory_efficient=False),
+        "asl (default)": create_model(args.model_name, 80),
+    }
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    for model in models.values():
+        model.train().to(memory_format=fmt)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size).contiguous(memory_format=fmt)
+    y = (torch.rand(args.batch_size, 80) < 0.05).float()
+
+    ref_total, ref_act = saved_bytes(models["timm"], x)
+    print(f"{args.model_name}, batch {args.batch_size} at {args.image_size}: bytes saved for backward")
+    print(f"{'model':<20} {'all MiB':>9} {'ratio':>6} {'activations MiB':>16} {'ratio':>6}")
+    for name, model in models.items():
+        total, act = saved_bytes(model, x)
+        print(f"{name:<20} {total / 2**20:9.1f} {total / ref_total:6.3f} {act / 2**20:16.1f} {act / ref_act:6.3f}")
+
+    if args.speed:
+        optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-6) for n, m in models.items()}
+        times: dict[str, list[float]] = {n: [] for n in models}
+        for n, m in models.items():
+            step_seconds(m, optimizers[n], x, y)  # warm-up
+        for _ in range(args.repeats):
+            for n, m in models.items():
+                times[n].append(step_seconds(m, optimizers[n], x, y))
+        ref = statistics.median(times["timm"])
+        print(f"training step (forward + backward + SGD), median of {args.repeats}, interleaved:")
+        for n in models:
+            med = statistics.median(times[n])
+            print(f"{n:<20} {args.batch_size / med:7.2f} img/s  speed vs timm {ref / med:5.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

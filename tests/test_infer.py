@@ -20,7 +20,8 @@ from torchvision import transforms as T  # noqa: E402
 
 from asl.checkpoint import CheckpointError  # noqa: E402
 from asl.cli import run_main  # noqa: E402
-from asl.inference import annotate, default_threshold, detections, load_model, resolve_architecture  # noqa: E402
+from asl.inference import (MIN_ANNOTATED_SIDE, annotate, default_threshold, detections, load_model,  # noqa: E402
+                           resolve_architecture)
 from asl.models import convert_timm_tresnet, create_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,13 +128,15 @@ def test_folder_recursive_batched_with_unreadable_and_top_k(setup, tmp_path, cap
         assert [d["score"] for d in objs[str(dst)]] == pytest.approx(ref[top3], abs=1e-4)
     unreadable = [ln for ln in captured.err.splitlines() if "broken.jpg" in ln]
     assert len(unreadable) == 1 and "Traceback" not in captured.err
-    # Annotated copies keep the folder layout and are valid pictures of the original size.
+    # Annotated copies keep the folder layout and are valid pictures of the original size, enlarged by a whole
+    # factor when the shorter side is under MIN_ANNOTATED_SIDE (so the labels stay readable).
     for src, dst in zip(pictures, layout):
         written = out_dir / dst.relative_to(folder)
         with Image.open(written) as im:
             im.verify()
         with Image.open(written) as im, Image.open(src) as original:
-            assert im.size == original.size
+            factor = max(1, -(-MIN_ANNOTATED_SIDE // min(original.size)))
+            assert im.size == (original.width * factor, original.height * factor)
     assert not (out_dir / "a" / "broken.jpg").exists()
 
 
@@ -214,14 +217,15 @@ def test_bottleneck_head_and_class_count_detected_from_shapes(tmp_path):
 
 
 def test_annotate_keeps_size_and_mode():
-    picture = Image.new("L", (320, 300), color=200)
+    picture = Image.new("L", (420, 400), color=200)
     out = annotate(picture, [{"class": "person", "score": 0.93}])
-    assert out.size == (320, 300) and out.mode == "RGB"
+    assert out.size == (420, 400) and out.mode == "RGB"
     assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn
 
 
 def test_annotate_enlarges_thumbnails_by_a_whole_factor():
     out = annotate(Image.new("RGB", (120, 90), color=(200, 10, 10)), [{"class": "person", "score": 0.93}])
-    assert out.size == (240, 180)  # ceil(160 / 90) = 2, nearest neighbour keeps the pixels
+    assert MIN_ANNOTATED_SIDE == 320
+    assert out.size == (480, 360)  # ceil(320 / 90) = 4, nearest neighbour keeps the pixels
     assert tuple(np.asarray(out)[-1, -1]) == (200, 10, 10)
     assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn

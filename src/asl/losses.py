@@ -48,12 +48,13 @@ Differences from the original code (results are unchanged):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .precision import autocast_disabled
 
 __all__ = ["AsymmetricLoss", "AsymmetricLossOptimized", "ASLSingleLabel"]
 
@@ -65,13 +66,6 @@ def _check_reduction(reduction: str, allowed: tuple) -> str:
     if reduction not in allowed:
         raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
     return reduction
-
-
-def _autocast_disabled(device_type: str):
-    """Context that turns autocast off for ``device_type`` (a no-op where autocast does not exist)."""
-    is_available = getattr(torch.amp, "is_autocast_available", None)
-    available = is_available(device_type) if is_available is not None else device_type in ("cpu", "cuda")
-    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +83,7 @@ def _asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: Optional
         raise ValueError(f"ASL: mask must have the shape of targets {tuple(targets.shape)}, "
                          f"got {tuple(mask.shape)}")
 
-    with _autocast_disabled(logits.device.type):
+    with autocast_disabled(logits.device.type):
         x = _as_float(logits)
         y = targets.to(x.dtype)
         keep = None
@@ -243,7 +237,7 @@ class ASLSingleLabel(nn.Module):
                 raise ValueError(f"ASLSingleLabel: class indices must be in [0, {num_classes}), "
                                  f"got values in [{low}, {high}]")
 
-        with _autocast_disabled(logits.device.type):
+        with autocast_disabled(logits.device.type):
             x = _as_float(logits)
             log_prob = F.log_softmax(x, dim=-1)
             onehot = F.one_hot(target, num_classes).to(x.dtype)

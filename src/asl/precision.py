@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AMP_DTYPES", "amp_dtype_arg", "resolve_amp_dtype", "autocast"]
+__all__ = ["AMP_DTYPES", "amp_dtype_arg", "resolve_amp_dtype", "autocast", "autocast_disabled"]
 
 #: ``--amp-dtype`` name -> autocast dtype; ``none`` is full fp32 precision.
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,3 +38,13 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextl
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off for ``device_type`` (nothing to do where autocast does not exist).
+
+    The losses use it: original: the loss is computed in fp32 on ``model(x).float()``.
+    """
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    available = is_available(device_type) if is_available is not None else device_type in ("cpu", "cuda")
+    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()

@@ -350,3 +350,33 @@ def test_readme_commands_verbatim(ref, tmp_path):
     # reported classes are names from the file's idx_to_class, with scores above the MS-COCO default 0.7.
     printed = re.findall(r"(?:^|, )([^,]+?) \((\d\.\d+)\)", line.split(": ", 1)[1])
     assert printed and all(name in ref["class_names"] and float(p) >= 0.7 for name, p in printed), line
+
+
+def test_open_images_class_order_comes_from_the_checkpoint(tmp_path):
+    """A 9605-class model scores right only in its own class order: validate.py takes it from idx_to_class."""
+    from asl.models import create_model
+
+    root = tmp_path / "oi"
+    (root / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ["e1.jpg", "e2.jpg", "e3.jpg"]:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "test" / name)
+    (root / "classes.csv").write_text("LabelName,DisplayName\n/m/01,Cat\n/m/02,Dog\n/m/03,Car\n/m/04,Tree\n")
+    (root / "data.csv").write_text("ImageID,positive,negative,split\n"
+                                   "e1.jpg,\"['/m/02']\",\"['/m/04', '/m/03']\",test\n"
+                                   "e2.jpg,\"['/m/01', '/m/02']\",\"['/m/04']\",test\n"
+                                   "e3.jpg,\"['/m/04']\",\"['/m/01', '/m/02']\",test\n")
+    checkpoint = tmp_path / "oi.pth"
+    order = ["Tree", "Car", "Dog", "Cat"]  # not the classes.csv order
+    torch.save({"model": create_model("tresnet_m", 4).state_dict(), "num_classes": 4,
+                "idx_to_class": dict(enumerate(order))}, checkpoint)
+    report = tmp_path / "report.json"
+    code = run_main(validate.main, [str(root), "--dataset", "openimages", "--model-path",
+                                    str(checkpoint), "--image-size", "32", "-j", "0", "--device", "cpu",
+                                    "--output-json", str(report)], prog="validate.py")
+    assert code == 0
+    rows = json.loads(report.read_text())["per_class"]
+    assert [r["class"] for r in rows] == order
+    # Supports in the checkpoint's order: Tree is positive once, Car never, Dog twice, Cat once.
+    assert [r["positives"] for r in rows] == [1, 0, 2, 1]
+    assert [r["negatives"] for r in rows] == [2, 1, 1, 1]

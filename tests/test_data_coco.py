@@ -87,7 +87,7 @@ def test_names_options_and_default_splits(tmp_path):
     assert default_split("voc", False) == "test" and default_split("openimages", False) == "test"
     with pytest.raises(ValueError, match="known"):
         create_dataset("imagenet", tmp_path, None, 32, train=False)
-    with pytest.raises(TypeError, match="difficult"):
+    with pytest.raises(DatasetError, match="difficult"):
         create_dataset("coco", tmp_path, None, 32, train=False, difficult="ignore")
 
 

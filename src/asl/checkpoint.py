@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -43,10 +45,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _IGNORED_SUFFIX = "num_batches_tracked"  # BatchNorm counters: absent from the official files, unused in eval
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be saved, read, trusted, or does not fit the model. The message is one clear line."""
 
 
 # ----------------------------------------------------------------------------------------------------- saving

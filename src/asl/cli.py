@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .errors import AslError, UsageError
+
 __all__ = [
     "ArgumentParser", "UsageError", "USER_ERRORS", "run_main", "format_error", "select_device",
     "str2bool", "setup_logging", "parse_key_values", "check_data_dir",
@@ -46,41 +48,6 @@ logger = logging.getLogger(__name__)
 #: actions that take no value, and therefore need no ``type``.
 _VALUELESS_ACTIONS = {"store_true", "store_false", "store_const", "count", "help", "version",
                       argparse.BooleanOptionalAction}
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for (bad flag value, missing file...). Exit code 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "bad input" rather than "bug"; imported lazily to keep this module light."""
-    types: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, NotADirectoryError,
-                                        IsADirectoryError, PermissionError]
-    try:
-        from .checkpoint import CheckpointError
-        types.append(CheckpointError)
-    except ImportError:  # the package is being assembled; CheckpointError may not exist yet
-        pass
-    try:
-        from .data import DatasetError
-        types.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-#: exception types reported as bad input (exit code 2). Extended lazily with CheckpointError and DatasetError.
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def str2bool(value: str) -> bool:
-    """``type=`` for boolean flags given a value (``--pretrained false``)."""
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -171,11 +138,15 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     except KeyboardInterrupt:
         print(format_error(KeyboardInterrupt("interrupted"), prog), file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the point of this function
+    except AslError as exc:
+        # Bad input: one line. ASL_TRACEBACK=1 shows where it was raised, for debugging.
         if os.environ.get("ASL_TRACEBACK"):
             traceback.print_exc()
         print(format_error(exc, prog), file=sys.stderr)
-        return 2 if isinstance(exc, _user_error_types()) else 1
+        return 2
+    except Exception:  # noqa: BLE001 - a bug: show it in full
+        traceback.print_exc()
+        return 1
 
 
 def select_device(name: str = "auto", local_rank: Optional[int] = None) -> torch.device:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist_utils
+from .errors import TrainingDivergedError
 from .precision import autocast
 
 __all__ = [
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 UNANNOTATED_MODES = ("ignore", "negative")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingDivergedError):
     """The loss became NaN or infinite; raised before the optimizer step, so the weights stay the last good ones."""
 
     def __init__(self, epoch: int, step: int, value: float) -> None:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .errors import UsageError
 from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square, to_float
 from .precision import autocast
 from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
@@ -197,7 +198,7 @@ def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
         elif path.exists():
             candidates = [path]
         else:
-            raise FileNotFoundError(f"no such picture or folder: {path}")
+            raise UsageError(f"no such picture or folder: {path}")
         for p in candidates:
             key = p.resolve()
             if key not in seen:

@@ -141,7 +141,7 @@ def canonical_name(name: str) -> str:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
     return key
 
 
@@ -156,12 +156,12 @@ def create_dataset(name: str, root, split: str | None, image_size: int, train: b
     """Build dataset ``name`` from ``root``; see the module docstring for options, items and batches.
 
     Raises :class:`DatasetError` (one line naming the expected path, pointing to Datasets.md) when a folder or
-    annotation file is missing, ``ValueError`` for an unknown name, ``TypeError`` for an unknown option.
+    annotation file is missing, for an unknown name and for an unknown option.
     """
     key = canonical_name(name)
     unknown = sorted(set(options) - set(_COMMON_OPTIONS) - set(_DATASET_OPTIONS[key]))
     if unknown:
-        raise TypeError(f"unknown option(s) for dataset {key!r}: {', '.join(unknown)}; "
+        raise DatasetError(f"unknown option(s) for dataset {key!r}: {', '.join(unknown)}; "
                         f"accepted: {', '.join(_COMMON_OPTIONS + _DATASET_OPTIONS[key])}")
     if split is None:
         split = default_split(key, train)
@@ -185,7 +185,7 @@ def create_dataset(name: str, root, split: str | None, image_size: int, train: b
     from .coco import load_coco
     from .synthetic import SYNTHETIC_SPLITS, ensure_synthetic_coco
     if split not in SYNTHETIC_SPLITS:
-        raise ValueError(f"synthetic splits are {SYNTHETIC_SPLITS}, not {split!r}")
+        raise DatasetError(f"synthetic splits are {SYNTHETIC_SPLITS}, not {split!r}")
     gen = {"num_train": options.get("num_train", 512), "num_val": options.get("num_val", 128),
            "image_size": options.get("synthetic_size", 64), "seed": options.get("generate_seed", 0)}
     ensure_synthetic_coco(Path(root), **gen)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from ..errors import DatasetError
 from .cache import ResizeCache
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, decode_and_resize, item_rng
 
@@ -32,11 +33,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DOC_HINT = "see Datasets.md"
-
-
-class DatasetError(Exception):
-    """A dataset that cannot be used as given: missing folder or annotation file, malformed labels, or (with
-    ``strict=True``) an unreadable image. The message is one line naming the path, for the CLIs to print."""
 
 
 def missing_path_error(what: str, path) -> DatasetError:

@@ -102,7 +102,7 @@ def load_open_images(root, split: str, *, train: bool, unannotated: str | None =
     if unannotated is None:
         unannotated = "negative" if train else "ignore"
     if unannotated not in UNANNOTATED_MODES:
-        raise ValueError(f"unannotated must be one of {UNANNOTATED_MODES}, not {unannotated!r}")
+        raise DatasetError(f"unannotated must be one of {UNANNOTATED_MODES}, not {unannotated!r}")
     root = require_dir(root, "Open Images folder")
     csv_path = Path(csv_file) if csv_file is not None else root / "data.csv"
     if not csv_path.is_file():

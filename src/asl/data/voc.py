@@ -55,7 +55,7 @@ def load_voc(root, split: str, *, train: bool, difficult: str | None = None, yea
     if difficult is None:
         difficult = "positive" if train else "ignore"
     if difficult not in DIFFICULT_MODES:
-        raise ValueError(f"difficult must be one of {DIFFICULT_MODES}, not {difficult!r}")
+        raise DatasetError(f"difficult must be one of {DIFFICULT_MODES}, not {difficult!r}")
     base = find_voc_root(root, year)
     main = base / "ImageSets" / "Main"
     # Every class file is required: a missing one would silently turn a class into "absent everywhere".

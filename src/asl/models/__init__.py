@@ -7,6 +7,8 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import ModelError
+
 from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
 from .timm_backbone import TimmClassifier
@@ -23,7 +25,7 @@ TIMM_PREFIX = "timm/"
 
 
 def check_model_name(name: str) -> None:
-    """Raises ``ValueError`` listing the known names, before any expensive set-up (data loaders) happens."""
+    """Raises :class:`~asl.errors.ModelError` (a ``ValueError``) listing the known names, before any expensive set-up (data loaders) happens."""
     key = name.lower()
     if key in TRESNET_CONFIGS:
         return
@@ -32,8 +34,8 @@ def check_model_name(name: str) -> None:
 
         if timm.is_model(name[len(TIMM_PREFIX):]):
             return
-        raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r} (see timm.list_models())")
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
+        raise ModelError(f"unknown timm model {name[len(TIMM_PREFIX):]!r} (see timm.list_models())")
+    raise ModelError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
 
 
 def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
@@ -57,7 +59,7 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
                 module.memory_efficient = memory_efficient
     else:
         if bottleneck_head:
-            raise ValueError("bottleneck_head is only available for the TResNet models")
+            raise ModelError("bottleneck_head is only available for the TResNet models")
         model = TimmClassifier(name[len(TIMM_PREFIX):], num_classes)
     if pretrained:
         from ..checkpoint import load_checkpoint

@@ -7,6 +7,7 @@ from typing import Mapping
 
 import torch
 
+from ..errors import CheckpointError
 from .tresnet import TRESNET_CONFIGS
 
 __all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "strip_prefixes"]
@@ -75,10 +76,10 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
         sd = convert_timm_tresnet(sd)
     stem = sd.get("body.conv1.0.weight")
     if stem is None:
-        raise ValueError("not a TResNet state dict: it has no 'body.conv1.0.weight'")
+        raise CheckpointError("not a TResNet state dict: it has no 'body.conv1.0.weight'")
     width = int(stem.shape[0])
     if width not in _STEM_WIDTH:
-        raise ValueError(f"unknown TResNet stem width {width}; known: {sorted(_STEM_WIDTH)}")
+        raise CheckpointError(f"unknown TResNet stem width {width}; known: {sorted(_STEM_WIDTH)}")
     bottleneck = "head.fc.embedding_generator.0.weight" in sd
     head = sd.get("head.fc.FC.weight" if bottleneck else "head.fc.weight")
     return {

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ModelError
+
 __all__ = ["ABN", "conv_abn", "SpaceToDepth", "AntiAliasDownsample", "SEModule", "GlobalAvgPool", "BottleneckHead"]
 
 
@@ -176,7 +178,7 @@ class SpaceToDepth(nn.Module):
         n, c, h, w = x.shape
         b = self.block_size
         if h % b or w % b:
-            raise ValueError(f"TResNet needs an input size divisible by {b}, got {h}x{w}")
+            raise ModelError(f"TResNet needs an input size divisible by {b}, got {h}x{w}")
         x = x.view(n, c, h // b, b, w // b, b)
         x = x.permute(0, 3, 5, 1, 2, 4).contiguous()
         return x.view(n, c * b * b, h // b, w // b)

@@ -11,6 +11,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import ModelError
+
 __all__ = ["TimmClassifier"]
 
 
@@ -20,7 +22,7 @@ class TimmClassifier(nn.Module):
         import timm
 
         if not timm.is_model(timm_name):
-            raise ValueError(f"unknown timm model {timm_name!r} (see timm.list_models())")
+            raise ModelError(f"unknown timm model {timm_name!r} (see timm.list_models())")
         # Weights never come from the hub here: pretrained starts are local files (load_pretrained_backbone).
         self.net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
         cfg = getattr(self.net, "pretrained_cfg", None) or {}

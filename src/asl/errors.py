@@ -1,0 +1,35 @@
+"""The package's errors for bad input: one base class, so that the command lines can tell them from bugs.
+
+An :class:`AslError` means the user asked for something that cannot be done (a missing file, a flag out of range,
+a checkpoint for another model); its message is one line saying what and where. The command lines print it and
+exit with code 2. Any other exception is a bug and keeps its traceback (exit code 1).
+"""
+from __future__ import annotations
+
+__all__ = ["AslError", "UsageError", "ModelError", "DatasetError", "CheckpointError", "TrainingDivergedError"]
+
+
+class AslError(Exception):
+    """Bad input. The message is one line naming the flag, file or value at fault."""
+
+
+class UsageError(AslError):
+    """A command-line value that cannot be used (a flag out of range, a missing or unwritable folder)."""
+
+
+class ModelError(AslError, ValueError):
+    """An unknown model name or a model that cannot be built as asked (a ``ValueError`` too, as documented for
+    :func:`asl.models.create_model`)."""
+
+
+class DatasetError(AslError, ValueError):
+    """A dataset that cannot be used as given: unknown name or option, missing folder or annotation file,
+    malformed labels, or (with ``strict=True``) an unreadable image."""
+
+
+class CheckpointError(AslError):
+    """A checkpoint that cannot be saved, read or trusted, or that does not fit the model."""
+
+
+class TrainingDivergedError(AslError):
+    """The loss became NaN or infinite: the run stops before the optimizer step, keeping the last good weights."""

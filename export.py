@@ -1,104 +1,10 @@
-"""Export a checkpoint to ONNX with a dynamic batch axis (asked for in the original's issues #73 and #86).
+"""Export a checkpoint to ONNX.
 
-    python export.py --model-path MS_COCO_TRresNet_L_448_86.6.pth --format onnx --output tresnet_l_448.onnx
-
-The graph takes ``input``: float32 RGB in [0, 1], shape (batch, 3, S, S), no mean/std normalisation (resize the
-picture to S x S first, as validate.py does), and returns ``logits`` (batch, num_classes); apply a sigmoid for
-probabilities. The class names are stored in the model's metadata (``class_names``, JSON).
+A thin shim: the program is :mod:`asl.apps.export` (see ``python export.py --help``).
 """
-from __future__ import annotations
-
-import json
-import logging
 import sys
-import warnings
-from pathlib import Path
-from typing import Optional, Sequence
 
-import torch
-
-from asl.cli import ArgumentParser, UsageError, run_main, setup_logging
-from asl.inference import load_model
-
-logger = logging.getLogger("export")
-
-FORMATS = ("onnx",)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Export an ASL checkpoint (official model-zoo file or ours) to ONNX.")
-    parser.add_argument("--model-path", type=str, required=True, help="checkpoint file or http(s) URL")
-    parser.add_argument("--model-name", type=str, default=None,
-                        help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
-    parser.add_argument("--format", type=str, default="onnx", choices=FORMATS)
-    parser.add_argument("--output", type=str, default=None,
-                        help="output file (default: the checkpoint's name with .onnx, in the current folder)")
-    parser.add_argument("--image-size", "--input-size", type=int, default=448,
-                        help="spatial size of the exported input (the batch size stays dynamic)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def export_onnx(model: torch.nn.Module, output: Path, image_size: int, opset: int) -> None:
-    """Writes ``model`` as ONNX with a dynamic batch axis.
-
-    The TorchScript-based exporter (``dynamo=False``) is used because it needs nothing beyond torch and onnx and
-    works offline; the torch.export-based one additionally needs the ``onnxscript`` package. If a future torch
-    drops the former, we fall back to the latter.
-    """
-    dummy = torch.zeros(2, 3, image_size, image_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The tracer warns about Python-level shape checks and the exporter about its own deprecation; neither
-        # affects a graph whose only dynamic axis is the batch.
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (dummy,), str(output), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        except TypeError:  # no legacy exporter in this torch: use torch.export with a symbolic batch
-            batch = torch.export.Dim("batch")
-            torch.onnx.export(model, (dummy,), str(output), dynamo=True, opset_version=opset,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: batch},))
-
-
-def _add_metadata(path: Path, metadata: dict) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if not args.model_path:
-        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL")
-    if args.image_size < 1:
-        raise UsageError(f"--image-size must be positive, got {args.image_size}")
-    try:
-        import onnx  # noqa: F401  (torch.onnx needs it; say so before loading a large checkpoint)
-    except ImportError:
-        raise UsageError("ONNX export needs the 'onnx' package: pip install -e '.[onnx]'") from None
-    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False)
-    output = Path(args.output) if args.output else Path(Path(args.model_path).stem + ".onnx")
-    export_onnx(loaded.model, output, args.image_size, args.opset)
-    _add_metadata(output, {
-        "class_names": json.dumps(loaded.class_names),
-        "model_name": loaded.model_name,
-        "image_size": str(args.image_size),
-        "preprocessing": "RGB, Resize((S, S)) squish, float in [0, 1], no mean/std normalisation",
-        "output": "logits; sigmoid gives per-class probabilities",
-    })
-    print(f"wrote {output} ({loaded.model_name}, {loaded.num_classes} classes, input (batch, 3, "
-          f"{args.image_size}, {args.image_size}))")
-    return 0
-
+from asl.apps.export import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="export.py"))
+    sys.exit(main())

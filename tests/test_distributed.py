@@ -54,7 +54,7 @@ def test_gather_by_index_sorts_and_drops_duplicates_without_a_process_group():
     out_idx, out = D.gather_by_index(idx, {"v": vals})
     assert out_idx.tolist() == [0, 1, 2, 3]
     assert out["v"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert not D.is_dist() and D.is_main() and D.get_world_size() == 1
+    assert not D.is_dist()
 
 
 def test_resumable_sampler_skips_the_done_samples_of_the_epoch_only():
@@ -133,3 +133,20 @@ def test_torchrun_two_processes_trains_and_rank0_alone_writes(tmp_path):
     assert not any(k.startswith("module.") for k in last["model"])  # the unwrapped model is saved
     best = torch.load(out / "model-highest.pth", weights_only=True)
     assert best["weights"] in ("ema", "regular") and best["num_classes"] == len(best["idx_to_class"])
+
+
+def test_per_rank_batch_splits_the_global_batch_evenly():
+    from asl.errors import UsageError
+
+    assert D.per_rank_batch(128, 8) == 16 and D.per_rank_batch(32, 1) == 32
+    with pytest.raises(UsageError, match="not divisible"):
+        D.per_rank_batch(10, 4)
+
+
+def test_select_device():
+    from asl.errors import UsageError
+
+    assert D.select_device("cpu") == torch.device("cpu")
+    assert D.select_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(UsageError, match="expected auto"):
+        D.select_device("tpu")

@@ -7,8 +7,9 @@ import torch.nn as nn
 
 from asl.data import Batch
 from asl.ema import ModelEma
-from asl.engine import (NonFiniteLossError, create_optimizer, evaluate, evaluate_many, param_groups_weight_decay,
-                        train_one_epoch)
+from asl.engine import (NonFiniteLossError, StepConfig, create_optimizer, evaluate, evaluate_many,
+                        param_groups_weight_decay, train_one_epoch)
+from asl.train_state import TrainState
 from asl.losses import AsymmetricLoss
 
 CPU = torch.device("cpu")
@@ -70,11 +71,19 @@ def _setup(seed=0):
     return model, opt, sched, ema, crit
 
 
+def _epoch(model, batches, crit, opt, sched, ema, epoch=0, start_step=0, max_steps=None, world_size=1,
+           unannotated=None, **kwargs):
+    state = TrainState(model, ema, opt, sched, None, epoch=epoch, step=start_step)
+    stats = train_one_epoch(state, batches, crit, StepConfig(CPU, None, world_size, unannotated, max_steps), **kwargs)
+    stats["next_step"] = state.step
+    return stats
+
+
 def test_one_epoch_steps_scheduler_and_ema_every_step_and_reports_the_summed_loss():
     model, opt, sched, ema, crit = _setup()
     batches = _batches()
     seen = []
-    stats = train_one_epoch(model, batches, crit, opt, sched, None, ema, CPU, 0, on_step=seen.append)
+    stats = _epoch(model, batches, crit, opt, sched, ema, on_step=seen.append)
     assert stats["steps"] == 3 and stats["next_step"] == 3 and stats["images"] == 12
     assert sched.last_epoch == 3  # one scheduler step per optimizer step
     assert [s["step"] for s in seen] == [0, 1, 2]
@@ -91,13 +100,12 @@ def test_one_epoch_steps_scheduler_and_ema_every_step_and_reports_the_summed_los
 
 def test_resume_in_the_middle_of_an_epoch_equals_running_through():
     full = _setup()
-    train_one_epoch(full[0], _batches(), full[4], full[1], full[2], None, full[3], CPU, 0)
+    _epoch(full[0], _batches(), full[4], full[1], full[2], full[3])
     part = _setup()
     b = _batches()
-    first = train_one_epoch(part[0], b[:1], part[4], part[1], part[2], None, part[3], CPU, 0, max_steps=3)
+    first = _epoch(part[0], b[:1], part[4], part[1], part[2], part[3], max_steps=3)
     assert first["next_step"] == 1
-    rest = train_one_epoch(part[0], b[1:], part[4], part[1], part[2], None, part[3], CPU, 0, start_step=1,
-                           max_steps=3)
+    rest = _epoch(part[0], b[1:], part[4], part[1], part[2], part[3], start_step=1, max_steps=3)
     assert rest["next_step"] == 3
     for (k, v), v2 in zip(full[0].state_dict().items(), part[0].state_dict().values()):
         assert torch.equal(v, v2), k
@@ -105,11 +113,11 @@ def test_resume_in_the_middle_of_an_epoch_equals_running_through():
 
 def test_max_steps_and_stop_request_end_the_epoch_after_the_current_step():
     model, opt, sched, ema, crit = _setup()
-    assert train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 0, max_steps=2)["steps"] == 2
+    assert _epoch(model, _batches(), crit, opt, sched, ema, max_steps=2)["steps"] == 2
     model, opt, sched, ema, crit = _setup()
     calls = []
-    stats = train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 0,
-                            stop_requested=lambda: (calls.append(1), len(calls) >= 2)[1])
+    stats = _epoch(model, _batches(), crit, opt, sched, ema,
+                   stop_requested=lambda: (calls.append(1), len(calls) >= 2)[1])
     assert stats["interrupted"] and stats["steps"] == 2 and sched.last_epoch == 2
 
 
@@ -123,7 +131,7 @@ def test_world_size_scales_the_gradient_to_the_global_sum(monkeypatch):
     for ws in (1, 2):
         model, opt, sched, ema, crit = _setup()
         monkeypatch.setattr(opt, "step", lambda *a, **k: None)  # keep the gradient to inspect it
-        train_one_epoch(model, _batches(1), crit, opt, None, None, None, CPU, 0, world_size=ws)
+        _epoch(model, _batches(1), crit, opt, None, None, world_size=ws)
         grads.append(model.fc.weight.grad.clone())
     assert torch.allclose(grads[1], 2 * grads[0])
 
@@ -134,8 +142,8 @@ def test_unannotated_targets_are_masked_out_of_the_loss():
     targets = b.targets.clone()
     targets[:, 0] = -1
     seen = []
-    train_one_epoch(model, [Batch(b.images, targets, b.indices, 0)], crit, opt, None, None, None, CPU, 0,
-                    unannotated="ignore", on_step=seen.append)
+    _epoch(model, [Batch(b.images, targets, b.indices, 0)], crit, opt, None, None, unannotated="ignore",
+           on_step=seen.append)
     model2, *_ = _setup()
     logits = model2(b.images.float() / 255)
     expected = crit(logits[:, 1:], b.targets[:, 1:]).item()  # column 0 does not count at all
@@ -148,7 +156,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
         model.fc.bias.fill_(float("nan"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        train_one_epoch(model, _batches(), crit, opt, sched, None, ema, CPU, 4)
+        _epoch(model, _batches(), crit, opt, sched, ema, epoch=4)
     after = model.state_dict()
     for k, v in before.items():
         if k.startswith("fc") or k.startswith("conv"):  # parameters untouched (no step taken)

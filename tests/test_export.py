@@ -17,8 +17,8 @@ from asl.cli import run_main  # noqa: E402
 from asl.models import convert_timm_tresnet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import export  # noqa: E402
+
+from asl.apps import export  # noqa: E402
 
 SIZE = 64
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from asl.ema import ModelEma
-from asl.engine import create_optimizer, evaluate, train_one_epoch
+from asl.engine import StepConfig, create_optimizer, evaluate, train_one_epoch
 from asl.losses import AsymmetricLoss
 from asl.models import create_model, prepare_for_inference
+from asl.train_state import TrainState
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,8 +25,8 @@ def test_amp_training_step_on_cuda(amp_dtype):
     before = model.head.fc.weight.detach().clone()
     optimizer = create_optimizer(model, lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    stats = train_one_epoch(model, _batches(), AsymmetricLoss(4, 0, 0.05), optimizer, None, scaler,
-                            ModelEma(model, 0.9), device, 0, amp_dtype=amp_dtype)
+    state = TrainState(model, ModelEma(model, 0.9), optimizer, None, scaler)
+    stats = train_one_epoch(state, _batches(), AsymmetricLoss(4, 0, 0.05), StepConfig(device, amp_dtype))
     assert stats["steps"] == 3 and stats["images"] == 12
     assert torch.isfinite(torch.tensor(stats["loss"]))
     assert not torch.equal(model.head.fc.weight.detach(), before)

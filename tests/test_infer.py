@@ -30,8 +30,8 @@ SIZE = 32  # TResNet works down to 32 pixels; 4x cheaper than 64
 
 pytestmark = pytest.mark.skipif(not (DATA / "val2017").is_dir(), reason=f"shared test data not found at {DATA}")
 
-sys.path.insert(0, str(REPO))
-import infer  # noqa: E402
+
+from asl.apps import infer  # noqa: E402
 
 
 def class_names() -> list[str]:

@@ -10,10 +10,10 @@ import pytest
 from asl.checkpoint import is_url
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import infer  # noqa: E402
-import validate  # noqa: E402
+
+from asl.apps import infer  # noqa: E402
+from asl.apps import validate  # noqa: E402
 
 ZOO = "https://miil-public-eu.oss-eu-central-1.aliyuncs.com/model-zoo/ASL/"
 # The original MODEL_ZOO.md: six models and the NUS-WIDE split file.
@@ -60,7 +60,7 @@ def test_every_validate_and_infer_command_parses(tmp_path, monkeypatch):
     for argv in infer_commands:
         args = infer.build_parser().parse_args(argv)
         size = re.search(r"_(224|448|640)[_.]", args.model_path)
-        assert size and int(size.group(1)) == args.input_size, argv
+        assert size and int(size.group(1)) == args.image_size, argv
         if "Open_Images" in args.model_path:
             assert args.dataset_type == "OpenImages"
             assert infer.default_threshold(args.dataset_type) == 0.995

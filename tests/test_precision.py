@@ -10,11 +10,11 @@ import torch
 from asl.precision import amp_dtype_arg, autocast, resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import infer  # noqa: E402
-import train  # noqa: E402
-import validate  # noqa: E402
+
+from asl.apps import infer  # noqa: E402
+from asl.apps import train  # noqa: E402
+from asl.apps import validate  # noqa: E402
 
 
 @pytest.mark.parametrize("module, default", [(validate, None), (infer, None), (train, torch.float16)])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
+
+from asl.apps import train  # noqa: E402
 from asl.cli import ArgumentParser, run_main  # noqa: E402
 from asl.errors import ModelError  # noqa: E402
 
@@ -126,7 +126,9 @@ def test_pretrained_file_that_does_not_fit(tmp_path, synthetic, capsys):
 
 
 def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path, synthetic, monkeypatch, capsys):
-    original = train.train_one_epoch
+    import asl.fit
+
+    original = asl.fit.train_one_epoch
 
     def interrupting(*args, **kwargs):
         on_step = kwargs["on_step"]
@@ -139,7 +141,7 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
         kwargs["on_step"] = hook
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupting)
+    monkeypatch.setattr(asl.fit, "train_one_epoch", interrupting)
     out = tmp_path / "o"
     # -b 4: 4 steps per epoch. The signal arrives between steps 0 and 1 (after step 0 polled the flag), so
     # step 1 is the "current step": it completes, then the run saves and stops, mid-epoch.
@@ -148,7 +150,7 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
     saved = torch.load(out / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    monkeypatch.setattr(train, "train_one_epoch", original)
+    monkeypatch.setattr(asl.fit, "train_one_epoch", original)
     assert train.main(_flags(synthetic, out, "-b", "4", "--resume", "auto")) == 0
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 

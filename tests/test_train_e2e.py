@@ -11,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tiny_coco"
-sys.path.insert(0, str(REPO))
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (DATA / "annotations").is_dir(), reason="../shared/data/tiny_coco is absent")]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
+
+from asl.apps import train  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -83,9 +83,9 @@ def test_resume_refuses_a_different_schedule(tmp_path, synthetic, capsys):
 # mid-epoch last.pth (written every 2 steps) and before the next, so the step after it is lost and redone.
 _KILLER = r"""
 import os, signal, sys
-sys.path.insert(0, {repo!r})
-import train
-original = train.train_one_epoch
+import asl.fit
+from asl.apps import train
+original = asl.fit.train_one_epoch
 def killing(*args, **kwargs):
     on_step = kwargs["on_step"]
     def hook(state):
@@ -94,7 +94,7 @@ def killing(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
     kwargs["on_step"] = hook
     return original(*args, **kwargs)
-train.train_one_epoch = killing
+asl.fit.train_one_epoch = killing
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -106,7 +106,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, s
     run = subprocess.run([sys.executable, str(REPO / "train.py"), *_flags(synthetic, full, *common)],
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-c", _KILLER.format(repo=str(REPO)), *_flags(synthetic, killed, *common)],
+    run = subprocess.run([sys.executable, "-c", _KILLER, *_flags(synthetic, killed, *common)],
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     saved = torch.load(killed / "last.pth", weights_only=True)

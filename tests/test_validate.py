@@ -46,8 +46,8 @@ SPLIT = "val2017"
 pytestmark = pytest.mark.skipif(not (DATA / "annotations" / f"instances_{SPLIT}.json").is_file(),
                                 reason=f"shared test data not found at {DATA}")
 
-sys.path.insert(0, str(REPO))
-import validate  # noqa: E402
+
+from asl.apps import validate  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ reference side

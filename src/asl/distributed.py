@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from .errors import UsageError
+
 __all__ = [
-    "DistInfo", "init_distributed", "destroy_distributed", "is_dist", "get_rank", "get_world_size", "is_main",
-    "barrier", "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "unwrap_model",
+    "DistInfo", "select_device", "init_distributed", "destroy_distributed", "is_dist", "per_rank_batch", "barrier", "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "unwrap_model",
     "ResumableDistributedSampler", "broadcast_module_state",
 ]
 
@@ -51,6 +52,31 @@ class DistInfo:
         return self.rank == 0
 
 
+def select_device(name: str = "auto", local_rank: Optional[int] = None) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Under torchrun ``local_rank`` picks this process's GPU when the name gives no index. Raises
+    :class:`~asl.errors.UsageError` when the device is not on this machine.
+    """
+    key = (name or "auto").strip().lower()
+    if key == "auto":
+        key = "cuda" if torch.cuda.is_available() else "cpu"
+    if key == "cpu":
+        return torch.device("cpu")
+    if key.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        device = torch.device(key)
+        if device.index is None:
+            device = torch.device("cuda", local_rank or 0)
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    if key == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
@@ -59,11 +85,10 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Initialises the default process group when launched by torchrun, and picks this process's device.
 
-    ``device`` is ``auto|cpu|cuda|cuda:N`` (see :func:`asl.cli.select_device`) or a ``torch.device``.
+    ``device`` is ``auto|cpu|cuda|cuda:N`` (see :func:`select_device`) or a ``torch.device``.
     Under torchrun with CUDA, each process uses ``cuda:LOCAL_RANK``. Without torchrun's variables (or
     with ``WORLD_SIZE=1``) nothing is initialised and a single-process :class:`DistInfo` is returned.
     """
-    from .cli import select_device  # local import: cli imports nothing from here
 
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -100,17 +125,11 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def is_main() -> bool:
-    """True in the process that prints and writes files (rank 0, or the only process)."""
-    return get_rank() == 0
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch ``-b``; the recipe's batch must split evenly."""
+    if batch_size % world_size:
+        raise UsageError(f"-b {batch_size} is not divisible by the {world_size} processes")
+    return batch_size // world_size
 
 
 def barrier() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -28,7 +29,7 @@ from .errors import TrainingDivergedError
 from .precision import autocast
 
 __all__ = [
-    "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "train_one_epoch", "evaluate",
+    "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "StepConfig", "train_one_epoch", "evaluate",
     "evaluate_many", "unpack_batch", "images_to_float", "UNANNOTATED_MODES",
 ]
 
@@ -117,137 +118,129 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 # ----------------------------------------------------------------------------------------------- training
 
-def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Optional[Any], scaler: Optional[torch.amp.GradScaler], ema: Optional[Any],
-                    device: torch.device, epoch: int, *, amp_dtype: Optional[torch.dtype] = None,
-                    start_step: int = 0, max_steps: Optional[int] = None, world_size: int = 1,
-                    unannotated: Optional[str] = None,
+@dataclass(frozen=True)
+class StepConfig:
+    """How training steps run: where, in which precision, across how many processes.
+
+    ``world_size``: each rank's loss is a sum over its share of the global batch and DDP *averages* gradients, so
+    the loss is multiplied by ``world_size`` to give the gradient of the summed loss over the whole global batch,
+    as one process with batch ``-b`` would have (Adam's epsilon and the L2 weight decay make the scale matter).
+    ``unannotated``: ``None`` (targets are 0/1), ``'ignore'`` (targets of -1 are masked out of the loss) or
+    ``'negative'`` (-1 counts as 0). ``max_steps``: the epoch ends after this many steps in total.
+    """
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    world_size: int = 1
+    unannotated: Optional[str] = None
+    max_steps: Optional[int] = None
+
+
+def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: StepConfig, *,
                     on_step: Optional[Callable[[dict[str, Any]], None]] = None,
                     stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
-    """Trains ``model`` on ``loader`` for one epoch (or from ``start_step`` up to ``max_steps``).
+    """Trains ``state`` (a :class:`asl.train_state.TrainState`) for one epoch, from step ``state.step`` of
+    ``state.epoch``; ``loader`` yields the batches from that step on. ``state.step`` advances with every step.
 
     One step is exactly the original's: ``with autocast: out = model(x).float()``; ``loss = criterion(out, y)``
     (fp32, summed); ``scaler.scale(loss).backward()``; ``scaler.step(optimizer)``; ``scaler.update()``;
-    ``scheduler.step()``; ``ema.update(model)``.
+    ``scheduler.step()``; ``ema.update(model)``. ``on_step`` gets ``epoch, step, steps, loss, lr, images,
+    images_per_sec`` after each step (``loss``: the global batch's summed loss). ``stop_requested`` is polled
+    every step; when it is True on any rank the epoch ends after the current step with ``interrupted=True``.
 
-    Args:
-        loader: yields batches for steps ``start_step, start_step + 1, ...`` (the caller's sampler skips the
-            batches done before a mid-epoch resume).
-        scaler: a GradScaler (disabled is fine) or None.
-        ema: a :class:`asl.ema.ModelEma` or None.
-        start_step: index of the first step (for logging and ``on_step``; nothing is skipped here).
-        max_steps: the epoch ends after this many steps in total (``--max-steps-per-epoch``).
-        world_size: number of processes. Each rank's loss is a sum over its share of the global batch and DDP
-            *averages* gradients, so the loss is multiplied by ``world_size`` to give the gradient of the
-            summed loss over the whole global batch, as one process with batch ``-b`` would have (Adam's
-            epsilon and the L2 weight decay make the gradient's scale matter).
-        unannotated: ``None`` (targets are 0/1), ``'ignore'`` (targets of -1 are masked out of the loss) or
-            ``'negative'`` (-1 counts as 0).
-        on_step: called after every completed step with a dict ``epoch, step, steps, loss, lr, images,
-            images_per_sec`` (``loss`` is the summed loss of the global batch).
-        stop_requested: polled every step; when it returns True (on any rank) the epoch ends after the
-            current step with ``interrupted=True``.
-
-    Returns a dict: ``loss`` (mean over the steps of the global batch's summed loss), ``steps`` (steps
-    done in this call), ``next_step`` (where a resume would start), ``images`` (global count),
-    ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr`` (after the last step),
-    ``interrupted``.
-
-    Raises :class:`NonFiniteLossError` before the optimizer step when the loss is NaN/inf (on any rank).
+    Returns ``loss`` (mean over the steps), ``steps`` (done in this call), ``images`` (global count),
+    ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr``, ``interrupted``. Raises
+    :class:`NonFiniteLossError` before the optimizer step when the loss is NaN/inf (on any rank).
     """
-    model.train()
-    num_steps = len(loader) + start_step if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if max_steps is not None:
-        num_steps = min(num_steps, max_steps) if num_steps is not None else max_steps
-    distributed = world_size > 1
-    loss_sum = 0.0
-    images_seen = 0
-    skipped = 0
-    steps_done = 0
-    step = start_step
+    state.forward_model.train()
+    num_steps = len(loader) + state.step if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if config.max_steps is not None:
+        num_steps = min(num_steps, config.max_steps) if num_steps is not None else config.max_steps
+    totals = {"loss": 0.0, "images": 0, "skipped": 0, "steps": 0}
     interrupted = False
     start_time = time.perf_counter()
-
-    for step, batch in enumerate(loader, start=start_step):
+    for step, batch in enumerate(loader, start=state.step):
         if num_steps is not None and step >= num_steps:
             break
-        images, targets, _, batch_skipped = unpack_batch(batch)
-        skipped += batch_skipped
-        n_local = images.shape[0]
-        if n_local == 0 and distributed:
-            raise RuntimeError(f"every image of a batch was unreadable (epoch {epoch}, step {step}); under "
-                               f"DDP every rank must run each step: fix the data or use --strict-data")
-        if n_local > 0:
-            x = images_to_float(images, device)
-            y, mask = _split_unannotated(targets.to(device, non_blocking=device.type == "cuda").float(),
-                                         unannotated)
-            with autocast(device, amp_dtype):
-                # original: the loss is computed in fp32 on model(x).float(), outside autocast.
-                output = model(x).float()
-            loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
-            optimizer.zero_grad(set_to_none=True)
-            scaled = loss * world_size if distributed else loss
-            if scaler is not None:
-                scaled = scaler.scale(scaled)
-            scaled.backward()
-            local_loss = loss.detach()
-        else:
-            # Every image of this batch was unreadable (single process): nothing to learn from, but the
-            # schedule still advances so the run keeps the recipe's length.
-            local_loss = torch.zeros((), device=device)
-
-        # One small synchronisation per step: the global loss (shown, and checked for NaN/inf) and the
-        # stop flag, which must be agreed by all ranks or the others would wait forever in the next all-reduce.
-        stop_local = bool(stop_requested()) if stop_requested is not None else False
-        if distributed:
-            status = torch.stack([local_loss.float(), torch.tensor(float(stop_local), device=local_loss.device),
-                                  torch.tensor(float(n_local), device=local_loss.device)])
-            status = dist_utils.all_reduce_sum(status)
-            loss_value, stop, n_global = float(status[0]), bool(status[1] > 0), int(status[2])
-        else:
-            loss_value, stop, n_global = float(local_loss), stop_local, n_local
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(epoch, step, loss_value)
-
-        if n_local > 0:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None and n_local > 0:
-            # original: ema.update(model) right after scheduler.step(), every step.
-            ema.update(model)
-
-        loss_sum += loss_value
-        images_seen += n_global
-        steps_done += 1
+        loss_value, n_global, skipped, stop = _train_step(state, batch, criterion, config, step,
+                                                          stop_requested)
+        state.step = step + 1
+        totals["loss"] += loss_value
+        totals["images"] += n_global
+        totals["skipped"] += skipped
+        totals["steps"] += 1
         if on_step is not None:
             elapsed = time.perf_counter() - start_time
-            on_step({"epoch": epoch, "step": step, "steps": num_steps, "loss": loss_value,
-                     "lr": _current_lr(optimizer), "images": images_seen,
-                     "images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0})
+            on_step({"epoch": state.epoch, "step": step, "steps": num_steps, "loss": loss_value,
+                     "lr": _current_lr(state.optimizer), "images": totals["images"],
+                     "images_per_sec": totals["images"] / elapsed if elapsed > 0 else 0.0})
         if stop:
             interrupted = True
             break
-
     elapsed = time.perf_counter() - start_time
+    skipped = totals["skipped"]
+    if config.world_size > 1:
+        skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped], device=config.device))[0])
+    return {"loss": totals["loss"] / totals["steps"] if totals["steps"] else float("nan"),
+            "steps": totals["steps"], "images": totals["images"],
+            "images_per_sec": totals["images"] / elapsed if elapsed > 0 else 0.0, "skipped": skipped,
+            "lr": _current_lr(state.optimizer), "interrupted": interrupted}
+
+
+def _train_step(state: Any, batch: Any, criterion: nn.Module, config: StepConfig, step: int,
+                stop_requested: Optional[Callable[[], bool]]) -> tuple[float, int, int, bool]:
+    """One optimizer step; returns (global loss, global images, locally skipped images, stop agreed)."""
+    device, distributed = config.device, config.world_size > 1
+    images, targets, _, skipped = unpack_batch(batch)
+    n_local = images.shape[0]
+    if n_local == 0 and distributed:
+        raise RuntimeError(f"every image of a batch was unreadable (epoch {state.epoch}, step {step}); under "
+                           f"DDP every rank must run each step: fix the data or use --strict-data")
+    if n_local > 0:
+        x = images_to_float(images, device)
+        y, mask = _split_unannotated(targets.to(device, non_blocking=device.type == "cuda").float(),
+                                     config.unannotated)
+        with autocast(device, config.amp_dtype):
+            # original: the loss is computed in fp32 on model(x).float(), outside autocast.
+            output = state.forward_model(x).float()
+        loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
+        state.optimizer.zero_grad(set_to_none=True)
+        scaled = loss * config.world_size if distributed else loss
+        if state.scaler is not None:
+            scaled = state.scaler.scale(scaled)
+        scaled.backward()
+        local_loss = loss.detach()
+    else:
+        # Every image of this batch was unreadable (single process): nothing to learn from, but the
+        # schedule still advances so the run keeps the recipe's length.
+        local_loss = torch.zeros((), device=device)
+
+    # One small synchronisation per step: the global loss (shown, and checked for NaN/inf) and the
+    # stop flag, which must be agreed by all ranks or the others would wait forever in the next all-reduce.
+    stop_local = bool(stop_requested()) if stop_requested is not None else False
     if distributed:
-        skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped], device=device))[0])
-    return {
-        "loss": loss_sum / steps_done if steps_done else float("nan"),
-        "steps": steps_done,
-        "next_step": start_step + steps_done,
-        "num_steps": num_steps,
-        "images": images_seen,
-        "images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0,
-        "skipped": skipped,
-        "lr": _current_lr(optimizer),
-        "interrupted": interrupted,
-    }
+        status = torch.stack([local_loss.float(), torch.tensor(float(stop_local), device=local_loss.device),
+                              torch.tensor(float(n_local), device=local_loss.device)])
+        status = dist_utils.all_reduce_sum(status)
+        loss_value, stop, n_global = float(status[0]), bool(status[1] > 0), int(status[2])
+    else:
+        loss_value, stop, n_global = float(local_loss), stop_local, n_local
+    if not math.isfinite(loss_value):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(state.epoch, step, loss_value)
+
+    if n_local > 0:
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+    if state.scheduler is not None:
+        state.scheduler.step()
+    if state.ema is not None and n_local > 0:
+        # original: ema.update(model) right after scheduler.step(), every step.
+        state.ema.update(state.model)
+    return loss_value, n_global, skipped, stop
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -255,8 +248,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
 @torch.no_grad()
 def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: torch.device, *,
                   amp_dtype: Optional[torch.dtype] = None,
-                  on_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+                  on_batch: Optional[Callable[[int, dict[str, torch.Tensor], torch.Tensor], None]] = None
+                  ) -> dict[str, Any]:
     """Sigmoid scores of several models over one pass of ``loader`` (e.g. the regular and the EMA model).
+
+    ``on_batch(i, {name: scores}, targets)`` is called after each batch (this rank's rows, on the CPU).
 
     original: validation runs the regular and the EMA model on each batch under autocast and keeps
     ``sigmoid(output)``. Here the sigmoid is taken of the fp32 logits (under fp16 autocast the original's
@@ -297,12 +293,13 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
             seen += n
             x = images_to_float(images, device)
             with autocast(device, amp_dtype):
-                for name, m in models.items():
-                    scores[name].append(torch.sigmoid(m(x).float()).cpu())
+                batch_scores = {name: torch.sigmoid(m(x).float()).cpu() for name, m in models.items()}
+            for name, value in batch_scores.items():
+                scores[name].append(value)
             targets_all.append(targets.float().cpu())
             indices_all.append(indices.long().cpu())
             if on_batch is not None:
-                on_batch(i)
+                on_batch(i, batch_scores, targets_all[-1])
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -330,13 +327,15 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
-             on_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """Sigmoid scores of one model over ``loader``, in dataset order (see :func:`evaluate_many`).
+             on_batch: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> dict[str, Any]:
+    """Sigmoid scores of one model over ``loader``, in dataset order (see :func:`evaluate_many`);
+    ``on_batch(i, scores, targets)`` after each batch.
 
     Returns a dict: ``scores`` float32 array (N, C), ``targets`` (N, C), ``indices`` (N,), ``skipped``,
     ``num_images``. Compute the metrics from it with :mod:`asl.metrics`, e.g.
     ``asl.metrics.mAP(out['targets'], out['scores'])``.
     """
-    out = evaluate_many({"model": model}, loader, device, amp_dtype=amp_dtype, on_batch=on_batch)
+    report = None if on_batch is None else (lambda i, scores, targets: on_batch(i, scores["model"], targets))
+    out = evaluate_many({"model": model}, loader, device, amp_dtype=amp_dtype, on_batch=report)
     out["scores"] = out["scores"]["model"]
     return out

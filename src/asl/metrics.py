@@ -31,6 +31,7 @@ __all__ = [
     "mAP",
     "per_class_partial_ap",
     "partial_mAP",
+    "score",
     "ThresholdMetrics",
     "threshold_metrics",
 ]
@@ -143,6 +144,13 @@ def partial_mAP(targets, scores) -> float:
         logger.warning("partial_mAP: no class has both an annotated positive and an annotated negative")
         return 0.0
     return float(100.0 * ap[scored].mean())
+
+
+def score(targets, scores) -> float:
+    """The mAP the scripts report: :func:`partial_mAP` when some target is -1 (not annotated: Open Images, VOC
+    "difficult"), :func:`mAP` otherwise."""
+    t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    return partial_mAP(targets, scores) if bool((t < 0).any()) else mAP(targets, scores)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -1,0 +1,61 @@
+"""Options the apps share, declared once (argparse ``parents=``); each app adds its own and its defaults."""
+from __future__ import annotations
+
+from ..cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from ..data import DATASET_NAMES
+from ..precision import amp_dtype_arg
+
+__all__ = ["model_options", "runtime_options", "data_options", "recipe_options"]
+
+
+def model_options(model_path_help: str, required: bool) -> ArgumentParser:
+    p = ArgumentParser(add_help=False)
+    p.add_argument("--model-path", type=str, required=required, default=None if required else "",
+                   help=model_path_help)
+    p.add_argument("--model-name", type=str, default=None,
+                   help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
+    p.add_argument("--image-size", "--input-size", type=positive_int, default=448, help="square input size")
+    return p
+
+
+def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str) -> ArgumentParser:
+    p = ArgumentParser(add_help=False)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=batch_size,
+                   help="global batch size (split across the torchrun processes)")
+    p.add_argument("-j", "--workers", type=nonnegative_int, default=workers, help="data loading workers per process")
+    p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--amp-dtype", type=amp_dtype_arg, default=amp_dtype, metavar="{none,float16,bfloat16}",
+                   help=amp_help)
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def data_options(split_flag: str, split_help: str) -> ArgumentParser:
+    p = ArgumentParser(add_help=False)
+    p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
+    p.add_argument("--dataset", type=str, default="coco", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument(split_flag, type=str, default=None, help=split_help)
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="optional check: must match the dataset (and the checkpoint)")
+    p.add_argument("-p", "--print-freq", type=positive_int, default=64, help="progress line every N batches/steps")
+    p.add_argument("--cache-dir", type=str, default=None, help="cache of resized images (faster later passes)")
+    p.add_argument("--strict-data", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--dataset-option", type=str, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset option (e.g. csv_file=..., synthetic num_train=64); repeatable")
+    return p
+
+
+def recipe_options() -> ArgumentParser:
+    """The training recipe's numbers; the defaults are the original's."""
+    p = ArgumentParser(add_help=False)
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of OneCycleLR")
+    p.add_argument("--epochs", type=positive_int, default=80, help="length of the OneCycleLR schedule")
+    p.add_argument("--stop-epoch", type=nonnegative_int, default=40,
+                   help="stop after this epoch (inclusive, counted from 0); the schedule keeps --epochs")
+    p.add_argument("--ema-decay", type=probability, default=0.9997)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on conv/linear weights (not biases/norms)")
+    p.add_argument("--gamma-neg", type=float, default=4.0)
+    p.add_argument("--gamma-pos", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=0.05, help="probability margin of the negatives (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    return p

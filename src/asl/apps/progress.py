@@ -1,0 +1,79 @@
+"""What ``train.py`` shows while it trains: the original's progress lines, a tqdm bar on a terminal, the
+per-epoch mAP lines, and optionally TensorBoard scalars. Fed by :func:`asl.fit.fit`'s callbacks."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from asl.errors import UsageError
+
+__all__ = ["EpochProgress"]
+
+TENSORBOARD_KEYS = ("train_loss", "mAP_regular", "mAP_ema", "lr", "images_per_sec")
+
+
+class EpochProgress:
+    """A context manager; ``step(info)`` and ``epoch(record)`` are the callbacks. Silent off the main process."""
+
+    def __init__(self, epochs: int, steps: int, print_freq: int, enabled: bool, output_dir: Path,
+                 tensorboard: bool) -> None:
+        self.epochs, self.steps, self.print_freq, self.enabled = epochs, steps, print_freq, enabled
+        self.bar: Optional[Any] = None
+        self.bar_epoch = -1
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def __enter__(self) -> "EpochProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_bar()
+        if self.writer is not None:
+            self.writer.close()
+
+    def step(self, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        epoch, step = info["epoch"], info["step"]
+        if epoch != self.bar_epoch and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._close_bar()
+            self.bar = tqdm(total=self.steps, initial=step, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+        self.bar_epoch = epoch
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{info['loss']:.1f}", lr=f"{info['lr']:.1e}",
+                                 img_s=f"{info['images_per_sec']:.0f}", refresh=False)
+        if step % self.print_freq == 0:
+            # original: 'Epoch [e/E], Step [iii/NNN], LR x.xe-xx, Loss: y.y' every 100 steps
+            self._print(f"Epoch [{epoch}/{self.epochs}], Step [{str(step).zfill(3)}/{str(self.steps).zfill(3)}], "
+                        f"LR {info['lr']:.1e}, Loss: {info['loss']:.1f}")
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._close_bar()
+        print(f"mAP score regular {record['mAP_regular']:.2f}, mAP score EMA {record['mAP_ema']:.2f}", flush=True)
+        print(f"current_mAP = {record['mAP']:.2f}, highest_mAP = {record['highest_mAP']:.2f}", flush=True)
+        if self.writer is not None:
+            for key in TENSORBOARD_KEYS:
+                self.writer.add_scalar(key, record[key], record["epoch"])
+            self.writer.flush()
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

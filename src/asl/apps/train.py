@@ -1,0 +1,200 @@
+"""``train.py``: train a multi-label classifier with the Asymmetric Loss; the defaults are the paper's recipe.
+
+Reads top to bottom: parse, set up (processes, output folder, resume), data, state, :func:`asl.fit.fit`.
+Outputs, resume and the recipe (the original's numbers are the defaults): README "Reproducing the paper".
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from asl import distributed as dist_utils
+from asl.checkpoint import load_model_state
+from asl.checkpointer import Checkpointer
+from asl.cli import (ArgumentParser, check_data_dir, nonnegative_int, parse_key_values, positive_int, run_main,
+                     setup_logging)
+from asl.data import canonical_name, create_dataset, create_loader, default_split
+from asl.engine import StepConfig
+from asl.errors import UsageError
+from asl.fit import FitConfig, fit
+from asl.losses import AsymmetricLoss
+from asl.models import check_model_name, create_model
+from asl.precision import resolve_amp_dtype
+from asl.train_state import TrainState, check_resume_compatible, create_train_state
+
+from .options import data_options, recipe_options, runtime_options
+from .progress import EpochProgress
+
+logger = logging.getLogger("train")
+
+
+def build_parser() -> ArgumentParser:
+    parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
+               runtime_options(batch_size=128, workers=8, amp_dtype="float16",
+                               amp_help="autocast dtype on CUDA (CPU always trains in fp32)"), recipe_options()]
+    p = ArgumentParser(prog="train.py", parents=parents,
+                       description="Train with the Asymmetric Loss (ASL, ICCV 2021).")
+    p.add_argument("--train-split", type=str, default=None, help="default: train2014 for coco (see Datasets.md)")
+    p.add_argument("--model-name", type=str, default="tresnet_m", help="tresnet_m|tresnet_l|tresnet_xl|timm/<name>")
+    p.add_argument("--model-path", type=str, default="",
+                   help="ImageNet-pretrained backbone to start from (head.fc is skipped); '' = from scratch")
+    p.add_argument("--bottleneck-head", action="store_true", help="TResNet head Linear->512->classes (Open Images)")
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--output-dir", type=str, default="models")
+    p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save-every-steps", type=nonnegative_int, default=0,
+                   help="also write last.pth every N steps within an epoch (0: at epoch ends only)")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
+                   help="cap the steps of each epoch (quick runs and demos; shortens the schedule accordingly)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard")
+    p.add_argument("--unannotated", type=str, default="negative", choices=["negative", "ignore"],
+                   help="openimages: unannotated labels count as negatives, or are ignored by the loss")
+    p.add_argument("--difficult", type=str, default="positive", choices=["positive", "ignore", "negative"],
+                   help="voc: how 'difficult' objects enter training")
+    p.set_defaults(print_freq=100)  # original: a progress line every 100 steps
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code: 0 (done or cleanly interrupted), 2 for bad input (one line), 1 for a bug (traceback)."""
+    return run_main(run, argv, prog="train.py")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_model_name(args.model_name)
+    args.dataset = canonical_name(args.dataset)
+    check_data_dir(args.data, generated=args.dataset == "synthetic")
+    args.train_split = args.train_split or default_split(args.dataset, True)
+    args.val_split = args.val_split or default_split(args.dataset, False)
+    info = dist_utils.init_distributed(args.device)
+    try:
+        setup_logging(args.verbose, info.is_main)
+        return train(args, info)
+    finally:
+        dist_utils.destroy_distributed()
+
+
+def train(args, info: dist_utils.DistInfo) -> int:
+    output_dir = Path(args.output_dir)
+    Checkpointer.prepare(output_dir, info.is_main)
+    resume_path = Checkpointer.find_resume(args.resume, output_dir)
+    resume = Checkpointer.load_resume(resume_path) if resume_path else None
+    train_ds, val_ds = build_datasets(args)
+    if resume is not None:
+        check_resume_compatible(resume["args"], args, resume_path)
+    local_batch = dist_utils.per_rank_batch(args.batch_size, info.world_size)
+    train_loader, val_loader = build_loaders(args, train_ds, val_ds, local_batch, info)
+    steps_per_epoch = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, info.device)
+    state = build_state(args, resume, resume_path, train_ds.num_classes, steps_per_epoch, amp_dtype, info)
+    checkpointer = Checkpointer(output_dir, info.is_main, {
+        "num_classes": train_ds.num_classes, "idx_to_class": train_ds.idx_to_class(), "model_name": args.model_name,
+        "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, "args": dict(vars(args)),
+        "steps_per_epoch": steps_per_epoch})
+    checkpointer.write_args(vars(args))
+    step_config = StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch)
+    config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, step_config,
+                       args.save_every_steps)
+    if info.is_main:
+        logger.info("%s: %d training / %d validation images, %d classes; %s on %s x%d, %d steps per epoch",
+                    args.dataset, len(train_ds), len(val_ds), train_ds.num_classes, args.model_name, info.device,
+                    info.world_size, steps_per_epoch)
+    if info.is_main and (state.epoch >= args.epochs or state.epoch > args.stop_epoch):
+        print(f"nothing to train: the run is at epoch {state.epoch} (--epochs {args.epochs}, --stop-epoch "
+              f"{args.stop_epoch}); raise --stop-epoch to continue", flush=True)
+    criterion = AsymmetricLoss(gamma_neg=args.gamma_neg, gamma_pos=args.gamma_pos, clip=args.clip,
+                               disable_torch_grad_focal_loss=True)  # original: summed, fp32
+    with EpochProgress(args.epochs, steps_per_epoch, args.print_freq, info.is_main, output_dir,
+                       args.tensorboard) as progress:
+        outcome = fit(state, train_loader, val_loader, criterion, checkpointer, config, on_step=progress.step,
+                      on_epoch=progress.epoch)
+    if outcome == "interrupted" and info.is_main:
+        print(f"interrupted at epoch {state.epoch}, step {state.step}: state saved to {checkpointer.last_path}; "
+              f"continue with --resume auto", flush=True)
+    return 0
+
+
+def build_datasets(args) -> tuple[Any, Any]:
+    options = parse_key_values(args.dataset_option)
+    common = {"seed": args.seed, "strict": args.strict_data, "with_index": True, "cache_dir": args.cache_dir}
+    train_options = dict(common)
+    if args.dataset == "openimages":
+        train_options["unannotated"] = args.unannotated
+    if args.dataset == "voc":
+        train_options["difficult"] = args.difficult
+    train_ds = create_dataset(args.dataset, args.data, args.train_split, args.image_size, train=True,
+                              **train_options, **options)
+    val_ds = create_dataset(args.dataset, args.data, args.val_split, args.image_size, train=False,
+                            **common, **options)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise UsageError(f"empty dataset: {len(train_ds)} training and {len(val_ds)} validation images in {args.data}")
+    if args.num_classes is not None and args.num_classes != train_ds.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} contradicts the dataset, which has "
+                         f"{train_ds.num_classes} classes")
+    if val_ds.num_classes != train_ds.num_classes:
+        raise UsageError(f"the {args.train_split} and {args.val_split} splits disagree on the classes "
+                         f"({train_ds.num_classes} vs {val_ds.num_classes})")
+    args.num_classes = train_ds.num_classes
+    return train_ds, val_ds
+
+
+def build_loaders(args, train_ds, val_ds, local_batch: int, info: dist_utils.DistInfo) -> tuple[Any, Any]:
+    pin = info.device.type == "cuda"
+    train_sampler = dist_utils.ResumableDistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                                           shuffle=True, seed=args.seed)
+    val_sampler = (torch.utils.data.DistributedSampler(val_ds, num_replicas=info.world_size, rank=info.rank,
+                                                       shuffle=False) if info.distributed else None)
+    return (create_loader(train_ds, local_batch, sampler=train_sampler, num_workers=args.workers, seed=args.seed,
+                          pin_memory=pin, persistent_workers=True),
+            create_loader(val_ds, local_batch, sampler=val_sampler, num_workers=args.workers, seed=args.seed,
+                          pin_memory=pin, persistent_workers=True))
+
+
+def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_classes: int, steps_per_epoch: int,
+                amp_dtype: Optional[torch.dtype], info: dist_utils.DistInfo) -> TrainState:
+    torch.manual_seed(args.seed)
+    # A resumed run takes every weight from last.pth, so the pretrained file is only read for a new run.
+    pretrained = args.model_path if args.model_path and resume is None else None
+    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, pretrained=pretrained)
+    if pretrained:
+        logger.info("backbone initialised from %s", pretrained)
+    elif resume is None and args.dataset != "synthetic" and info.is_main:
+        # original: train.py always started from ImageNet weights; the paper's numbers need them.
+        logger.warning("training %s from scratch (no --model-path): the paper's numbers start from ImageNet-"
+                       "pretrained weights, see MODEL_ZOO.md", args.model_name)
+    state = create_train_state(model.to(info.device), lr=args.lr, weight_decay=args.weight_decay,
+                               ema_decay=args.ema_decay, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                               amp_dtype=amp_dtype, device=info.device)
+    if resume is not None:
+        if resume.get("steps_per_epoch") != steps_per_epoch:
+            raise UsageError(f"--resume {resume_path}: {resume.get('steps_per_epoch')} steps per epoch were saved "
+                             f"but this run has {steps_per_epoch} (different data or number of images)")
+        load_model_state(model, resume["model"], args.model_name)  # a clear error if it does not fit
+        state.load_state_dict(resume)
+        if info.is_main:
+            print(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step} "
+                  f"(highest_mAP = {state.highest:.2f})", flush=True)
+    if info.distributed:
+        state.train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if args.compile:
+        state.train_model = torch.compile(state.forward_model)
+    return state
+
+
+def _loss_mask_mode(args) -> Optional[str]:
+    """'ignore' when training targets can hold -1 (not annotated / difficult), so the loss masks them."""
+    if (args.dataset == "openimages" and args.unannotated == "ignore") or \
+            (args.dataset == "voc" and args.difficult == "ignore"):
+        return "ignore"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Evaluate a checkpoint (official model-zoo file or ours, by path or URL) on a multi-label dataset.
+
+    python validate.py /data/coco --model-name tresnet_l --model-path MS_COCO_TRresNet_L_448_86.6.pth
+    python validate.py /data/coco --model_name=tresnet_l --model_path=https://.../MS_COCO_TRresNet_L_448_86.6.pth
+    torchrun --nproc_per_node=8 validate.py /data/coco --model-path ...        # the same mAP, faster
+
+Prints the original's progress lines (``Test: [i/N] ...`` and the cumulative ``P_C R_C F_C P_O R_O F_O`` at
+``--thre``), the final `` * P_C ...`` line, the throughput, and last ``mAP score: X``. Datasets whose targets mark
+labels as not annotated (-1: Open Images, VOC "difficult") are scored with the partial-label mAP.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from asl import distributed as dist_utils
+from asl.atomic import atomic_write_text
+from asl.checkpoint import is_url
+from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
+from asl.errors import UsageError
+from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
+from asl.engine import evaluate, unpack_batch
+from asl.inference import load_model
+from asl.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
+from asl.precision import resolve_amp_dtype
+
+from .options import data_options, model_options, runtime_options
+
+logger = logging.getLogger("validate")
+
+MAX_NAMED_SKIPPED = 20
+
+
+def build_parser() -> ArgumentParser:
+    parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
+               model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
+               runtime_options(batch_size=32, workers=8, amp_dtype="none",
+                               amp_help="opt-in autocast on CUDA; default fp32, as the original")]
+    p = ArgumentParser(prog="validate.py", parents=parents,
+                       description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
+    p.add_argument("--thre", type=probability, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
+    p.add_argument("--output-json", type=str, default=None, help="write every metric, per-class AP included")
+    p.add_argument("--per-class", action="store_true", help="print the per-class AP table")
+    return p
+
+
+def check_args(args) -> None:
+    if not args.model_path:
+        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
+    parse_key_values(args.dataset_option)
+    check_data_dir(args.data, generated=args.dataset == "synthetic")
+
+
+class BatchPrinter:
+    """The original's progress lines, printed every ``print_freq`` batches (rank 0, its own share of the data);
+    ``engine.evaluate`` calls :meth:`on_batch` with each batch's scores and targets."""
+
+    def __init__(self, num_classes: int, threshold: float, print_freq: int, num_batches: int, enabled: bool):
+        self.meter = ThresholdMetrics(num_classes, threshold)
+        self.threshold = threshold
+        self.print_freq = print_freq
+        self.num_batches = num_batches
+        self.enabled = enabled
+        self.end = time.perf_counter()
+        self.time_sum = 0.0
+        self.batches = 0
+        self.count = 0
+        self.prec_sum = 0.0
+        self.rec_sum = 0.0
+
+    def on_batch(self, i: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        targets = targets.float()
+        self.meter.update(scores, targets)
+        pred = scores > self.threshold
+        tp = int((pred & (targets == 1)).sum())
+        fp = int((pred & (targets == 0)).sum())
+        fn = int((~pred & (targets == 1)).sum())
+        # original: per-batch overall precision/recall in percent (0 when undefined), averaged over images.
+        prec = 100.0 * tp / (tp + fp) if tp + fp else 0.0
+        rec = 100.0 * tp / (tp + fn) if tp + fn else 0.0
+        n = scores.shape[0]
+        now = time.perf_counter()
+        batch_time = now - self.end
+        self.end = now
+        self.time_sum += batch_time
+        self.batches += 1
+        self.count += n
+        self.prec_sum += prec * n
+        self.rec_sum += rec * n
+        if self.enabled and i % self.print_freq == 0:
+            print("Test: [{0}/{1}]\tTime {2:.3f} ({3:.3f})\tPrecision {4:.2f} ({5:.2f})\tRecall {6:.2f} ({7:.2f})"
+                  .format(i, self.num_batches, batch_time, self.time_sum / self.batches, prec,
+                          self.prec_sum / self.count, rec, self.rec_sum / self.count), flush=True)
+            print(self.meter.format_line(), flush=True)
+
+
+def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
+                   meter: ThresholdMetrics) -> list[dict[str, Any]]:
+    ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
+    at_threshold = meter.per_class()
+    rows = []
+    for k, name in enumerate(classes):
+        value = float(ap[k])
+        rows.append({
+            "index": k,
+            "class": name,
+            "ap": None if math.isnan(value) else 100.0 * value,
+            "positives": int((targets[:, k] == 1).sum()),
+            "negatives": int((targets[:, k] == 0).sum()),
+            "precision": float(at_threshold["precision"][k]),
+            "recall": float(at_threshold["recall"][k]),
+            "f1": float(at_threshold["f1"][k]),
+        })
+    return rows
+
+
+def print_per_class(rows: Sequence[dict[str, Any]]) -> None:
+    width = max([len("class")] + [len(r["class"]) for r in rows])
+    print(f"{'idx':>5}  {'class':<{width}}  {'AP':>7}  {'pos':>6}  {'P':>6}  {'R':>6}  {'F1':>6}")
+    for r in rows:
+        ap = "-" if r["ap"] is None else f"{r['ap']:.2f}"
+        print(f"{r['index']:>5}  {r['class']:<{width}}  {ap:>7}  {r['positives']:>6}  {r['precision']:>6.2f}  "
+              f"{r['recall']:>6.2f}  {r['f1']:>6.2f}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code: 0, 2 for bad input (one line), 1 for a bug (traceback)."""
+    return run_main(run, argv, prog="validate.py")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.dataset = canonical_name(args.dataset)
+    split = args.val_split or default_split(args.dataset, train=False)
+    info = dist_utils.init_distributed(args.device)
+    try:
+        setup_logging(args.verbose, main_process=info.is_main)
+        check_args(args)
+        loaded = _load(args, info)
+        dataset = _dataset(args, split, loaded, info)
+        out, elapsed = _scores(args, dataset, loaded, info)
+        if info.is_main:
+            _report(args, split, loaded, dataset, out, elapsed, info)
+        return 0
+    finally:
+        dist_utils.destroy_distributed()
+
+
+def _load(args, info):
+    # Under torchrun with a URL, rank 0 downloads into the hub cache while the others wait, then they read it.
+    remote = is_url(args.model_path)
+    if info.distributed and remote and not info.is_main:
+        dist_utils.barrier()
+    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device)
+    if info.distributed and remote and info.is_main:
+        dist_utils.barrier()
+    if info.is_main:
+        print(f"model: {loaded.model_name}{' (bottleneck head)' if loaded.bottleneck_head else ''}, "
+              f"{loaded.num_classes} classes, from {args.model_path}")
+    return loaded
+
+
+def _dataset(args, split: str, loaded, info):
+    options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
+    options.update(parse_key_values(args.dataset_option))
+    if (args.dataset == "openimages" and not {"idx_to_class", "classes_file"} & set(options)
+            and not loaded.class_names[0].startswith("class_")):
+        # A 9605-class model only scores right in its own class order, which its file carries.
+        options["idx_to_class"] = dict(enumerate(loaded.class_names))
+    dataset = create_dataset(args.dataset, args.data, split, args.image_size, train=False,
+                             cache_dir=args.cache_dir, **options)
+    if dataset.num_classes != loaded.num_classes:
+        raise UsageError(f"the checkpoint has {loaded.num_classes} classes but the {args.dataset} {split} data has "
+                         f"{dataset.num_classes}")
+    if loaded.class_names != list(dataset.classes) and not loaded.class_names[0].startswith("class_"):
+        logger.warning("the checkpoint's class names differ from the dataset's (first: %r vs %r); the dataset's "
+                       "are reported", loaded.class_names[0], dataset.classes[0])
+    if info.is_main:
+        print(f"{args.dataset} {split}: {len(dataset)} images, {dataset.num_classes} classes")
+    if len(dataset) == 0:
+        raise UsageError(f"the {args.dataset} {split} split of {args.data} has no images")
+    return dataset
+
+
+def _scores(args, dataset, loaded, info) -> tuple[dict[str, Any], float]:
+    # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
+    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                   shuffle=False) if info.distributed else None)
+    loader = create_loader(dataset, dist_utils.per_rank_batch(args.batch_size, info.world_size), sampler=sampler,
+                           num_workers=args.workers, pin_memory=info.device.type == "cuda")
+    printer = BatchPrinter(dataset.num_classes, args.thre, args.print_freq, len(loader), info.is_main)
+    if info.is_main:
+        print("starting validation")
+    start = time.perf_counter()
+    out = evaluate(loaded.model, loader, info.device, amp_dtype=resolve_amp_dtype(args.amp_dtype, info.device),
+                   on_batch=printer.on_batch)
+    if out["num_images"] == 0:
+        raise UsageError(f"none of the {len(dataset)} images of {args.data} could be read")
+    return out, time.perf_counter() - start
+
+
+def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: float, info) -> None:
+    scores, targets = out["scores"], out["targets"]
+    skipped = sorted(set(range(len(dataset))) - set(int(i) for i in out["indices"]))
+    partial = bool((targets < 0).any())
+    meter = ThresholdMetrics(dataset.num_classes, args.thre)
+    meter.update(scores, targets)
+    at_threshold = meter.compute()
+    score_value = score(targets, scores)
+    rows = per_class_rows(dataset.classes, targets, scores, partial, meter)
+    print("--------------------------------------------------------------------")
+    print(" * " + meter.format_line(at_threshold))
+    if skipped:
+        named = ", ".join(dataset.image_path(i) for i in skipped[:MAX_NAMED_SKIPPED])
+        more = f" (+{len(skipped) - MAX_NAMED_SKIPPED} more)" if len(skipped) > MAX_NAMED_SKIPPED else ""
+        print(f"skipped {len(skipped)} unreadable image(s): {named}{more}")
+    if args.per_class:
+        print_per_class(rows)
+    if args.output_json:
+        write_json(args, split, loaded, out["num_images"], skipped, dataset, partial, score_value, at_threshold,
+                   rows, elapsed)
+    images_per_s = out["num_images"] / elapsed if elapsed > 0 else float("inf")
+    print(f"{out['num_images']} images in {elapsed:.1f} s: {images_per_s:.1f} images/s "
+          f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {info.device.type})")
+    if partial:
+        print("(partial-label mAP: targets of -1 are not annotated and left out of each class's ranking)")
+    # original: print("mAP score:", mAP_score) -- the last line, full precision
+    print("mAP score:", score_value, flush=True)
+
+
+def write_json(args, split, loaded, num_images, skipped, dataset, partial, score, at_threshold, rows,
+               elapsed) -> None:
+    report = {
+        "mAP": score,
+        "metric": "partial_mAP" if partial else "mAP",
+        "threshold": args.thre,
+        **{k: float(v) for k, v in at_threshold.items()},
+        "num_images": num_images,
+        "skipped": [dataset.image_path(i) for i in skipped],
+        "seconds": elapsed,
+        "images_per_second": num_images / elapsed if elapsed > 0 else None,
+        "model_name": loaded.model_name,
+        "model_path": args.model_path,
+        "num_classes": loaded.num_classes,
+        "dataset": args.dataset,
+        "data": str(args.data),
+        "split": split,
+        "image_size": args.image_size,
+        "per_class": rows,
+    }
+    path = Path(args.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # allow_nan=False: a NaN would make the file unreadable for strict JSON parsers; AP of skipped classes is null.
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""A training run's files in its output folder: ``last.pth`` (resume), ``model-highest.pth`` (the best weights,
+in the model-zoo format), ``log.txt`` (one JSON object per epoch) and ``args.json``.
+
+Only the main process writes; every write is atomic. Under ``torchrun`` every rank calls :meth:`save_last`,
+which first makes all ranks' weights equal to rank 0's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from . import distributed as dist_utils
+from .atomic import atomic_write_text
+from .checkpoint import load_checkpoint, make_model_checkpoint, save_checkpoint
+from .errors import UsageError
+from .train_state import TrainState
+
+__all__ = ["Checkpointer", "LAST", "HIGHEST"]
+
+logger = logging.getLogger(__name__)
+
+LAST = "last.pth"
+HIGHEST = "model-highest.pth"
+
+
+class Checkpointer:
+    """Writes the run's files. ``meta`` goes into both checkpoints: ``num_classes``, ``idx_to_class``,
+    ``model_name``, ``image_size``, ``bottleneck_head``, ``args`` (a plain dict), ``steps_per_epoch``."""
+
+    def __init__(self, output_dir: Path, is_main: bool, meta: Mapping[str, Any]) -> None:
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.meta = dict(meta)
+
+    @property
+    def last_path(self) -> Path:
+        return self.output_dir / LAST
+
+    @staticmethod
+    def prepare(output_dir: Path, is_main: bool) -> None:
+        """Creates the folder and checks that it is writable (on the main process; every rank learns the answer)."""
+        problem = None
+        if is_main:
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+                    pass
+            except OSError as exc:
+                problem = f"output directory is not writable: {output_dir} ({exc.strerror or exc})"
+        problem = dist_utils.broadcast_object(problem)
+        if problem:
+            raise UsageError(problem)
+
+    @staticmethod
+    def find_resume(resume: str, output_dir: Path) -> Optional[str]:
+        """``--resume``: '' (a new run), ``auto`` (``OUTPUT_DIR/last.pth`` when it exists) or a path."""
+        if not resume:
+            return None
+        if resume == "auto":
+            path = output_dir / LAST
+            if not path.is_file():
+                logger.info("--resume auto: no %s yet, starting a new run", path)
+                return None
+            return str(path)
+        if not os.path.isfile(resume):
+            raise UsageError(f"--resume: checkpoint not found: {resume}")
+        return resume
+
+    @staticmethod
+    def load_resume(path: str) -> dict[str, Any]:
+        saved = load_checkpoint(path)
+        if "optimizer" not in saved or "args" not in saved:
+            raise UsageError(f"--resume {path}: not a last.pth written by train.py (use --model-path for "
+                             f"pretrained weights)")
+        return saved
+
+    def write_args(self, args: Mapping[str, Any]) -> None:
+        if self.is_main:
+            atomic_write_text(self.output_dir / "args.json", json.dumps(dict(args), indent=2) + "\n")
+
+    def save_last(self, state: TrainState, synced: bool = False) -> None:
+        """``last.pth`` at the state's position. ``synced``: the ranks' weights were just made identical (right
+        after evaluation), so the broadcast is skipped."""
+        if not synced:
+            dist_utils.broadcast_module_state(state.model)
+            if state.ema is not None:
+                dist_utils.broadcast_module_state(state.ema.module)
+        if self.is_main:
+            save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
+
+    def save_best(self, weights: Mapping[str, Any], which: str, score: float, epoch: int) -> None:
+        """``model-highest.pth``: the weights that scored (``which`` is 'ema' or 'regular')."""
+        if not self.is_main:
+            return
+        meta = {k: v for k, v in self.meta.items() if k not in ("num_classes", "idx_to_class", "steps_per_epoch")}
+        save_checkpoint(make_model_checkpoint(weights, self.meta["num_classes"], self.meta["idx_to_class"],
+                                              weights=which, mAP=score, epoch=epoch, **meta),
+                        self.output_dir / HIGHEST)
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        if self.is_main:
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(dict(record)) + "\n")

@@ -1,0 +1,127 @@
+"""The epoch loop of ``train.py``: train, evaluate the regular and the EMA model, keep the best, save to resume.
+
+Nothing here prints: the caller gets every step and every epoch through callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.nn as nn
+
+from . import distributed as dist_utils
+from .checkpointer import Checkpointer
+from .engine import StepConfig, evaluate_many, train_one_epoch
+from .metrics import score
+from .train_state import TrainState
+
+__all__ = ["FitConfig", "fit", "StopFlag"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """``epochs``: length of the schedule; ``stop_epoch``: the last epoch run (original: 80 and 40).
+    ``save_every_steps``: also write ``last.pth`` within an epoch (0: at epoch ends only)."""
+
+    epochs: int
+    stop_epoch: int
+    steps_per_epoch: int
+    local_batch: int
+    step: StepConfig
+    save_every_steps: int = 0
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: finish the current step, save ``last.pth``, exit cleanly. A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: stopping after the current step and saving last.pth",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopFlag":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a test thread): no signal handling
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Module, checkpointer: Checkpointer,
+        config: FitConfig, *, on_step: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_epoch: Optional[Callable[[dict[str, Any]], None]] = None) -> str:
+    """Trains from ``state``'s position to the end of ``config.stop_epoch``. Returns ``'done'``, or
+    ``'interrupted'`` when a signal stopped it (``last.pth`` then holds the exact position to resume from).
+
+    ``on_step`` receives each step's dict (see :func:`asl.engine.train_one_epoch`); ``on_epoch`` each epoch's
+    record (also appended to ``log.txt``): epoch, train_loss, mAP_regular, mAP_ema, mAP, highest_mAP, lr,
+    images_per_sec, steps, skipped_images, time.
+    """
+    sampler, dataset = train_loader.sampler, train_loader.dataset
+    with StopFlag() as stop_flag:
+        while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
+            sampler.set_epoch(state.epoch)
+            sampler.set_start(state.step * config.local_batch)
+            dataset.set_epoch(state.epoch)
+
+            def step_done(info: dict[str, Any]) -> None:
+                if on_step is not None:
+                    on_step(info)
+                if config.save_every_steps and state.step % config.save_every_steps == 0 \
+                        and state.step < config.steps_per_epoch:
+                    checkpointer.save_last(state)
+
+            stats = train_one_epoch(state, train_loader, criterion, config.step, on_step=step_done,
+                                    stop_requested=stop_flag)
+            if stats["interrupted"]:
+                checkpointer.save_last(state)
+                return "interrupted"
+            record = _evaluate_and_keep_best(state, val_loader, checkpointer, config, stats)
+            state.epoch, state.step = state.epoch + 1, 0
+            checkpointer.save_last(state, synced=True)
+            checkpointer.log_epoch(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if stop_flag.requested:
+                return "interrupted"
+    return "done"
+
+
+def _evaluate_and_keep_best(state: TrainState, val_loader: Any, checkpointer: Checkpointer, config: FitConfig,
+                            stats: dict[str, Any]) -> dict[str, Any]:
+    """original (validate_multi): the regular and the EMA model are scored; the epoch's mAP is the higher one."""
+    dist_utils.broadcast_module_state(state.model)
+    dist_utils.broadcast_module_state(state.ema.module)
+    out = evaluate_many({"regular": state.model, "ema": state.ema.module}, val_loader, config.step.device,
+                        amp_dtype=config.step.amp_dtype)
+    map_regular = score(out["targets"], out["scores"]["regular"])
+    map_ema = score(out["targets"], out["scores"]["ema"])
+    current = max(map_regular, map_ema)
+    best_is_ema = map_ema > map_regular
+    if current > state.highest:
+        state.highest = current
+        weights = state.ema.state_dict() if best_is_ema else state.model.state_dict()
+        checkpointer.save_best(weights, "ema" if best_is_ema else "regular", current, state.epoch)
+    return {"epoch": state.epoch, "train_loss": stats["loss"], "mAP_regular": map_regular, "mAP_ema": map_ema,
+            "mAP": current, "highest_mAP": state.highest, "lr": stats["lr"],
+            "images_per_sec": stats["images_per_sec"], "steps": stats["steps"],
+            "skipped_images": stats["skipped"] + out["skipped"], "time": time.time()}

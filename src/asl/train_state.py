@@ -1,0 +1,114 @@
+"""Everything a training run carries from step to step, and what makes it resumable bit for bit.
+
+:class:`TrainState` holds the model, its EMA, the optimizer, the schedule, the AMP scaler and the position
+(``epoch``, ``step`` = the next step to run, the best score so far); ``state_dict()`` / ``load_state_dict()`` are
+what ``last.pth`` stores. :func:`create_train_state` builds the paper's recipe around a model.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .ema import ModelEma
+from .engine import create_optimizer
+from .errors import UsageError
+
+__all__ = ["TrainState", "create_train_state", "check_resume_compatible", "SCHEDULE_FLAGS", "rng_state",
+           "set_rng_state"]
+
+#: flags that define the model or the learning-rate schedule: a resumed run must use the checkpoint's values.
+SCHEDULE_FLAGS = ("dataset", "train_split", "model_name", "bottleneck_head", "num_classes", "image_size",
+                  "batch_size", "lr", "epochs", "max_steps_per_epoch", "weight_decay", "ema_decay", "gamma_neg",
+                  "gamma_pos", "clip", "unannotated", "difficult", "seed")
+
+
+@dataclass
+class TrainState:
+    """The run's state. ``train_model`` is what the forward runs (a DDP or compiled wrapper of ``model``, or None
+    for ``model`` itself); it is not saved, the plain ``model`` is."""
+
+    model: nn.Module
+    ema: Optional[ModelEma]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[Any] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    epoch: int = 0
+    step: int = 0
+    highest: float = 0.0
+    train_model: Optional[nn.Module] = None
+
+    @property
+    def forward_model(self) -> nn.Module:
+        return self.train_model if self.train_model is not None else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "epoch": self.epoch, "step": self.step, "highest_mAP": self.highest, "rng": rng_state()}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Everything, counters and random states included: a resumed run continues exactly."""
+        self.model.load_state_dict(saved["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        # The scaler's state is empty when it was saved disabled (CPU, bfloat16).
+        if self.scaler is not None and (saved["scaler"] or not self.scaler.is_enabled()):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.epoch, self.step = int(saved["epoch"]), int(saved["step"])
+        self.highest = float(saved.get("highest_mAP", 0.0))
+        set_rng_state(saved["rng"])
+
+
+def create_train_state(model: nn.Module, *, lr: float, weight_decay: float, ema_decay: float, epochs: int,
+                       steps_per_epoch: int, amp_dtype: Optional[torch.dtype], device: torch.device) -> TrainState:
+    """The original recipe around ``model`` (already on ``device``): Adam with L2 on weights only, OneCycleLR,
+    a GradScaler for fp16, and an EMA that starts from the model."""
+    optimizer = create_optimizer(model, lr=lr, weight_decay=weight_decay)
+    # original: OneCycleLR(max_lr=lr, steps_per_epoch=len(train_loader), epochs=80, pct_start=0.2), stepped
+    # every iteration; the run stops after --stop-epoch but the schedule keeps its full length.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, steps_per_epoch=steps_per_epoch,
+                                                    epochs=epochs, pct_start=0.2)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return TrainState(model=model, ema=ModelEma(model, ema_decay), optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler)
+
+
+def check_resume_compatible(saved_args: Mapping[str, Any], args: Any, path: str,
+                            flags: Sequence[str] = SCHEDULE_FLAGS) -> None:
+    for key in flags:
+        if key in saved_args and saved_args[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume {path}: it was trained with {flag} {saved_args[key]!r} but this run has "
+                             f"{flag} {getattr(args, key)!r}; flags defining the model or schedule must match "
+                             f"(start a new --output-dir to train differently)")
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (nothing in the recipe draws from them after set-up, but user code may)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,6 +1,13 @@
-"""Shared fixtures."""
+"""Shared fixtures: one intra-op thread, generated datasets, and a runner for the repository's scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -11,3 +18,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def make_synthetic(tmp_path_factory):
+    """``make_synthetic(num_train, num_val, image_size, seed=0)`` -> the root of a generated COCO-layout set,
+    made once per session for each combination."""
+    from asl.data import generate_synthetic_coco
+
+    made = {}
+
+    def make(num_train: int, num_val: int, image_size: int, seed: int = 0) -> Path:
+        key = (num_train, num_val, image_size, seed)
+        if key not in made:
+            made[key] = generate_synthetic_coco(tmp_path_factory.mktemp("syn"), num_train=num_train,
+                                                num_val=num_val, image_size=image_size, seed=seed)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """``run_script(['train.py', ...], cwd=None, env=None, unset=(), timeout=240)``: a root script (or ``-c CODE``,
+    ``-m module``) in a fresh interpreter, one OpenMP thread, unbuffered, with ``env`` added and the variables in
+    ``unset`` removed; returns the CompletedProcess with text output."""
+
+    def run(args, cwd=None, env=None, unset=(), timeout=240) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        for name in unset:
+            full_env.pop(name, None)
+        argv = [str(REPO / a) if str(a).endswith(".py") and i == 0 else str(a) for i, a in enumerate(args)]
+        return subprocess.run([sys.executable, *argv], cwd=cwd or REPO, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    return run

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import asl.checkpoint as checkpoint
-from asl.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint, load_model_state,
+from asl.state_dict import clean_state_dict
+from asl.checkpoint import (CheckpointError, load_checkpoint, load_model_state,
                             make_model_checkpoint, save_checkpoint)
 
 

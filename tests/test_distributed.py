@@ -6,8 +6,6 @@ The 2-process tests start real process groups on 127.0.0.1 with a free port: one
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -111,18 +109,14 @@ def test_two_process_evaluate_equals_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_trains_and_rank0_alone_writes(tmp_path):
+def test_torchrun_two_processes_trains_and_rank0_alone_writes(tmp_path, make_synthetic, run_script):
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "train.py"), str(tmp_path / "syn"), "--dataset", "synthetic",
-           "--dataset-option", "num_train=24", "--dataset-option", "num_val=11", "--model-name", "timm/test_resnet",
-           "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "2", "--stop-epoch", "1",
-           "--lr", "1e-3", "--output-dir", str(out), "--device", "cpu"]
-    # generate the synthetic set once, before two processes race to do it
-    from asl.data import generate_synthetic_coco
-    generate_synthetic_coco(tmp_path / "syn", num_train=24, num_val=11, image_size=64, seed=0)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    # the set is generated here, before two processes would race to do it
+    data = make_synthetic(24, 11, 64)
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                       f"--master_port={_free_port()}", REPO / "train.py", data, "--dataset", "synthetic",
+                       "--model-name", "timm/test_resnet", "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "2",
+                       "--stop-epoch", "1", "--lr", "1e-3", "--output-dir", out, "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("current_mAP = ") == 2  # rank 0 alone prints
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pth", "log.txt", "model-highest.pth"]

@@ -120,7 +120,8 @@ def test_every_gradient_equals_inplace_abn_reference_float64(memory_efficient):
 def test_from_scratch_zero_initialised_norms_get_gradients(memory_efficient):
     torch.manual_seed(0)
     model = create_model("tresnet_m", 80, memory_efficient=memory_efficient).train()
-    zero = {n: p for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 1 and bool((p == 0).all())}
+    zero = {n: p for n, p in model.named_parameters()
+            if n.endswith(".weight") and p.dim() == 1 and bool((p == 0).all())}
     assert len(zero) == 3 + 4 + 11 + 3  # the last norm of every residual block of TResNet-M
     assert "body.layer1.0.conv2.1.weight" in zero
     x = torch.rand(2, 3, 64, 64)

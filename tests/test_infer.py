@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,8 @@ from torchvision import transforms as T  # noqa: E402
 
 from asl.checkpoint import CheckpointError  # noqa: E402
 from asl.cli import run_main  # noqa: E402
-from asl.inference import (MIN_ANNOTATED_SIDE, annotate, default_threshold, detections, load_model,  # noqa: E402
-                           resolve_architecture)
+from asl.inference import default_threshold, detections, load_model, resolve_architecture  # noqa: E402
+from asl.pictures import MIN_ANNOTATED_SIDE, annotate  # noqa: E402
 from asl.models import convert_timm_tresnet, create_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

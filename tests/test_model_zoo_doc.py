@@ -1,7 +1,6 @@
 """MODEL_ZOO.md lists the original's seven files, and every command in it parses (no download happens)."""
 import re
 import shlex
-import sys
 import urllib.parse
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Evaluation precision: fp32 by default in validate.py and infer.py (the original has no autocast there),
 AMP in training, one flag spelling everywhere."""
 import argparse
-import sys
 from pathlib import Path
 
 import pytest

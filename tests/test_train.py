@@ -1,16 +1,11 @@
 """train.py's command line: flag spellings and types, bad input (one line, exit code 2), SIGINT, NaN loss."""
 import os
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-from asl.apps import train  # noqa: E402
+from asl.apps import train
 from asl.cli import ArgumentParser, run_main  # noqa: E402
 from asl.errors import ModelError  # noqa: E402
 
@@ -20,12 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from asl.data import generate_synthetic_coco
-
-    root = tmp_path_factory.mktemp("syn")
-    generate_synthetic_coco(root, num_train=16, num_val=8, image_size=40, seed=0)
-    return root
+def synthetic(make_synthetic):
+    return make_synthetic(16, 8, 40)
 
 
 def _flags(data, out, *extra):

@@ -3,7 +3,6 @@ rises clearly above the untrained model's, and validate.py gives the saved model
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest

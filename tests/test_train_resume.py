@@ -4,19 +4,13 @@ bit-identical weights to an uninterrupted run (CPU, same seed), with -j 0 and wi
 A tiny timm model (timm/test_resnet) and a tiny generated set keep these runs to seconds; the property tested is
 the training program's (data order, augmentation, optimizer/scheduler/EMA state, step skipping), not the model's.
 """
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-from asl.apps import train  # noqa: E402
+from asl.apps import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -24,12 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from asl.data import generate_synthetic_coco
-
-    root = tmp_path_factory.mktemp("syn")
-    generate_synthetic_coco(root, num_train=32, num_val=12, image_size=48, seed=0)
-    return root
+def synthetic(make_synthetic):
+    return make_synthetic(32, 12, 48)
 
 
 def _flags(data, out, *extra):
@@ -99,22 +89,17 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")  # 2 cores: no oversubscription
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic, run_script):
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = ["-j", "2", "--stop-epoch", "1", "--save-every-steps", "2"]
-    run = subprocess.run([sys.executable, str(REPO / "train.py"), *_flags(synthetic, full, *common)],
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = run_script(["train.py", *_flags(synthetic, full, *common)])
     assert run.returncode == 0, run.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-c", _KILLER, *_flags(synthetic, killed, *common)],
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = run_script(["-c", _KILLER, *_flags(synthetic, killed, *common)])
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     saved = torch.load(killed / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 2)  # the periodic mid-epoch save survived
     assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
-    run = subprocess.run([sys.executable, str(REPO / "train.py"), *_flags(synthetic, killed, *common, "--resume",
-                                                                          str(killed / "last.pth"))],
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = run_script(["train.py", *_flags(synthetic, killed, *common, "--resume", str(killed / "last.pth"))])
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resumed from" in run.stdout and "epoch 1, step 2" in run.stdout
     _assert_identical(full, killed)

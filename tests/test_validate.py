@@ -18,11 +18,8 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -168,13 +165,6 @@ def printed_star_line(stdout: str) -> list[float]:
     return [float(v) for v in re.findall(r"[A-Z]_[A-Z] ([\d.]+)", line)]
 
 
-def run_script(args, env_extra=None, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def make_dataset_copy(root: Path, keep_files, corrupt=None, split=SPLIT, out_split=None) -> Path:
     """A COCO layout under ``root`` whose json keeps the annotations of ``keep_files`` only (links to the pictures)."""
     out_split = out_split or split
@@ -260,7 +250,7 @@ def test_model_name_contradicting_the_file_is_one_line_error(ref, capsys):
     assert len(err.splitlines()) == 1 and "tresnet_l" in err and "tresnet_m" in err, err
 
 
-def test_missing_checkpoint_subprocess_exits_2_without_traceback(tmp_path):
+def test_missing_checkpoint_subprocess_exits_2_without_traceback(tmp_path, run_script):
     proc = run_script(["validate.py", DATA, "--model_path", tmp_path / "nope.pth"])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -290,7 +280,7 @@ def test_unreadable_image_is_named_and_the_rest_scored(ref, odd_dataset, capsys)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_torchrun_two_processes_print_the_single_process_map(ref, odd_dataset, capsys):
+def test_torchrun_two_processes_print_the_single_process_map(ref, odd_dataset, capsys, run_script):
     root, readable, _ = odd_dataset
     args = [str(root), "--model-path", str(ref["path"]), "--val-split", SPLIT, "--image-size", str(SIZE),
             "-b", "8", "-j", "0"]
@@ -307,7 +297,7 @@ def test_torchrun_two_processes_print_the_single_process_map(ref, odd_dataset, c
     assert printed_map(proc.stdout) == pytest.approx(reference_map(targets, scores), abs=1e-9)
 
 
-def test_readme_commands_verbatim(ref, tmp_path):
+def test_readme_commands_verbatim(ref, tmp_path, run_script):
     """The original README's validate.py (plus the DATA it forgot) and infer.py commands, as subprocesses, from a
     folder laid out like its examples: ./models_local/MS_COCO_TRresNet_L_448_86.6.pth (a TResNet-L made from
     timm's, in the official format) and ./pics/000000000885.jpg. Defaults apply: val2014, 448 pixels, -j 8,
@@ -327,11 +317,10 @@ def test_readme_commands_verbatim(ref, tmp_path):
                tmp_path / "models_local" / "MS_COCO_TRresNet_L_448_86.6.pth")
     (tmp_path / "pics").mkdir()
     shutil.copy(DATA / SPLIT / picture, tmp_path / "pics" / "000000000885.jpg")
-    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}  # headless
-
-    proc = subprocess.run([sys.executable, str(REPO / "validate.py"), str(data), "--model_name=tresnet_l",
-                           "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    headless = ("DISPLAY",)
+    proc = run_script(["validate.py", data, "--model_name=tresnet_l",
+                       "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth"],
+                      cwd=tmp_path, unset=headless, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^ \* P_C [\d.]+ R_C [\d.]+ F_C [\d.]+ P_O [\d.]+ R_O [\d.]+ F_O [\d.]+$", proc.stdout, re.M)
     assert "tresnet_l" in proc.stdout and "1 images" in proc.stdout
@@ -339,10 +328,10 @@ def test_readme_commands_verbatim(ref, tmp_path):
     # One picture: every class with a positive has AP 1 whatever the scores, the others 0.
     assert printed_map(proc.stdout) == pytest.approx(reference_map(targets, np.zeros_like(targets)), abs=1e-9)
 
-    proc = subprocess.run([sys.executable, str(REPO / "infer.py"), "--dataset_type=MS-COCO", "--model_name=tresnet_l",
-                           "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth",
-                           "--pic_path=./pics/000000000885.jpg", "--input_size=448"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(["infer.py", "--dataset_type=MS-COCO", "--model_name=tresnet_l",
+                       "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth",
+                       "--pic_path=./pics/000000000885.jpg", "--input_size=448"],
+                      cwd=tmp_path, unset=headless, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("pics/000000000885.jpg: ")

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import re
-import secrets
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_write
 from .errors import CheckpointError
+from .state_dict import clean_state_dict, is_counter
 
 __all__ = [
     "CheckpointError",
@@ -36,15 +37,12 @@ __all__ = [
     "is_url",
     "make_model_checkpoint",
     "load_model_state",
-    "clean_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_IGNORED_SUFFIX = "num_batches_tracked"  # BatchNorm counters: absent from the official files, unused in eval
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -56,39 +54,11 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
     ``path`` with ``os.replace``; a crash or a full disk never leaves a truncated checkpoint behind. The parent
     directory is created if needed. Any failure raises :class:`CheckpointError` and removes the temporary file.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        os.makedirs(directory, exist_ok=True)
-        # Open with 'xb' rather than tempfile.mkstemp so the file gets the usual permissions (umask), not 0600.
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except Exception as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise CheckpointError(f"could not save checkpoint to {path}: {type(exc).__name__}: {exc}") from exc
-    _fsync_directory(directory)
     logger.debug("saved checkpoint %s", path)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename itself durable where the platform allows it (POSIX); best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _to_plain(value: Any, where: str) -> Any:
@@ -213,20 +183,6 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu") -> Dict:
     return _normalize(obj, path)
 
 
-def clean_state_dict(state_dict: Mapping) -> "OrderedDict[str, Any]":
-    """Strip wrapper prefixes (``module.`` from (Distributed)DataParallel, ``_orig_mod.`` from torch.compile)."""
-    cleaned: "OrderedDict[str, Any]" = OrderedDict()
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        cleaned[key] = value
-    return cleaned
-
-
 def _num_classes(model: nn.Module) -> Optional[int]:
     count = getattr(model, "num_classes", None)
     if isinstance(count, int):
@@ -254,7 +210,8 @@ def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
     ``state_dict`` may also be a whole checkpoint (its ``'model'`` entry is used). ``module.`` / ``_orig_mod.``
     prefixes are stripped, and BatchNorm ``num_batches_tracked`` counters are ignored on both sides (the official
     files have none). Keys under ``skip_prefix`` (e.g. the classifier, for a pretrained start) are left out on both
-    sides and keep the model's own values. Any other missing or unexpected key, or any shape difference, is an error whose message names
+    sides and keep the model's own values. Any other missing or unexpected key, or any shape difference, is an error
+    whose message names
     ``model_name``, its class count and the first offending keys and shapes.
     """
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
@@ -263,7 +220,7 @@ def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
     expected = model.state_dict()
 
     def relevant(keys):
-        return [k for k in keys if not k.endswith(_IGNORED_SUFFIX) and not (skip_prefix and k.startswith(skip_prefix))]
+        return [k for k in keys if not is_counter(k) and not (skip_prefix and k.startswith(skip_prefix))]
 
     missing = relevant(k for k in expected if k not in ckpt)
     unexpected = relevant(k for k in ckpt if k not in expected)
@@ -283,8 +240,5 @@ def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
         raise CheckpointError(f"checkpoint does not fit {model_name}{classes}: " + ", ".join(parts))
 
     to_load = OrderedDict((k, v) for k, v in ckpt.items() if k in expected and relevant([k]))
-    result = model.load_state_dict(to_load, strict=False)
-    leftover = relevant(result.missing_keys) + relevant(result.unexpected_keys)
-    if leftover:  # cannot happen after the checks above; kept as a guard against silent partial loads
-        raise CheckpointError(f"checkpoint does not fit {model_name}: {_first(leftover)}")
+    model.load_state_dict(to_load, strict=False)
     logger.info("loaded %d tensors into %s", len(to_load), model_name)

@@ -26,7 +26,8 @@ from torch.utils.data import DistributedSampler
 from .errors import UsageError
 
 __all__ = [
-    "DistInfo", "select_device", "init_distributed", "destroy_distributed", "is_dist", "per_rank_batch", "barrier", "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "unwrap_model",
+    "DistInfo", "select_device", "init_distributed", "destroy_distributed", "is_dist", "per_rank_batch", "barrier",
+    "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "unwrap_model",
     "ResumableDistributedSampler", "broadcast_module_state",
 ]
 

@@ -12,7 +12,7 @@ loads straight into ``create_model(...)`` and into validate.py.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,9 @@ class ModelEma(nn.Module):
         model: the model being trained (may be wrapped in DDP or compiled; the copy is of the plain model).
         decay: weight of the old average per update. original: 0.9997 (with ~640 steps per COCO epoch,
             ``0.9997 ** 641 ~= 0.82`` of the average is kept per epoch).
-        device: where to keep the copy; ``None`` keeps the model's device.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9997, device: Optional[torch.device] = None) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9997) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be within [0, 1], got {decay}")
@@ -41,9 +40,6 @@ class ModelEma(nn.Module):
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = float(decay)
-        self.device = device
-        if device is not None:
-            self.module.to(device=device)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -56,8 +52,6 @@ class ModelEma(nn.Module):
         floats_cur: list[torch.Tensor] = []
         for name, ema_v in ema_state.items():
             cur_v = current[name].detach()
-            if self.device is not None:
-                cur_v = cur_v.to(device=self.device)
             if ema_v.is_floating_point():
                 floats_ema.append(ema_v)
                 floats_cur.append(cur_v.to(dtype=ema_v.dtype))
@@ -70,11 +64,6 @@ class ModelEma(nn.Module):
             scaled_cur = torch._foreach_mul(floats_cur, 1.0 - self.decay)
             torch._foreach_add_(scaled_ema, scaled_cur)
             torch._foreach_copy_(floats_ema, scaled_ema)
-
-    @torch.no_grad()
-    def set(self, model: nn.Module) -> None:
-        """Makes the average equal to ``model`` (e.g. after loading pretrained weights)."""
-        self.module.load_state_dict(unwrap_model(model).state_dict())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)

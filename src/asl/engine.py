@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist_utils
+from .data.transforms import to_float
 from .errors import TrainingDivergedError
 from .precision import autocast
 
@@ -95,10 +96,8 @@ def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     Non-blocking copies only on CUDA (they need pinned memory there and mean nothing elsewhere).
     """
     images = images.to(device, non_blocking=device.type == "cuda")
-    if images.dtype == torch.uint8:
-        # original: ToTensor() divides by 255 on the CPU; the same float32 values, computed on the device.
-        return images.float().div_(255)
-    return images.float()
+    # original: ToTensor() divides by 255 on the CPU; the same float32 values, computed on the device.
+    return to_float(images) if images.dtype == torch.uint8 else images.float()
 
 
 def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,

@@ -1,12 +1,10 @@
-"""Shared logic of validate.py, infer.py and export.py: a ready model from a checkpoint, pictures, predictions.
+"""A ready model from a checkpoint, and its predictions: the shared core of validate.py, infer.py and export.py.
 
 - :func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
   architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is
   told from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree.
-- :func:`load_picture` decodes a picture and applies exactly validate.py's evaluation transform (a squish
-  ``Resize((s, s))`` then ``[0, 1]``, no mean/std normalisation).
-- :func:`predict` runs a batch (AMP on CUDA) and returns probabilities; :func:`detections` applies the threshold.
-- :func:`annotate` writes the detected classes and scores onto a picture with PIL (no display, no matplotlib).
+- :func:`predict` runs a batch (fp32 unless asked) and returns probabilities; :func:`detections` applies the
+  threshold. Pictures themselves: :mod:`asl.pictures`.
 
 Nothing here prints or exits: errors are exceptions with one clear line (the CLIs print them).
 """
@@ -15,24 +13,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
-from .errors import UsageError
-from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square, to_float
+from .engine import images_to_float
 from .precision import autocast
 from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
 
 __all__ = [
     "LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "default_threshold",
-    "DATASET_THRESHOLDS", "IMAGE_EXTENSIONS", "find_images", "load_picture", "predict", "detections",
-    "annotate", "UnreadableImageError",
+    "DATASET_THRESHOLDS", "predict", "detections",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,9 +34,6 @@ logger = logging.getLogger(__name__)
 # original (infer.py): the threshold defaults to 0.995 for Open Images and to 0.7 for every other dataset type.
 DATASET_THRESHOLDS = {"MS-COCO": 0.7, "OpenImages": 0.995}
 OTHER_DATASET_THRESHOLD = 0.7
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
 
 def default_threshold(dataset_type: Optional[str]) -> float:
     """The original's per-dataset default threshold; the name is matched case- and punctuation-insensitively."""
@@ -183,42 +174,6 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
                        checkpoint_info=info)
 
 
-def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
-    """Expands folders (recursively, sorted, picture extensions only) and keeps files as given.
-
-    A file given explicitly is kept whatever its extension (it may still be a picture; reading it will tell).
-    A path that does not exist raises ``FileNotFoundError``.
-    """
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            candidates = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.exists():
-            candidates = [path]
-        else:
-            raise UsageError(f"no such picture or folder: {path}")
-        for p in candidates:
-            key = p.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append(p)
-    return found
-
-
-def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:
-    """Decodes ``path`` (RGB) and returns ``(picture, uint8 CHW tensor of size image_size)``.
-
-    The tensor is exactly what validate.py feeds the model for a dataset image (bilinear squish-resize, no crop).
-    original: infer.py resized with PIL's default filter while validate.py used torchvision's bilinear Resize;
-    we use the validation transform for both, so a picture gets the scores it would get in validate.py.
-    Raises :class:`UnreadableImageError` (an ``OSError``) naming the file.
-    """
-    picture = load_rgb(path)
-    return picture, pil_to_uint8(resize_square(picture, image_size))
-
-
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.device],
             amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -227,8 +182,7 @@ def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.dev
     original: inference runs in fp32; ``amp_dtype`` opts in to autocast. The sigmoid is taken in float32.
     """
     device = torch.device(device)
-    x = images.to(device, non_blocking=True)
-    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    x = images_to_float(images, device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
@@ -253,41 +207,3 @@ def detections(probabilities: Union[torch.Tensor, np.ndarray, Sequence[float]], 
     if top_k is not None:
         chosen = chosen[:max(int(top_k), 0)]
     return [{"class": str(class_names[i]), "score": float(probs[i])} for i in chosen]
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        # Pillow >= 10.1 ships a scalable default font; older Pillow only has the fixed bitmap font.
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-MIN_ANNOTATED_SIDE = 320
-
-
-def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.Image:
-    """A copy of ``picture`` with one line ``name score`` per detection in a dark box at the top left.
-
-    Pictures smaller than ``MIN_ANNOTATED_SIDE`` are enlarged first (nearest neighbour, so pixels stay
-    visible): otherwise the labels of a thumbnail-sized input would not fit on it.
-    """
-    image = picture.convert("RGB")
-    if min(image.size) < MIN_ANNOTATED_SIDE:
-        factor = -(-MIN_ANNOTATED_SIDE // min(image.size))
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    lines = [f"{d['class']} {float(d['score']):.3f}" for d in found] or ["no class above the threshold"]
-    size = max(10, min(image.width, image.height) // 25)
-    font = _font(size)
-    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    margin = max(2, size // 4)
-    boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
-    line_height = max(b[3] - b[1] for b in boxes) + margin
-    width = max(b[2] - b[0] for b in boxes) + 2 * margin
-    height = line_height * len(lines) + margin
-    # Semi-transparent background so the text is readable on any picture.
-    draw.rectangle((0, 0, width, height), fill=(0, 0, 0, 160))
-    for i, line in enumerate(lines):
-        draw.text((margin, margin + i * line_height), line, fill=(255, 255, 255, 255), font=font)
-    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from asl.cli import ArgumentParser, positive_int, probability, run_main, setup_logging
 from asl.distributed import select_device
 from asl.errors import UsageError
-from asl.inference import (IMAGE_EXTENSIONS, annotate, default_threshold, detections, find_images, load_model,
-                           load_picture, predict)
 from asl.data.transforms import load_rgb
+from asl.inference import default_threshold, detections, load_model, predict
+from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_images, load_picture
 from asl.precision import resolve_amp_dtype
 
 from .options import model_options, runtime_options
@@ -38,7 +38,8 @@ def build_parser() -> ArgumentParser:
     parents = [model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=16, workers=2, amp_dtype="none",
                                amp_help="opt-in autocast on CUDA; default fp32, as the original")]
-    parser = ArgumentParser(prog="infer.py", parents=parents, description="ASL inference on pictures (files or folders).")
+    parser = ArgumentParser(prog="infer.py", parents=parents,
+                            description="ASL inference on pictures (files or folders).")
     parser.add_argument("--pic-path", type=str, nargs="+", required=True,
                         help="picture file(s) and/or folder(s); folders are searched recursively")
     parser.add_argument("--dataset-type", type=str, default="MS-COCO",
@@ -97,7 +98,7 @@ def _output_plan(output: Optional[str], paths: Sequence[Path], roots: Sequence[P
             except ValueError:
                 continue
         target = out / relative
-        if target.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"):
+        if target.suffix.lower() not in WRITABLE_EXTENSIONS:
             target = target.with_suffix(".png")  # PIL cannot write every format it can read (e.g. GIF frames)
         plan[i] = target
     return plan
@@ -115,6 +116,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError("--model_path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     threshold = default_threshold(args.dataset_type) if args.th is None else args.th
     device = select_device(args.device)
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device)
 
     paths = find_images(args.pic_path)
     if not paths:
@@ -140,7 +142,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                 unreadable.append(paths[index])
                 tqdm.write(f"infer.py: cannot read {paths[index]}: {reason}", file=sys.stderr)
             if images is not None:
-                probabilities = predict(loaded.model, images, device, amp_dtype=resolve_amp_dtype(args.amp_dtype, device))
+                probabilities = predict(loaded.model, images, device, amp_dtype=amp_dtype)
                 for row, index in zip(probabilities, indices):
                     found = detections(row, loaded.class_names, threshold, args.top_k)
                     _report(paths[index], found, args.json, bar)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from asl.atomic import atomic_write_text
 from asl.checkpoint import is_url
 from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
 from asl.errors import UsageError
-from asl.data import DATASET_NAMES, canonical_name, create_dataset, create_loader, default_split
-from asl.engine import evaluate, unpack_batch
+from asl.data import canonical_name, create_dataset, create_loader, default_split
+from asl.engine import evaluate
 from asl.inference import load_model
 from asl.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype

@@ -83,8 +83,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader,
-                   parse_list_literal, seed_worker)
+from .base import Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader, seed_worker
+from .miil_csv import parse_list_literal
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, item_rng, to_float
 
 __all__ = [

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-import csv
 import logging
 import os
-import re
 import random
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -27,7 +24,6 @@ __all__ = [
     "collate_skip",
     "seed_worker",
     "create_loader",
-    "parse_list_literal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -258,48 +254,3 @@ def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_worker
                       sampler=sampler, num_workers=num_workers, collate_fn=collate_skip,
                       worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0)
-
-
-_QUOTED = r"""(?:'[^'\\\n]*'|"[^"\\\n]*")"""
-_SIMPLE_LIST = re.compile(r"\[\s*(?:%s(?:\s*,\s*%s)*\s*,?)?\s*\]" % (_QUOTED, _QUOTED))
-_QUOTED_ITEM = re.compile(_QUOTED)
-
-
-def iter_miil_csv(path: Path, columns: Sequence[str]):
-    """Yields ``(where, cells)`` for each data row of a MIIL CSV (NUS-WIDE split, Open Images ``data.csv``).
-
-    Blank lines are skipped, and so is a header: a first row whose second column is not a list literal.
-    A row with fewer than ``len(columns)`` cells raises DatasetError naming the file and line.
-    """
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < len(columns):
-                raise DatasetError(f"expected {len(columns)} columns ({', '.join(columns)}) at {path}:{line_no}")
-            if line_no == 1 and not row[1].strip().startswith("["):
-                continue  # header row
-            yield f"{path}:{line_no}", [cell.strip() for cell in row]
-
-
-def parse_list_literal(text: str, where: str = "") -> list[str]:
-    """``"['clouds', 'sky']"`` -> ``['clouds', 'sky']`` (the MIIL CSVs' label columns), as ``ast.literal_eval``.
-
-    Empty cells and ``[]`` give ``[]``. A cell that is not a list of strings raises DatasetError naming ``where``.
-    Lists of plain quoted strings (no escapes) take a regex fast path with the same result: literal_eval alone
-    would take minutes on Open Images' 9M rows.
-    """
-    text = (text or "").strip()
-    if not text:
-        return []
-    if _SIMPLE_LIST.fullmatch(text):
-        return [m[1:-1].strip() for m in _QUOTED_ITEM.findall(text)]
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise DatasetError(f"not a list literal {text[:60]!r} at {where}") from None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
-        raise DatasetError(f"not a list of names {text[:60]!r} at {where}")
-    return [v.strip() for v in value]

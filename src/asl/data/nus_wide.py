@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from .base import (DatasetError, LabelTable, MultiLabelDataset, iter_miil_csv, missing_path_error, parse_list_literal,
-                   require_dir)
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, require_dir
+from .miil_csv import iter_miil_csv, parse_list_literal
 
 __all__ = ["load_nus_wide", "NUS_WIDE_CSV_NAMES"]
 

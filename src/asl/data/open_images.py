@@ -22,8 +22,8 @@ import csv
 import logging
 from pathlib import Path
 
-from .base import (DatasetError, LabelTable, MultiLabelDataset, iter_miil_csv, missing_path_error, parse_list_literal,
-                   require_dir)
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, require_dir
+from .miil_csv import iter_miil_csv, parse_list_literal
 
 __all__ = ["load_open_images", "read_class_table", "UNANNOTATED_MODES"]
 

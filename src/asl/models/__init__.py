@@ -15,7 +15,8 @@ from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
 
 __all__ = [
-    "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone", "normalize_state_dict",
+    "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone",
+    "normalize_state_dict",
     "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
 ]
 
@@ -25,7 +26,8 @@ TIMM_PREFIX = "timm/"
 
 
 def check_model_name(name: str) -> None:
-    """Raises :class:`~asl.errors.ModelError` (a ``ValueError``) listing the known names, before any expensive set-up (data loaders) happens."""
+    """Raises :class:`~asl.errors.ModelError` (a ``ValueError``) listing the known names, before any expensive
+    set-up (data loaders) happens."""
     key = name.lower()
     if key in TRESNET_CONFIGS:
         return

@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError
+from ..state_dict import clean_state_dict
 from .tresnet import TRESNET_CONFIGS
 
 __all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "strip_prefixes"]
@@ -23,9 +24,7 @@ _STEM_WIDTH = {int(64 * width): name for name, (_, width) in TRESNET_CONFIGS.ite
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drops DistributedDataParallel / torch.compile prefixes and ``num_batches_tracked`` counters."""
-    from ..checkpoint import clean_state_dict
-
-    return {k: v for k, v in clean_state_dict(state_dict).items() if not k.endswith("num_batches_tracked")}
+    return dict(clean_state_dict(state_dict, drop_counters=True))
 
 
 def is_timm_tresnet_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -1,0 +1,94 @@
+"""Pictures for inference: finding them in folders, decoding them as validation does, and drawing the detected
+classes on them (PIL only: no display, no matplotlib)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square
+from .errors import UsageError
+
+__all__ = ["IMAGE_EXTENSIONS", "WRITABLE_EXTENSIONS", "MIN_ANNOTATED_SIDE", "find_images", "load_picture",
+           "annotate", "UnreadableImageError"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: the ones an annotated copy is written in; others (GIF frames, PPM...) are written as PNG.
+WRITABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
+    """Expands folders (recursively, sorted, picture extensions only) and keeps files as given.
+
+    A file given explicitly is kept whatever its extension (it may still be a picture; reading it will tell).
+    A path that does not exist raises :class:`~asl.errors.UsageError`.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists():
+            candidates = [path]
+        else:
+            raise UsageError(f"no such picture or folder: {path}")
+        for p in candidates:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(p)
+    return found
+
+
+def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:
+    """Decodes ``path`` (RGB) and returns ``(picture, uint8 CHW tensor of size image_size)``.
+
+    The tensor is exactly what validate.py feeds the model for a dataset image (bilinear squish-resize, no crop).
+    original: infer.py resized with PIL's default filter while validate.py used torchvision's bilinear Resize;
+    we use the validation transform for both, so a picture gets the scores it would get in validate.py.
+    Raises :class:`UnreadableImageError` (an ``OSError``) naming the file.
+    """
+    picture = load_rgb(path)
+    return picture, pil_to_uint8(resize_square(picture, image_size))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        # Pillow >= 10.1 ships a scalable default font; older Pillow only has the fixed bitmap font.
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+MIN_ANNOTATED_SIDE = 320
+
+
+def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.Image:
+    """A copy of ``picture`` with one line ``name score`` per detection in a dark box at the top left.
+
+    Pictures smaller than ``MIN_ANNOTATED_SIDE`` are enlarged first (nearest neighbour, so pixels stay
+    visible): otherwise the labels of a thumbnail-sized input would not fit on it.
+    """
+    image = picture.convert("RGB")
+    if min(image.size) < MIN_ANNOTATED_SIDE:
+        factor = -(-MIN_ANNOTATED_SIDE // min(image.size))
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    lines = [f"{d['class']} {float(d['score']):.3f}" for d in found] or ["no class above the threshold"]
+    size = max(10, min(image.width, image.height) // 25)
+    font = _font(size)
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    margin = max(2, size // 4)
+    boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
+    line_height = max(b[3] - b[1] for b in boxes) + margin
+    width = max(b[2] - b[0] for b in boxes) + 2 * margin
+    height = line_height * len(lines) + margin
+    # Semi-transparent background so the text is readable on any picture.
+    draw.rectangle((0, 0, width, height), fill=(0, 0, 0, 160))
+    for i, line in enumerate(lines):
+        draw.text((margin, margin + i * line_height), line, fill=(255, 255, 255, 255), font=font)
+    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")

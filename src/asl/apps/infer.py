@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from asl.cli import ArgumentParser, positive_int, probability, run_main, setup_logging
+from asl.data.transforms import load_rgb
 from asl.distributed import select_device
 from asl.errors import UsageError
-from asl.data.transforms import load_rgb
 from asl.inference import default_threshold, detections, load_model, predict
 from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_images, load_picture
 from asl.precision import resolve_amp_dtype

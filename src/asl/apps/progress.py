@@ -1,14 +1,19 @@
-"""What ``train.py`` shows while it trains: the original's progress lines, a tqdm bar on a terminal, the
-per-epoch mAP lines, and optionally TensorBoard scalars. Fed by :func:`asl.fit.fit`'s callbacks."""
+"""What the apps show while they run. :class:`EpochProgress` (train.py): the original's progress lines, a tqdm
+bar on a terminal, the per-epoch mAP lines and optionally TensorBoard scalars, fed by :func:`asl.fit.fit`'s
+callbacks. :class:`BatchPrinter` (validate.py): the original's per-batch lines, fed by the evaluation callback."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
-from asl.errors import UsageError
+import torch
 
-__all__ = ["EpochProgress"]
+from asl.errors import UsageError
+from asl.metrics import ThresholdMetrics
+
+__all__ = ["EpochProgress", "BatchPrinter"]
 
 TENSORBOARD_KEYS = ("train_loss", "mAP_regular", "mAP_ema", "lr", "images_per_sec")
 
@@ -77,3 +82,46 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class BatchPrinter:
+    """The original's progress lines, printed every ``print_freq`` batches (rank 0, its own share of the data);
+    ``engine.evaluate`` calls :meth:`on_batch` with each batch's scores and targets."""
+
+    def __init__(self, num_classes: int, threshold: float, print_freq: int, num_batches: int, enabled: bool):
+        self.meter = ThresholdMetrics(num_classes, threshold)
+        self.threshold = threshold
+        self.print_freq = print_freq
+        self.num_batches = num_batches
+        self.enabled = enabled
+        self.end = time.perf_counter()
+        self.time_sum = 0.0
+        self.batches = 0
+        self.count = 0
+        self.prec_sum = 0.0
+        self.rec_sum = 0.0
+
+    def on_batch(self, i: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        targets = targets.float()
+        self.meter.update(scores, targets)
+        pred = scores > self.threshold
+        tp = int((pred & (targets == 1)).sum())
+        fp = int((pred & (targets == 0)).sum())
+        fn = int((~pred & (targets == 1)).sum())
+        # original: per-batch overall precision/recall in percent (0 when undefined), averaged over images.
+        prec = 100.0 * tp / (tp + fp) if tp + fp else 0.0
+        rec = 100.0 * tp / (tp + fn) if tp + fn else 0.0
+        n = scores.shape[0]
+        now = time.perf_counter()
+        batch_time = now - self.end
+        self.end = now
+        self.time_sum += batch_time
+        self.batches += 1
+        self.count += n
+        self.prec_sum += prec * n
+        self.rec_sum += rec * n
+        if self.enabled and i % self.print_freq == 0:
+            print("Test: [{0}/{1}]\tTime {2:.3f} ({3:.3f})\tPrecision {4:.2f} ({5:.2f})\tRecall {6:.2f} ({7:.2f})"
+                  .format(i, self.num_batches, batch_time, self.time_sum / self.batches, prec,
+                          self.prec_sum / self.count, rec, self.rec_sum / self.count), flush=True)
+            print(self.meter.format_line(), flush=True)

@@ -25,14 +25,15 @@ from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
 from asl.checkpoint import is_url
 from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
-from asl.errors import UsageError
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.engine import evaluate
+from asl.errors import UsageError
 from asl.inference import load_model
 from asl.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype
 
 from .options import data_options, model_options, runtime_options
+from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
 
@@ -57,49 +58,6 @@ def check_args(args) -> None:
         raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     parse_key_values(args.dataset_option)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
-
-
-class BatchPrinter:
-    """The original's progress lines, printed every ``print_freq`` batches (rank 0, its own share of the data);
-    ``engine.evaluate`` calls :meth:`on_batch` with each batch's scores and targets."""
-
-    def __init__(self, num_classes: int, threshold: float, print_freq: int, num_batches: int, enabled: bool):
-        self.meter = ThresholdMetrics(num_classes, threshold)
-        self.threshold = threshold
-        self.print_freq = print_freq
-        self.num_batches = num_batches
-        self.enabled = enabled
-        self.end = time.perf_counter()
-        self.time_sum = 0.0
-        self.batches = 0
-        self.count = 0
-        self.prec_sum = 0.0
-        self.rec_sum = 0.0
-
-    def on_batch(self, i: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        targets = targets.float()
-        self.meter.update(scores, targets)
-        pred = scores > self.threshold
-        tp = int((pred & (targets == 1)).sum())
-        fp = int((pred & (targets == 0)).sum())
-        fn = int((~pred & (targets == 1)).sum())
-        # original: per-batch overall precision/recall in percent (0 when undefined), averaged over images.
-        prec = 100.0 * tp / (tp + fp) if tp + fp else 0.0
-        rec = 100.0 * tp / (tp + fn) if tp + fn else 0.0
-        n = scores.shape[0]
-        now = time.perf_counter()
-        batch_time = now - self.end
-        self.end = now
-        self.time_sum += batch_time
-        self.batches += 1
-        self.count += n
-        self.prec_sum += prec * n
-        self.rec_sum += rec * n
-        if self.enabled and i % self.print_freq == 0:
-            print("Test: [{0}/{1}]\tTime {2:.3f} ({3:.3f})\tPrecision {4:.2f} ({5:.2f})\tRecall {6:.2f} ({7:.2f})"
-                  .format(i, self.num_batches, batch_time, self.time_sum / self.batches, prec,
-                          self.prec_sum / self.count, rec, self.rec_sum / self.count), flush=True)
-            print(self.meter.format_line(), flush=True)
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,

@@ -1,0 +1,62 @@
+"""The layout promises of the architecture: short functions, a short train app, honest exit codes."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from asl.apps import validate
+from asl.cli import run_main
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted((REPO / "src").rglob("*.py")) + sorted(REPO.glob("*.py"))
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
+
+
+def test_train_app_reads_in_one_sitting_and_root_scripts_are_shims():
+    assert len((REPO / "src/asl/apps/train.py").read_text().splitlines()) <= 200
+    for script in ("train.py", "validate.py", "infer.py", "export.py"):
+        assert len((REPO / script).read_text().splitlines()) <= 12, script
+
+
+def test_library_code_does_not_print():
+    for path in sorted((REPO / "src/asl").rglob("*.py")):
+        if "apps" in path.parts or path.name == "cli.py":  # the command-line side prints by design
+            continue
+        calls = [n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        assert not calls, path
+
+
+def test_a_bug_inside_an_app_shows_its_traceback_and_exits_1(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    (tmp_path / "m.pth").write_bytes(b"")
+    monkeypatch.setattr(validate, "load_model", broken)
+    assert run_main(validate.main, [str(tmp_path), "--model-path", str(tmp_path / "m.pth"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: an internal inconsistency" in err
+
+
+def test_bad_input_to_an_app_is_one_line_and_exits_2(tmp_path, capsys):
+    assert validate.main([str(tmp_path / "missing"), "--model-path", "m.pth"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"validate.py: error: data directory not found: {tmp_path / 'missing'}"]
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--batch_size"])
+def test_range_checks_are_flag_types(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        validate.build_parser().parse_args([str(tmp_path), "--model-path", "m.pth", flag, "0"])
+    assert exc.value.code == 2
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err

@@ -97,14 +97,18 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("memory_efficient", [True, False])
-def test_every_gradient_equals_inplace_abn_reference_float64(memory_efficient):
+@pytest.mark.parametrize("memory_efficient, channels_last", [(True, False), (False, False), (True, True)])
+def test_every_gradient_equals_inplace_abn_reference_float64(memory_efficient, channels_last):
     model = _model_with_mixed_norm_weights(0, memory_efficient)
+    if channels_last:  # train.py's default layout
+        model = model.to(memory_format=torch.channels_last)
     reference = copy.deepcopy(model)
     assert _swap_norms_for_reference(reference) == 60  # stem 1, layers 6 + 9 + 34 + 10
     zero_norms = [n for n, p in model.named_parameters() if n.endswith("1.weight") and bool((p == 0).any())]
     assert len(zero_norms) > 21
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(2, 7, generator=torch.Generator().manual_seed(4)) < 0.4).double()
     got, expected = _grads(model, x, y), _grads(reference, x, y)
     expected = {name.replace(".abn.", "."): g for name, g in expected.items()}

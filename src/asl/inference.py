@@ -147,12 +147,12 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
                num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               prepare: bool = True, channels_last: Optional[bool] = None) -> LoadedModel:
+               prepare: bool = True, channels_last: bool = True) -> LoadedModel:
     """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
 
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
-    (see :func:`resolve_architecture`). ``channels_last`` defaults to True on CUDA only (faster there; on CPU
-    and in ONNX export it buys nothing).
+    (see :func:`resolve_architecture`). ``channels_last`` (NHWC) is faster on CPU and GPU alike; ONNX export
+    turns it off (it buys nothing in the exported graph).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source)
@@ -162,8 +162,6 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     model.eval()
     device = torch.device(device)
     if prepare:
-        if channels_last is None:
-            channels_last = device.type == "cuda"
         model = prepare_for_inference(model, channels_last=channels_last)
     model.to(device)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and

@@ -165,10 +165,10 @@ def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_cl
     if pretrained:
         logger.info("backbone initialised from %s", pretrained)
     elif resume is None and args.dataset != "synthetic" and info.is_main:
-        # original: train.py always started from ImageNet weights; the paper's numbers need them.
-        logger.warning("training %s from scratch (no --model-path): the paper's numbers start from ImageNet-"
-                       "pretrained weights, see MODEL_ZOO.md", args.model_name)
-    state = create_train_state(model.to(info.device), lr=args.lr, weight_decay=args.weight_decay,
+        logger.warning("training %s from scratch (no --model-path): the paper's numbers (and the original's "
+                       "default) start from ImageNet-pretrained weights, see MODEL_ZOO.md", args.model_name)
+    model = model.to(info.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    state = create_train_state(model, lr=args.lr, weight_decay=args.weight_decay,
                                ema_decay=args.ema_decay, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                                amp_dtype=amp_dtype, device=info.device)
     if resume is not None:

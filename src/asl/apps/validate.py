@@ -117,7 +117,8 @@ def _load(args, info):
     remote = is_url(args.model_path)
     if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
-    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device)
+    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
+                        channels_last=args.channels_last)
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     if info.is_main:

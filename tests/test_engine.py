@@ -193,3 +193,18 @@ def test_evaluate_many_runs_each_model_and_handles_missing_indices():
     assert set(out["scores"]) == {"a", "b"}
     assert out["indices"].tolist() == list(range(8))
     assert not math.isclose(float(out["scores"]["a"].sum()), float(out["scores"]["b"].sum()))
+
+
+@pytest.mark.parametrize("total", list(range(1, 12)))
+def test_the_recipe_schedule_runs_for_every_length(total):
+    """OneCycleLR alone fails on exactly 5 steps (a zero-length warm-up phase); the recipe's schedule does not."""
+    from asl.train_state import create_train_state
+
+    state = create_train_state(TinyNet(), lr=1e-3, weight_decay=1e-4, ema_decay=0.9, epochs=1,
+                               steps_per_epoch=total, amp_dtype=None, device=CPU)
+    lrs = []
+    for _ in range(total):
+        state.optimizer.step()
+        state.scheduler.step()
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+    assert all(0 <= lr <= 1e-3 for lr in lrs)

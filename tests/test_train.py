@@ -163,3 +163,10 @@ def test_non_finite_loss_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_p
     err = capsys.readouterr().err
     assert "Traceback" not in err and "non-finite loss" in err.strip().splitlines()[-1]
     assert (out / "last.pth").read_bytes() == good
+
+
+def test_a_five_step_schedule_trains(tmp_path, make_synthetic):
+    data = make_synthetic(5, 3, 40)
+    flags = _flags(data, tmp_path / "o", "-b", "1", "--epochs", "1", "--stop-epoch", "0", "--image-size", "64")
+    assert train.main(flags) == 0
+    assert torch.load(tmp_path / "o" / "last.pth", weights_only=True)["steps_per_epoch"] == 5

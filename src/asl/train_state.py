@@ -76,8 +76,13 @@ def create_train_state(model: nn.Module, *, lr: float, weight_decay: float, ema_
     optimizer = create_optimizer(model, lr=lr, weight_decay=weight_decay)
     # original: OneCycleLR(max_lr=lr, steps_per_epoch=len(train_loader), epochs=80, pct_start=0.2), stepped
     # every iteration; the run stops after --stop-epoch but the schedule keeps its full length.
+    pct_start = 0.2
+    if pct_start * steps_per_epoch * epochs - 1 == 0:
+        # OneCycleLR divides by the length of its warm-up phase, pct_start * total - 1 steps: zero for a schedule of
+        # exactly 5 steps ("float division by zero"). A nudge too small to change any other step avoids it.
+        pct_start += 1e-9
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, steps_per_epoch=steps_per_epoch,
-                                                    epochs=epochs, pct_start=0.2)
+                                                    epochs=epochs, pct_start=pct_start)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return TrainState(model=model, ema=ModelEma(model, ema_decay), optimizer=optimizer, scheduler=scheduler,
                       scaler=scaler)

@@ -208,3 +208,28 @@ def test_the_recipe_schedule_runs_for_every_length(total):
         state.scheduler.step()
         lrs.append(state.optimizer.param_groups[0]["lr"])
     assert all(0 <= lr <= 1e-3 for lr in lrs)
+
+
+def test_checkpointer_never_replaces_a_good_last_pth_with_non_finite_weights(tmp_path):
+    from asl.checkpointer import Checkpointer
+    from asl.errors import TrainingDivergedError
+
+    model, opt, sched, ema, _ = _setup()
+    state = TrainState(model, ema, opt, sched, None)
+    checkpointer = Checkpointer(tmp_path, True, {"num_classes": 4, "idx_to_class": dict(enumerate("abcd"))})
+    with pytest.raises(TrainingDivergedError, match="no checkpoint was written yet"):
+        with torch.no_grad():
+            model.fc.weight[0, 0] = float("inf")
+        checkpointer.save_last(state)
+    assert not checkpointer.last_path.exists()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = 0.0
+    checkpointer.save_last(state)
+    good = checkpointer.last_path.read_bytes()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="holds the last good state"):
+        checkpointer.save_last(state)
+    with pytest.raises(TrainingDivergedError, match="3 weights are NaN"):
+        checkpointer.save_best(model.state_dict(), "regular", 50.0, 0)
+    assert checkpointer.last_path.read_bytes() == good and not (tmp_path / "model-highest.pth").exists()

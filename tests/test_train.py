@@ -170,3 +170,30 @@ def test_a_five_step_schedule_trains(tmp_path, make_synthetic):
     flags = _flags(data, tmp_path / "o", "-b", "1", "--epochs", "1", "--stop-epoch", "0", "--image-size", "64")
     assert train.main(flags) == 0
     assert torch.load(tmp_path / "o" / "last.pth", weights_only=True)["steps_per_epoch"] == 5
+
+
+def test_diverged_weights_are_never_saved_and_the_message_is_true(tmp_path, synthetic, capsys):
+    out = tmp_path / "o"
+    assert train.main(_flags(synthetic, out, "--lr", "1e10")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: ") and "diverged" in err and "no checkpoint was written yet" in err
+    assert not (out / "last.pth").exists() and not (out / "model-highest.pth").exists()
+
+
+def test_validate_refuses_non_finite_scores(tmp_path, capsys):
+    from asl.apps import validate
+    from asl.models import create_model
+
+    data = tmp_path / "voc"
+    model = create_model("tresnet_m", 6)
+    with torch.no_grad():
+        model.head.fc.bias.fill_(float("nan"))
+    torch.save({"model": model.state_dict(), "num_classes": 6, "idx_to_class": dict(enumerate("abcdef"))},
+               tmp_path / "nan.pth")
+    from asl.data import generate_synthetic_coco
+    generate_synthetic_coco(data, num_train=2, num_val=4, image_size=32)
+    code = validate.main([str(data), "--dataset", "synthetic", "--val-split", "val", "--model-path",
+                          str(tmp_path / "nan.pth"), "--image-size", "32", "-j", "0", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "4 of 4 images got non-finite (NaN/inf) scores" in err[-1] and "mAP score" not in "".join(err)

@@ -13,10 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
+
 from . import distributed as dist_utils
 from .atomic import atomic_write_text
 from .checkpoint import load_checkpoint, make_model_checkpoint, save_checkpoint
-from .errors import UsageError
+from .errors import TrainingDivergedError, UsageError
 from .train_state import TrainState
 
 __all__ = ["Checkpointer", "LAST", "HIGHEST"]
@@ -84,22 +86,38 @@ class Checkpointer:
 
     def save_last(self, state: TrainState, synced: bool = False) -> None:
         """``last.pth`` at the state's position. ``synced``: the ranks' weights were just made identical (right
-        after evaluation), so the broadcast is skipped."""
+        after evaluation), so the broadcast is skipped. Refuses (:class:`TrainingDivergedError`) to replace a good
+        file with non-finite weights."""
         if not synced:
             dist_utils.broadcast_module_state(state.model)
             if state.ema is not None:
                 dist_utils.broadcast_module_state(state.ema.module)
+        self.check_finite(state.model.state_dict(), f"epoch {state.epoch}, step {state.step}")
         if self.is_main:
             save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
 
     def save_best(self, weights: Mapping[str, Any], which: str, score: float, epoch: int) -> None:
         """``model-highest.pth``: the weights that scored (``which`` is 'ema' or 'regular')."""
+        self.check_finite(weights, f"epoch {epoch}")
         if not self.is_main:
             return
         meta = {k: v for k, v in self.meta.items() if k not in ("num_classes", "idx_to_class", "steps_per_epoch")}
         save_checkpoint(make_model_checkpoint(weights, self.meta["num_classes"], self.meta["idx_to_class"],
                                               weights=which, mAP=score, epoch=epoch, **meta),
                         self.output_dir / HIGHEST)
+
+    def check_finite(self, weights: Mapping[str, Any], where: str) -> None:
+        broken = sum(int((~torch.isfinite(v)).sum()) for v in weights.values()
+                     if isinstance(v, torch.Tensor) and v.is_floating_point())
+        if broken:
+            raise TrainingDivergedError(f"{broken} weights are NaN or infinite at {where}: training diverged (try a "
+                                        f"lower --lr); {self.kept()}")
+
+    def kept(self) -> str:
+        """What the user still has, for messages about a diverged run."""
+        if self.last_path.is_file():
+            return f"{self.last_path} holds the last good state"
+        return "no checkpoint was written yet"
 
     def log_epoch(self, record: Mapping[str, Any]) -> None:
         if self.is_main:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import distributed as dist_utils
 from .data.transforms import to_float
-from .errors import TrainingDivergedError
+from .errors import NonFiniteScoresError, TrainingDivergedError
 from .precision import autocast
 
 __all__ = [
@@ -45,8 +45,8 @@ class NonFiniteLossError(TrainingDivergedError):
 
     def __init__(self, epoch: int, step: int, value: float) -> None:
         self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}: training diverged; "
-                         f"the last checkpoint was kept (try a lower --lr, or --amp-dtype bfloat16)")
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}: training diverged "
+                         f"(try a lower --lr, or --amp-dtype bfloat16)")
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -316,6 +316,12 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
                 local[key] = torch.zeros((0, num_classes))
         skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
     idx, gathered = dist_utils.gather_by_index(idx, local)
+    for name in models:
+        broken = int((~torch.isfinite(gathered[f"scores/{name}"])).any(dim=1).sum())
+        if broken:
+            # An mAP of NaN scores is meaningless (NaNs sort anywhere): refuse it instead of reporting a number.
+            raise NonFiniteScoresError(f"{broken} of {int(idx.numel())} images got non-finite (NaN/inf) scores from "
+                                       f"the {name} model: its weights are broken")
     return {
         "scores": {name: gathered[f"scores/{name}"].numpy() for name in models},
         "targets": gathered["targets"].numpy(),

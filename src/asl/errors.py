@@ -6,7 +6,8 @@ exit with code 2. Any other exception is a bug and keeps its traceback (exit cod
 """
 from __future__ import annotations
 
-__all__ = ["AslError", "UsageError", "ModelError", "DatasetError", "CheckpointError", "TrainingDivergedError"]
+__all__ = ["AslError", "UsageError", "ModelError", "DatasetError", "CheckpointError", "TrainingDivergedError",
+           "NonFiniteScoresError"]
 
 
 class AslError(Exception):
@@ -32,4 +33,8 @@ class CheckpointError(AslError):
 
 
 class TrainingDivergedError(AslError):
-    """The loss became NaN or infinite: the run stops before the optimizer step, keeping the last good weights."""
+    """The loss or the weights became NaN or infinite: the run stops, and no checkpoint holds the broken weights."""
+
+
+class NonFiniteScoresError(AslError):
+    """A model gave NaN or infinite scores: its weights are broken, and an mAP of them would mean nothing."""

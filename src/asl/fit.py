@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from . import distributed as dist_utils
 from .checkpointer import Checkpointer
-from .engine import StepConfig, evaluate_many, train_one_epoch
+from .engine import NonFiniteLossError, StepConfig, evaluate_many, train_one_epoch
+from .errors import NonFiniteScoresError, TrainingDivergedError
 from .metrics import score
 from .train_state import TrainState
 
@@ -90,8 +91,11 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
                         and state.step < config.steps_per_epoch:
                     checkpointer.save_last(state)
 
-            stats = train_one_epoch(state, train_loader, criterion, config.step, on_step=step_done,
-                                    stop_requested=stop_flag)
+            try:
+                stats = train_one_epoch(state, train_loader, criterion, config.step, on_step=step_done,
+                                        stop_requested=stop_flag)
+            except NonFiniteLossError as exc:
+                raise TrainingDivergedError(f"{exc}; {checkpointer.kept()}") from None
             if stats["interrupted"]:
                 checkpointer.save_last(state)
                 return "interrupted"
@@ -111,8 +115,11 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, checkpointer: Ch
     """original (validate_multi): the regular and the EMA model are scored; the epoch's mAP is the higher one."""
     dist_utils.broadcast_module_state(state.model)
     dist_utils.broadcast_module_state(state.ema.module)
-    out = evaluate_many({"regular": state.model, "ema": state.ema.module}, val_loader, config.step.device,
-                        amp_dtype=config.step.amp_dtype)
+    try:
+        out = evaluate_many({"regular": state.model, "ema": state.ema.module}, val_loader, config.step.device,
+                            amp_dtype=config.step.amp_dtype)
+    except NonFiniteScoresError as exc:
+        raise TrainingDivergedError(f"training diverged (try a lower --lr): {exc}; {checkpointer.kept()}") from None
     map_regular = score(out["targets"], out["scores"]["regular"])
     map_ema = score(out["targets"], out["scores"]["ema"])
     current = max(map_regular, map_ema)

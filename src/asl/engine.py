@@ -317,11 +317,7 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
         skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
     idx, gathered = dist_utils.gather_by_index(idx, local)
     for name in models:
-        broken = int((~torch.isfinite(gathered[f"scores/{name}"])).any(dim=1).sum())
-        if broken:
-            # An mAP of NaN scores is meaningless (NaNs sort anywhere): refuse it instead of reporting a number.
-            raise NonFiniteScoresError(f"{broken} of {int(idx.numel())} images got non-finite (NaN/inf) scores from "
-                                       f"the {name} model: its weights are broken")
+        _refuse_non_finite(gathered[f"scores/{name}"], name)
     return {
         "scores": {name: gathered[f"scores/{name}"].numpy() for name in models},
         "targets": gathered["targets"].numpy(),
@@ -329,6 +325,14 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
         "skipped": skipped,
         "num_images": int(idx.numel()),
     }
+
+
+def _refuse_non_finite(scores: torch.Tensor, name: str) -> None:
+    """An mAP of NaN scores is meaningless (NaNs sort anywhere): refuse it instead of reporting a number."""
+    broken = int((~torch.isfinite(scores)).any(dim=1).sum())
+    if broken:
+        raise NonFiniteScoresError(f"{broken} of {scores.shape[0]} images got non-finite (NaN/inf) scores from the "
+                                   f"{name} model: its weights are broken")
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,

@@ -2,6 +2,7 @@
 independent of DataLoader workers."""
 
 import logging
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -148,3 +149,25 @@ def test_dataset_pickles_for_spawn_workers(small_set, tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone.epoch == 3 and len(clone) == len(ds)
     assert torch.equal(clone[4][0], ds[4][0])
+
+
+def test_a_fifo_is_refused_by_name_instead_of_blocking(tmp_path):
+    import threading
+
+    from asl.data.transforms import UnreadableImageError, load_rgb
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            load_rgb(fifo)
+        except UnreadableImageError as exc:
+            outcome.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert outcome and "pipe.jpg" in outcome[0] and "not a regular file" in outcome[0]

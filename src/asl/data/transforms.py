@@ -16,9 +16,12 @@ and not on the number of DataLoader workers or the order in which they run.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import stat
 import warnings
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,17 +84,36 @@ def load_rgb(path) -> Image.Image:
     sample).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return _to_rgb(img)
+        file = _open_regular(path)
     except FileNotFoundError:
         raise UnreadableImageError(path, "file not found") from None
+    except OSError as exc:
+        raise UnreadableImageError(path, exc.strerror or str(exc)) from None
+    try:
+        with file, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                img.load()
+                return _to_rgb(img)
     # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, ValueError, EOFError,
     # struct.error, IndexError, ...), and a bomb is a warning turned into an error above: all mean "unreadable".
     except Exception as exc:  # noqa: BLE001
         raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _open_regular(path) -> BinaryIO:
+    """Opens ``path`` for reading only if it is a regular file: a FIFO or a device would block the reader forever.
+
+    The file is opened without blocking and checked on the open descriptor, so nothing can swap it in between.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:

@@ -5,6 +5,7 @@ import functools
 import http.server
 import os
 import pathlib
+import shutil
 import threading
 from collections import OrderedDict
 
@@ -187,6 +188,10 @@ def http_root(tmp_path, monkeypatch):
         thread.join(timeout=5)
 
 
+def _cached(name_stem: str) -> list:
+    return sorted((pathlib.Path(torch.hub.get_dir()) / "checkpoints").glob(f"{name_stem}-*.pth"))
+
+
 def test_url_is_downloaded_once_into_the_hub_cache(http_root):
     root, base_url, requests = http_root
     model = tiny_model()
@@ -194,8 +199,7 @@ def test_url_is_downloaded_once_into_the_hub_cache(http_root):
 
     loaded = load_checkpoint(f"{base_url}/remote.pth")
     assert_state_equal(loaded["model"], model.state_dict())
-    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / "remote.pth"
-    assert cached.is_file()
+    assert len(_cached("remote")) == 1
     assert requests == ["/remote.pth"]
 
     again = load_checkpoint(f"{base_url}/remote.pth")  # served from the cache
@@ -203,12 +207,81 @@ def test_url_is_downloaded_once_into_the_hub_cache(http_root):
     assert again["num_classes"] == 3
 
 
+def test_the_cache_is_keyed_by_the_whole_url(http_root):
+    root, base_url, requests = http_root
+    for folder, classes in (("x", 3), ("y", 5)):
+        (root / folder).mkdir()
+        torch.save({"model": {}, "num_classes": classes, "idx_to_class": {}}, root / folder / "good.pth")
+    assert load_checkpoint(f"{base_url}/x/good.pth")["num_classes"] == 3
+    assert load_checkpoint(f"{base_url}/y/good.pth")["num_classes"] == 5  # not x's file from the cache
+    assert requests == ["/x/good.pth", "/y/good.pth"] and len(_cached("good")) == 2
+
+
+def test_an_interrupted_download_is_not_cached(tmp_path, monkeypatch):
+    class HalfBody(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 500)  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("no_proxy", "*")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfBody)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CheckpointError, match="incomplete download .* 500 of 1000 bytes"):
+            load_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/half.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    folder = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_sha256_is_checked_given_or_from_the_file_name(http_root, tmp_path):
+    import hashlib
+
+    root, base_url, _ = http_root
+    torch.save({"model": {}, "num_classes": 2, "idx_to_class": {}}, root / "m.pth")
+    digest = hashlib.sha256((root / "m.pth").read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="does not match the expected SHA-256"):
+        load_checkpoint(f"{base_url}/m.pth", sha256="0" * 64)
+    assert _cached("m") == []
+    assert load_checkpoint(f"{base_url}/m.pth", sha256=digest)["num_classes"] == 2
+    shutil.copy(root / "m.pth", root / f"named-{digest[:10]}.pth")  # torch hub's hash-prefix convention
+    assert load_checkpoint(f"{base_url}/named-{digest[:10]}.pth")["num_classes"] == 2
+    shutil.copy(root / "m.pth", root / "named-deadbeef00.pth")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(f"{base_url}/named-deadbeef00.pth")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(root / "m.pth", sha256="f" * 64)  # local files too
+    with pytest.raises(CheckpointError, match="64 hexadecimal digits"):
+        load_checkpoint(f"{base_url}/m.pth", sha256="abc")
+
+
+def test_plain_http_to_another_machine_warns(caplog, monkeypatch, tmp_path):
+    import asl.download
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def refuse(url):
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(asl.download.urllib.request, "urlopen", refuse)
+    with caplog.at_level("WARNING"), pytest.raises(CheckpointError, match="could not download"):
+        load_checkpoint("http://example.com/m.pth")
+    assert "plain http" in caplog.text
+
+
 def test_url_errors_are_checkpoint_errors(http_root):
     root, base_url, _ = http_root
     with pytest.raises(CheckpointError, match="could not download"):
         load_checkpoint(f"{base_url}/absent.pth")
-    cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
-    assert not (cache / "absent.pth").exists()
+    assert _cached("absent") == []
 
     torch.save({"model": {"w": torch.ones(1)}, "extra": Payload(root / "ran")}, root / "evil.pth")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import re
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import PurePath
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_write
+from .download import download, expected_sha256, is_url, sha256_of
 from .errors import CheckpointError
 from .state_dict import clean_state_dict, is_counter
 
@@ -107,30 +107,6 @@ def make_model_checkpoint(model_state: Mapping, num_classes: int, idx_to_class: 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https")
-
-
-def _download(url: str) -> str:
-    """Download ``url`` once into ``torch.hub.get_dir()/checkpoints`` (with a progress bar); return the path."""
-    filename = os.path.basename(urllib.parse.urlparse(url).path)
-    if not filename:
-        raise CheckpointError(f"cannot tell a file name from the URL {url}")
-    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
-    cached = os.path.join(cache_dir, filename)
-    if os.path.isfile(cached):
-        logger.info("using cached %s", cached)
-        return cached
-    os.makedirs(cache_dir, exist_ok=True)
-    logger.info("downloading %s to %s", url, cached)
-    try:
-        # Writes to a temporary file and moves it into place, so an interrupted download leaves no partial file.
-        torch.hub.download_url_to_file(url, cached, progress=True)
-    except Exception as exc:
-        raise CheckpointError(f"could not download {url}: {exc}") from exc
-    return cached
-
-
 def _explain_unpickling_error(path: str, exc: Exception) -> CheckpointError:
     message = str(exc)
     found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", message)
@@ -162,20 +138,23 @@ def _normalize(obj: Any, source: str) -> Dict:
                           f"(keys: {sorted(map(str, obj))[:5]})")
 
 
-def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu") -> Dict:
+def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Optional[str] = None) -> Dict:
     """Load a checkpoint file or URL safely, as a dict with at least the key ``'model'`` (the state dict).
 
     - Always ``torch.load(..., weights_only=True)``: a file that needs arbitrary code to unpickle (a pickled
       object whose reconstruction calls a function) is refused with :class:`CheckpointError`; nothing from it runs.
     - ``http://`` / ``https://`` URLs are downloaded once into ``torch.hub.get_dir()/checkpoints`` (progress bar)
-      and loaded from there on later calls.
+      and loaded from there on later calls (see :mod:`asl.download`: keyed by the whole URL, checked).
+    - ``sha256`` (64 hex digits), when given, must match the file's, downloaded or local.
     - A bare state dict is returned as ``{'model': state_dict}``; a ``'state_dict'`` entry is renamed ``'model'``.
     - A missing or unreadable file raises :class:`CheckpointError` naming the path.
     """
     source = os.fspath(path_or_url)
-    path = _download(source) if is_url(source) else source
+    path = download(source, sha256) if is_url(source) else source
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if sha256 and not is_url(source) and sha256_of(path) != expected_sha256(source, sha256):
+        raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...

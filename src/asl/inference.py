@@ -147,7 +147,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
                num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               prepare: bool = True, channels_last: bool = True) -> LoadedModel:
+               prepare: bool = True, channels_last: bool = True, sha256: Optional[str] = None) -> LoadedModel:
     """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
 
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
@@ -155,7 +155,7 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     turns it off (it buys nothing in the exported graph).
     """
     source = os.fspath(path_or_url)
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(source, sha256=sha256)
     arch = resolve_architecture(ckpt, model_name, num_classes)
     model = create_model(arch["model_name"], arch["num_classes"], bottleneck_head=arch["bottleneck_head"])
     load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])

@@ -125,7 +125,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     roots = [Path(os.path.abspath(p)) for p in args.pic_path if Path(p).is_dir()]
     plan = _output_plan(args.output, paths, roots)
 
-    loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last)
+    loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
+                        sha256=args.model_sha256)
     logger.info("%d picture(s), threshold %.3f, device %s", len(paths), threshold, device)
 
     loader = DataLoader(_Pictures(paths, args.image_size), batch_size=args.batch_size, shuffle=False,

@@ -16,6 +16,8 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
                    help=model_path_help)
     p.add_argument("--model-name", type=str, default=None,
                    help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
+    p.add_argument("--model-sha256", type=str, default=None,
+                   help="expected SHA-256 of the checkpoint (64 hex digits): checked before it is loaded")
     p.add_argument("--image-size", "--input-size", type=positive_int, default=448, help="square input size")
     return p
 

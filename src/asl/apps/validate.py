@@ -118,7 +118,7 @@ def _load(args, info):
     if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
     loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
-                        channels_last=args.channels_last)
+                        channels_last=args.channels_last, sha256=args.model_sha256)
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     if info.is_main:

@@ -1,0 +1,113 @@
+"""Checkpoint URLs: downloaded once into the torch hub cache, never served wrong or half.
+
+- The cached name carries a hash of the whole URL (``<name>-<12 hex>.pth``): two URLs ending in the same file name
+  are two cache entries, so a file from one server is never served for another.
+- A download goes to a temporary file beside its cache entry, is checked (the ``Content-Length`` the server
+  announced, and the SHA-256 when one is known) and only then renamed into place: an interrupted or wrong
+  download leaves nothing behind.
+- The expected SHA-256 comes from the caller (``--model-sha256``) or from torch hub's convention of a hash prefix
+  in the file name (``name-<first hex digits of the sha256>.pth``). A cached file is checked again on every use
+  when a hash is known.
+- Plain ``http://`` to anything but this machine is allowed, with a warning: nothing protects the file in transit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+import torch
+
+from .atomic import atomic_write
+from .errors import CheckpointError
+
+__all__ = ["is_url", "download", "sha256_of", "expected_sha256"]
+
+logger = logging.getLogger(__name__)
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_CHUNK = 1 << 20
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
+
+
+def sha256_of(path: os.PathLike | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_sha256(url: str, sha256: Optional[str]) -> Optional[str]:
+    """The full hash given by the caller, else the hash prefix in the URL's file name (torch hub), else None."""
+    if sha256:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+            raise CheckpointError(f"--model-sha256 must be 64 hexadecimal digits, got {sha256!r}")
+        return sha256.strip().lower()
+    found = _HASH_PREFIX.search(os.path.basename(urllib.parse.urlparse(url).path))
+    return found.group(1) if found else None
+
+
+def _matches(actual: str, expected: Optional[str]) -> bool:
+    return expected is None or actual.startswith(expected)
+
+
+def download(url: str, sha256: Optional[str] = None) -> str:
+    """The local path of ``url``'s content: from the cache, or downloaded and checked. Raises
+    :class:`CheckpointError` for a failed, incomplete or mismatching download."""
+    parsed = urllib.parse.urlparse(url)
+    name = os.path.basename(parsed.path)
+    if not name:
+        raise CheckpointError(f"cannot tell a file name from the URL {url}")
+    if parsed.scheme == "http" and parsed.hostname not in _LOOPBACK:
+        logger.warning("downloading %s over plain http: nothing protects it in transit; prefer https or give "
+                       "its SHA-256 (--model-sha256)", url)
+    expected = expected_sha256(url, sha256)
+    stem, suffix = os.path.splitext(name)
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{stem}-{key}{suffix}"
+    if cached.is_file():
+        if _matches(sha256_of(cached), expected):
+            logger.info("using cached %s", cached)
+            return str(cached)
+        logger.warning("cached %s does not match the expected SHA-256: downloading it again", cached)
+    logger.info("downloading %s to %s", url, cached)
+    try:
+        with urllib.request.urlopen(url) as response:
+            atomic_write(cached, lambda f: _receive(response, f, url, expected))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"could not download {url}: {exc}") from exc
+    return str(cached)
+
+
+def _receive(response, out: BinaryIO, url: str, expected: Optional[str]) -> None:
+    """Streams the body into ``out``, then checks its length and hash (raising leaves no file behind)."""
+    from tqdm import tqdm
+
+    announced = response.headers.get("Content-Length")
+    total = int(announced) if announced and announced.isdigit() else None
+    digest = hashlib.sha256()
+    received = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url), disable=None, leave=False) as bar:
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    if total is not None and received != total:
+        raise CheckpointError(f"incomplete download of {url}: {received} of {total} bytes (the connection was cut); "
+                              f"nothing was cached, try again")
+    if not _matches(digest.hexdigest(), expected):
+        raise CheckpointError(f"{url} does not match the expected SHA-256 {expected} (got {digest.hexdigest()}); "
+                              f"nothing was cached")

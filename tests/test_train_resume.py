@@ -103,3 +103,31 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, s
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resumed from" in run.stdout and "epoch 1, step 2" in run.stdout
     _assert_identical(full, killed)
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identically(tmp_path, synthetic,
+                                                                                     run_script):
+    """What SLURM's scancel does: SIGTERM to every process of the group, DataLoader workers included."""
+    import os
+    import subprocess
+    import sys
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    common = ["-j", "2", "--stop-epoch", "1", "-p", "1"]
+    assert run_script(["train.py", *_flags(synthetic, full, *common)]).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"),
+                             *_flags(synthetic, stopped, *common)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("Epoch [0/3], Step [001/"):
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole group: the main process and its workers
+            break
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted at epoch 0" in out and "killed by signal" not in err
+    saved = torch.load(stopped / "last.pth", weights_only=True)
+    assert saved["epoch"] == 0 and saved["step"] >= 2
+    resumed = run_script(["train.py", *_flags(synthetic, stopped, *common, "--resume", "auto")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_identical(full, stopped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -234,14 +235,20 @@ def collate_skip(batch) -> Batch:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed ``random`` and ``numpy.random`` of a DataLoader worker from torch's per-worker seed.
+    """``worker_init_fn``: seeds ``random`` and ``numpy.random`` of a DataLoader worker from torch's per-worker
+    seed, and makes the worker ignore SIGINT and SIGTERM.
 
     The dataset's own augmentation does not use these global generators (it derives one generator per sample
-    from (seed, epoch, index)); this only makes any other library that draws from them deterministic too.
+    from (seed, epoch, index)); seeding only makes any other library that draws from them deterministic too.
+    The signals: SLURM's scancel, systemd and ``kill -TERM -PGID`` signal the whole process group. A worker that
+    died of it would take the run down before the main process could save; ignoring them lets the main process
+    finish its step, save and shut the workers down itself (they also exit when the main process is gone).
     """
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0, seed: int = 0,

@@ -60,3 +60,17 @@ def test_range_checks_are_flag_types(flag, tmp_path, capsys):
         validate.build_parser().parse_args([str(tmp_path), "--model-path", "m.pth", flag, "0"])
     assert exc.value.code == 2
     assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["2", "nan", "-0.1"])
+def test_infer_threshold_is_a_probability(value, capsys):
+    from asl.apps import infer
+
+    with pytest.raises(SystemExit):
+        infer.build_parser().parse_args(["--model-path", "m.pth", "--pic-path", "x.jpg", "--th", value])
+    assert "within [0, 1]" in capsys.readouterr().err
+
+
+def test_validate_output_json_is_checked_before_the_run(tmp_path, capsys):
+    assert validate.main([str(tmp_path), "--model-path", "m.pth", "--output-json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

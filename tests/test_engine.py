@@ -1,5 +1,6 @@
 """engine: optimizer groups, the training step's contract, and evaluate() order/scores."""
 import math
+import pathlib
 
 import pytest
 import torch
@@ -233,3 +234,26 @@ def test_checkpointer_never_replaces_a_good_last_pth_with_non_finite_weights(tmp
     with pytest.raises(TrainingDivergedError, match="3 weights are NaN"):
         checkpointer.save_best(model.state_dict(), "regular", 50.0, 0)
     assert checkpointer.last_path.read_bytes() == good and not (tmp_path / "model-highest.pth").exists()
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    from asl.checkpointer import Checkpointer
+
+    stale = tmp_path / ".last.pth.12345.abcd1234.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    unrelated = tmp_path / "notes.tmp"
+    unrelated.write_text("keep")
+    Checkpointer.prepare(tmp_path, is_main=True)
+    assert not stale.exists() and unrelated.exists()
+
+
+def test_a_failed_save_on_a_read_only_folder_reports_the_real_error(tmp_path, monkeypatch):
+    from asl.atomic import atomic_write
+
+    def fail(f):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        PermissionError(13, "cannot remove")))
+    with pytest.raises(OSError, match="Read-only file system"):
+        atomic_write(tmp_path / "x.bin", fail)

@@ -27,7 +27,10 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only file system: the error that matters is the one being raised
+            pass
         raise
     _fsync_directory(directory)
 

@@ -51,6 +51,10 @@ class Checkpointer:
                 output_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
                     pass
+                # Left by a save that was killed (SIGKILL, power loss); each can be as large as last.pth.
+                for stale in [*output_dir.glob(f".{LAST}.*.tmp"), *output_dir.glob(f".{HIGHEST}.*.tmp")]:
+                    stale.unlink()
+                    logger.info("removed %s, left by an interrupted save", stale)
             except OSError as exc:
                 problem = f"output directory is not writable: {output_dir} ({exc.strerror or exc})"
         problem = dist_utils.broadcast_object(problem)

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .engine import images_to_float
-from .precision import autocast
 from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
+from .precision import autocast
 
 __all__ = [
     "LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "default_threshold",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,15 @@ def check_args(args) -> None:
         raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     parse_key_values(args.dataset_option)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
+    if args.output_json:
+        # Found out now rather than after the whole validation.
+        target = Path(args.output_json)
+        if target.is_dir():
+            raise UsageError(f"--output-json {target} is a folder; give a file name")
+        folder = target.parent if str(target.parent) else Path(".")
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK):
+            raise UsageError(f"--output-json {target}: {existing} is not writable")
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,

@@ -247,8 +247,9 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if torch.utils.data.get_worker_info() is not None:  # only ever in a worker process, never in the main one
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0, seed: int = 0,

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-
 from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
 from .timm_backbone import TimmClassifier

@@ -359,3 +359,15 @@ def test_wrong_architecture_names_missing_and_unexpected_keys():
     assert "shape mismatch" not in message and "\n" not in message
     # Nothing was loaded.
     assert_state_equal(model.state_dict(), tiny_model(num_classes=3).state_dict())
+
+
+def test_old_checkpoints_with_numpy_scalars_load_as_plain_python(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "old.pth"
+    torch.save({"model": model.state_dict(), "num_classes": np.int64(3), "mAP": np.float64(81.5),
+                "idx_to_class": {0: np.str_("a"), 1: np.str_("b"), 2: np.str_("c")}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["num_classes"] == 3 and type(ckpt["num_classes"]) is int
+    assert type(ckpt["mAP"]) is float and ckpt["idx_to_class"] == {0: "a", 1: "b", 2: "c"}
+    assert all(type(v) is str for v in ckpt["idx_to_class"].values())
+    assert_state_equal(ckpt["model"], model.state_dict())

@@ -183,3 +183,25 @@ def test_csv_without_split_column(tmp_path):
     ds = create_dataset("csv", tmp_path, "train", 16, train=False)
     assert ds.classes == ["a", "b"] and ds.image_path(0) == str(tmp_path / "x.png")
     np.testing.assert_array_equal(ds.targets(), [[1, 1]])
+
+
+def test_non_utf8_label_files_are_named(tmp_path, nus_root, oi_root):
+    (nus_root / "nus_wid_data.csv").write_bytes("filepath,label,split_name\nimages/a.jpg,\"['caf\xe9']\",train\n"
+                                                .encode("latin-1"))
+    with pytest.raises(DatasetError, match="nus_wid_data.csv is not UTF-8"):
+        create_dataset("nus-wide", nus_root, "train", 32, train=False)
+    classes = tmp_path / "classes.csv"
+    classes.write_bytes("/m/01,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="classes.csv is not UTF-8"):
+        create_dataset("openimages", oi_root, "test", 32, train=False, classes_file=classes)
+
+
+def test_a_refused_classes_checkpoint_gets_our_message(tmp_path, oi_root):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"idx_to_class": {0: "a"}, "x": Payload()}, evil)
+    with pytest.raises(DatasetError, match="classes_file: refusing to unpickle"):
+        create_dataset("openimages", oi_root, "test", 32, train=False, classes_file=evil)

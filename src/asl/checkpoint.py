@@ -122,7 +122,31 @@ def _explain_unpickling_error(path: str, exc: Exception) -> CheckpointError:
     return CheckpointError(f"could not read checkpoint {path}: {first_line}")
 
 
+def _numpy_safe_globals() -> list:
+    """The only non-torch globals a checkpoint may reference: NumPy scalars and their dtypes, which older files
+    (and many third-party ones) hold as ``num_classes``, ``mAP`` or ``numpy.str_`` class names. Both module names
+    a NumPy scalar pickles under (NumPy 1 ``numpy.core``, NumPy 2 ``numpy._core``) map to the same constructor."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            *[(cls, f"numpy.dtypes.{cls.__name__}") for cls in vars(getattr(np, "dtypes", np)).values()
+              if isinstance(cls, type) and issubclass(cls, np.dtype) and cls is not np.dtype]]
+
+
+def _plain_numbers(value: Any) -> Any:
+    """NumPy scalars (from old files) as plain Python values, in nested dicts and lists too."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict) and not isinstance(value, OrderedDict):
+        return {_plain_numbers(k): _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_numbers(v) for v in value)
+    return value
+
+
 def _normalize(obj: Any, source: str) -> Dict:
+    if isinstance(obj, Mapping) and not isinstance(obj, OrderedDict):
+        obj = _plain_numbers(dict(obj))
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
     if "model" in obj and isinstance(obj["model"], Mapping):
@@ -156,7 +180,8 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     if sha256 and not is_url(source) and sha256_of(path) != expected_sha256(source, sha256):
         raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...
         raise _explain_unpickling_error(path, exc) from exc
     return _normalize(obj, path)

@@ -36,6 +36,11 @@ def missing_path_error(what: str, path) -> DatasetError:
     return DatasetError(f"{what} not found: {path} ({DOC_HINT} for the expected layout)")
 
 
+def not_utf8_error(path, exc: UnicodeDecodeError) -> DatasetError:
+    return DatasetError(f"{path} is not UTF-8 text (undecodable byte at offset {exc.start} of a read block): "
+                        f"save it as UTF-8")
+
+
 def require_file(path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():

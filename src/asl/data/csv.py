@@ -24,7 +24,7 @@ import logging
 import re
 from pathlib import Path
 
-from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, not_utf8_error
 
 __all__ = ["load_csv", "read_classes_file"]
 
@@ -34,7 +34,10 @@ _SEPARATORS = re.compile(r"[|;]")
 
 
 def read_classes_file(path) -> list[str]:
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path, exc) from None
     names = [n for n in names if n]
     if len(set(names)) != len(names):
         raise DatasetError(f"duplicate class names in {path}")
@@ -52,8 +55,8 @@ def _find_csv(root: Path, split: str | None) -> Path:
     raise missing_path_error("CSV dataset file", root / (f"{split}.csv" if split else "labels.csv"))
 
 
-def load_csv(root, split: str | None, *, classes_file=None, image_root=None, **dataset_kwargs) -> MultiLabelDataset:
-    csv_path = _find_csv(Path(root), split)
+def _read_rows(csv_path: Path) -> tuple[list, list[str]]:
+    """``(image, class names, split, line number)`` per row, and the lower-cased header."""
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = _csv.DictReader(f)
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
@@ -67,6 +70,15 @@ def load_csv(root, split: str | None, *, classes_file=None, image_root=None, **d
                 raise DatasetError(f"empty image path at {csv_path}:{line_no}")
             names = [n.strip() for n in _SEPARATORS.split(row.get("labels") or "") if n.strip()]
             rows.append((image, names, (row.get("split") or "").strip(), line_no))
+    return rows, header
+
+
+def load_csv(root, split: str | None, *, classes_file=None, image_root=None, **dataset_kwargs) -> MultiLabelDataset:
+    csv_path = _find_csv(Path(root), split)
+    try:
+        rows, header = _read_rows(csv_path)
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(csv_path, exc) from None
     has_split = "split" in header
     if classes_file is None and (csv_path.parent / "classes.txt").is_file():
         classes_file = csv_path.parent / "classes.txt"

@@ -23,15 +23,20 @@ def iter_miil_csv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, lis
     Blank lines are skipped, and so is a header: a first row whose second column is not a list literal.
     A row with fewer than ``len(columns)`` cells raises DatasetError naming the file and line.
     """
+    line_no = 0
     with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < len(columns):
-                raise DatasetError(f"expected {len(columns)} columns ({', '.join(columns)}) at {path}:{line_no}")
-            if line_no == 1 and not row[1].strip().startswith("["):
-                continue  # header row
-            yield f"{path}:{line_no}", [cell.strip() for cell in row]
+        try:
+            for line_no, row in enumerate(csv.reader(f), 1):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) < len(columns):
+                    raise DatasetError(f"expected {len(columns)} columns ({', '.join(columns)}) at {path}:{line_no}")
+                if line_no == 1 and not row[1].strip().startswith("["):
+                    continue  # header row
+                yield f"{path}:{line_no}", [cell.strip() for cell in row]
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path} is not UTF-8 text (after line {line_no}, byte offset {exc.start} of a read "
+                               f"block): save it as UTF-8") from None
 
 
 def parse_list_literal(text: str, where: str = "") -> list[str]:

@@ -22,6 +22,7 @@ import csv
 import logging
 from pathlib import Path
 
+from ..errors import CheckpointError
 from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, require_dir
 from .miil_csv import iter_miil_csv, parse_list_literal
 
@@ -41,12 +42,22 @@ def read_class_table(path) -> list[tuple[str, str]]:
     """(MID, name) pairs from a ``MID,name`` CSV (header optional) or a one-MID-per-line text file."""
     path = Path(path)
     if path.suffix in (".pth", ".pt", ".ckpt"):
-        import torch
+        from ..checkpoint import load_checkpoint  # the safe loader, with its messages for refused files
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "idx_to_class" not in checkpoint:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise DatasetError(f"classes_file: {exc}") from None
+        if "idx_to_class" not in checkpoint:
             raise DatasetError(f"no idx_to_class in checkpoint {path}")
-        return [(v, v) for _, v in sorted((int(k), v) for k, v in checkpoint["idx_to_class"].items())]
+        return [(v, v) for _, v in sorted((int(k), str(v)) for k, v in checkpoint["idx_to_class"].items())]
+    try:
+        return _read_class_csv(path)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start}): save the class table as UTF-8") from None
+
+
+def _read_class_csv(path: Path) -> list[tuple[str, str]]:
     pairs = []
     with open(path, newline="", encoding="utf-8") as f:
         for line_no, row in enumerate(csv.reader(f), 1):

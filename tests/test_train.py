@@ -136,11 +136,12 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
     out = tmp_path / "o"
     # -b 4: 4 steps per epoch. The signal arrives between steps 0 and 1 (after step 0 polled the flag), so
     # step 1 is the "current step": it completes, then the run saves and stops, mid-epoch.
+    before = signal.getsignal(signal.SIGINT)
     assert train.main(_flags(synthetic, out, "-b", "4")) == 0
     assert "interrupted at epoch 0, step 2" in capsys.readouterr().out
     saved = torch.load(out / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
     monkeypatch.setattr(asl.fit, "train_one_epoch", original)
     assert train.main(_flags(synthetic, out, "-b", "4", "--resume", "auto")) == 0
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2

@@ -121,3 +121,26 @@ def test_synthetic_generated_when_absent(tmp_path):
     stamp = (root / "annotations" / "instances_val.json").stat().st_mtime_ns
     create_dataset("synthetic", root, "val", 32, train=False)  # present: not regenerated
     assert (root / "annotations" / "instances_val.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "instances_val.json is not a usable COCO annotation file"),
+    ("", "instances_val.json is not a usable COCO annotation file"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 5, "image_id": 1, "category_id": 999}],'
+     ' "categories": [{"id": 1, "name": "cat"}]}', "category_id 999"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 5, "image_id": 1, "category_id": 1}],'
+     ' "categories": []}', "has no categories"),
+    ('{"images": [], "annotations": [{"id": 5, "image_id": 44, "category_id": 1}],'
+     ' "categories": [{"id": 1, "name": "cat"}]}', "image id 44"),
+    ('{"images": [{"id": 1, "file_name": null}], "annotations": [{"id": 5, "image_id": 1, "category_id": 1}],'
+     ' "categories": [{"id": 1, "name": "cat"}]}', "image 1 has no file_name"),
+    ('{"images": [{"id": 1}], "annotations": [{"id": 5, "image_id": 1, "category_id": 1}],'
+     ' "categories": [{"id": 1, "name": "cat"}]}', "image 1 has no file_name"),
+])
+def test_broken_annotation_files_are_named_with_the_reason(tmp_path, content, expected):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    (tmp_path / "annotations" / "instances_val.json").write_text(content)
+    with pytest.raises(DatasetError, match=expected) as err:
+        create_dataset("coco", tmp_path, "val", 32, train=False)
+    assert "instances_val.json" in str(err.value)

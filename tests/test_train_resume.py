@@ -45,8 +45,11 @@ def _assert_identical(a: Path, b: Path) -> None:
 
 
 def test_stop_epoch_then_resume_is_bit_identical(tmp_path, synthetic):
-    full, split = tmp_path / "full", tmp_path / "split"
+    full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
     assert train.main(_flags(synthetic, full, "-j", "0", "--stop-epoch", "1")) == 0
+    # Two uninterrupted runs agree first, so that "resumed == uninterrupted" cannot hold by luck.
+    assert train.main(_flags(synthetic, again, "-j", "0", "--stop-epoch", "1")) == 0
+    _assert_identical(full, again)
     assert train.main(_flags(synthetic, split, "-j", "0", "--stop-epoch", "0")) == 0
     first = torch.load(split / "last.pth", weights_only=True)
     assert (first["epoch"], first["step"]) == (1, 0)
@@ -131,3 +134,15 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identic
     resumed = run_script(["train.py", *_flags(synthetic, stopped, *common, "--resume", "auto")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(full, stopped)
+
+
+def test_a_last_pth_without_its_ema_or_rng_is_refused_by_name(tmp_path, synthetic, capsys):
+    out = tmp_path / "o"
+    assert train.main(_flags(synthetic, out, "-j", "0", "--stop-epoch", "0")) == 0
+    saved = torch.load(out / "last.pth", weights_only=True)
+    del saved["ema"], saved["rng"]
+    torch.save(saved, out / "last.pth")
+    capsys.readouterr()
+    assert train.main(_flags(synthetic, out, "-j", "0", "--resume", "auto")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lacks ema, rng" in err and "last.pth" in err

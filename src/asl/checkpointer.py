@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 LAST = "last.pth"
 HIGHEST = "model-highest.pth"
+#: what a last.pth must hold to resume exactly.
+RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "args", "steps_per_epoch")
 
 
 class Checkpointer:
@@ -82,6 +84,10 @@ class Checkpointer:
         if "optimizer" not in saved or "args" not in saved:
             raise UsageError(f"--resume {path}: not a last.pth written by train.py (use --model-path for "
                              f"pretrained weights)")
+        missing = [key for key in RESUME_KEYS if key not in saved]
+        if missing:
+            raise UsageError(f"--resume {path}: this last.pth lacks {', '.join(missing)}, so the run cannot continue "
+                             f"exactly; start a new --output-dir (its weights can seed it through --model-path)")
         return saved
 
     def write_args(self, args: Mapping[str, Any]) -> None:

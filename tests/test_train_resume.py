@@ -4,6 +4,7 @@ bit-identical weights to an uninterrupted run (CPU, same seed), with -j 0 and wi
 A tiny timm model (timm/test_resnet) and a tiny generated set keep these runs to seconds; the property tested is
 the training program's (data order, augmentation, optimizer/scheduler/EMA state, step skipping), not the model's.
 """
+import json
 import signal
 from pathlib import Path
 
@@ -134,6 +135,10 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identic
     resumed = run_script(["train.py", *_flags(synthetic, stopped, *common, "--resume", "auto")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(full, stopped)
+    # log.txt's train_loss of the interrupted epoch covers its steps before the signal too
+    losses = [[json.loads(line)["train_loss"] for line in (d / "log.txt").read_text().splitlines()]
+              for d in (full, stopped)]
+    assert losses[0] == losses[1]
 
 
 def test_a_last_pth_without_its_ema_or_rng_is_refused_by_name(tmp_path, synthetic, capsys):

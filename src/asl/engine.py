@@ -147,7 +147,7 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
     images_per_sec`` after each step (``loss``: the global batch's summed loss). ``stop_requested`` is polled
     every step; when it is True on any rank the epoch ends after the current step with ``interrupted=True``.
 
-    Returns ``loss`` (mean over the steps), ``steps`` (done in this call), ``images`` (global count),
+    Returns ``loss`` (mean over the epoch's steps, those before a resume included), ``steps`` (done in this call), ``images`` (global count),
     ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr``, ``interrupted``. Raises
     :class:`NonFiniteLossError` before the optimizer step when the loss is NaN/inf (on any rank).
     """
@@ -155,7 +155,7 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
     num_steps = len(loader) + state.step if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if config.max_steps is not None:
         num_steps = min(num_steps, config.max_steps) if num_steps is not None else config.max_steps
-    totals = {"loss": 0.0, "images": 0, "skipped": 0, "steps": 0}
+    totals = {"images": 0, "skipped": 0, "steps": 0}
     interrupted = False
     start_time = time.perf_counter()
     for step, batch in enumerate(loader, start=state.step):
@@ -164,7 +164,8 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
         loss_value, n_global, skipped, stop = _train_step(state, batch, criterion, config, step,
                                                           stop_requested)
         state.step = step + 1
-        totals["loss"] += loss_value
+        state.loss_sum += loss_value
+        state.loss_steps += 1
         totals["images"] += n_global
         totals["skipped"] += skipped
         totals["steps"] += 1
@@ -180,7 +181,8 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
     skipped = totals["skipped"]
     if config.world_size > 1:
         skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped], device=config.device))[0])
-    return {"loss": totals["loss"] / totals["steps"] if totals["steps"] else float("nan"),
+    # The epoch's mean loss, over the steps run before a mid-epoch resume too.
+    return {"loss": state.loss_sum / state.loss_steps if state.loss_steps else float("nan"),
             "steps": totals["steps"], "images": totals["images"],
             "images_per_sec": totals["images"] / elapsed if elapsed > 0 else 0.0, "skipped": skipped,
             "lr": _current_lr(state.optimizer), "interrupted": interrupted}

@@ -80,6 +80,8 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     sampler, dataset = train_loader.sampler, train_loader.dataset
     with StopFlag() as stop_flag:
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
+            if state.step == 0:
+                state.loss_sum, state.loss_steps = 0.0, 0
             sampler.set_epoch(state.epoch)
             sampler.set_start(state.step * config.local_batch)
             dataset.set_epoch(state.epoch)

@@ -40,6 +40,9 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     highest: float = 0.0
+    #: the current epoch's summed step losses and step count, kept across a mid-epoch resume for log.txt
+    loss_sum: float = 0.0
+    loss_steps: int = 0
     train_model: Optional[nn.Module] = None
 
     @property
@@ -51,7 +54,8 @@ class TrainState:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "epoch": self.epoch, "step": self.step, "highest_mAP": self.highest, "rng": rng_state()}
+                "epoch": self.epoch, "step": self.step, "highest_mAP": self.highest, "rng": rng_state(),
+                "epoch_loss": {"sum": self.loss_sum, "steps": self.loss_steps}}
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Everything, counters and random states included: a resumed run continues exactly."""
@@ -66,6 +70,8 @@ class TrainState:
             self.scaler.load_state_dict(saved["scaler"])
         self.epoch, self.step = int(saved["epoch"]), int(saved["step"])
         self.highest = float(saved.get("highest_mAP", 0.0))
+        running = saved.get("epoch_loss", {"sum": 0.0, "steps": 0})
+        self.loss_sum, self.loss_steps = float(running["sum"]), int(running["steps"])
         set_rng_state(saved["rng"])
 
 

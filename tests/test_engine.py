@@ -257,3 +257,26 @@ def test_a_failed_save_on_a_read_only_folder_reports_the_real_error(tmp_path, mo
         PermissionError(13, "cannot remove")))
     with pytest.raises(OSError, match="Read-only file system"):
         atomic_write(tmp_path / "x.bin", fail)
+
+
+def test_a_full_disk_is_found_before_the_first_epoch_and_named_when_a_save_fails(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from asl.checkpoint import CheckpointError, save_checkpoint
+    from asl.checkpointer import Checkpointer
+    from asl.errors import UsageError
+
+    model, opt, sched, ema, _ = _setup()
+    state = TrainState(model, ema, opt, sched, None)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UsageError, match="no space left for checkpoints .* 0 MiB free"):
+        Checkpointer(tmp_path, True, {}).check_space(state)
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 453798272 vs 453798160")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="no space left on its device"):
+        save_checkpoint({"x": torch.ones(1)}, tmp_path / "last.pth")

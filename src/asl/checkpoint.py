@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import PurePath
@@ -57,8 +58,23 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except Exception as exc:
+        free = _free_bytes(path)
+        if free is not None and free < _LOW_SPACE:
+            # torch.save reports a full disk as "unexpected pos ...": say what it means.
+            raise CheckpointError(f"could not save checkpoint to {path}: no space left on its device "
+                                  f"({free / 2**20:.0f} MiB free)") from exc
         raise CheckpointError(f"could not save checkpoint to {path}: {type(exc).__name__}: {exc}") from exc
     logger.debug("saved checkpoint %s", path)
+
+
+_LOW_SPACE = 64 * 2**20
+
+
+def _free_bytes(path: PathLike) -> Optional[int]:
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return None
 
 
 def _to_plain(value: Any, where: str) -> Any:

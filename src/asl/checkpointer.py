@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -89,6 +90,19 @@ class Checkpointer:
             raise UsageError(f"--resume {path}: this last.pth lacks {', '.join(missing)}, so the run cannot continue "
                              f"exactly; start a new --output-dir (its weights can seed it through --model-path)")
         return saved
+
+    def check_space(self, state: TrainState) -> None:
+        """Refuses to start when the folder cannot hold ``last.pth`` (and its temporary copy while it is
+        replaced): found out now rather than after the first epoch."""
+        if not self.is_main:
+            return
+        size = 2 * sum(t.numel() * t.element_size() for t in state.model.state_dict().values())  # model + EMA
+        size += 2 * sum(p.numel() * p.element_size() for p in state.model.parameters())  # Adam's two moments
+        needed = 2 * size  # the new file is written beside the old one before it replaces it
+        free = shutil.disk_usage(self.output_dir).free
+        if free < needed:
+            raise UsageError(f"no space left for checkpoints in {self.output_dir}: about {needed / 2**20:.0f} MiB "
+                             f"needed for last.pth while it is replaced, {free / 2**20:.0f} MiB free")
 
     def write_args(self, args: Mapping[str, Any]) -> None:
         if self.is_main:

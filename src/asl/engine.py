@@ -147,8 +147,9 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
     images_per_sec`` after each step (``loss``: the global batch's summed loss). ``stop_requested`` is polled
     every step; when it is True on any rank the epoch ends after the current step with ``interrupted=True``.
 
-    Returns ``loss`` (mean over the epoch's steps, those before a resume included), ``steps`` (done in this call), ``images`` (global count),
-    ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr``, ``interrupted``. Raises
+    Returns ``loss`` (mean over the epoch's steps, those before a resume included), ``steps`` (done in this call),
+    ``images`` (global count), ``images_per_sec``, ``skipped`` (unreadable images dropped), ``lr``,
+    ``interrupted``. Raises
     :class:`NonFiniteLossError` before the optimizer step when the loss is NaN/inf (on any rank).
     """
     state.forward_model.train()

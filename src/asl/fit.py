@@ -78,6 +78,7 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     images_per_sec, steps, skipped_images, time.
     """
     sampler, dataset = train_loader.sampler, train_loader.dataset
+    checkpointer.check_space(state)
     with StopFlag() as stop_flag:
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
             if state.step == 0:

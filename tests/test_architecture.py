@@ -74,3 +74,11 @@ def test_infer_threshold_is_a_probability(value, capsys):
 def test_validate_output_json_is_checked_before_the_run(tmp_path, capsys):
     assert validate.main([str(tmp_path), "--model-path", "m.pth", "--output-json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_image_size_has_an_upper_bound(capsys):
+    from asl.apps import train
+
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["DATA", "--image-size", "100000"])
+    assert "expected at most 4096 pixels, got 100000" in capsys.readouterr().err

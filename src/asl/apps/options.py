@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from ..cli import ArgumentParser, image_size, nonnegative_int, positive_float, positive_int, probability
 from ..data import DATASET_NAMES
 from ..precision import amp_dtype_arg
 
@@ -18,7 +18,7 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
                    help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
     p.add_argument("--model-sha256", type=str, default=None,
                    help="expected SHA-256 of the checkpoint (64 hex digits): checked before it is loaded")
-    p.add_argument("--image-size", "--input-size", type=positive_int, default=448, help="square input size")
+    p.add_argument("--image-size", "--input-size", type=image_size, default=448, help="square input size")
     return p
 
 

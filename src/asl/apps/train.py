@@ -15,8 +15,8 @@ import torch
 from asl import distributed as dist_utils
 from asl.checkpoint import load_model_state
 from asl.checkpointer import Checkpointer
-from asl.cli import (ArgumentParser, check_data_dir, nonnegative_int, parse_key_values, positive_int, run_main,
-                     setup_logging)
+from asl.cli import (ArgumentParser, check_data_dir, image_size, nonnegative_int, parse_key_values, positive_int,
+                     run_main, setup_logging)
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.engine import StepConfig
 from asl.errors import UsageError
@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model-path", type=str, default="",
                    help="ImageNet-pretrained backbone to start from (head.fc is skipped); '' = from scratch")
     p.add_argument("--bottleneck-head", action="store_true", help="TResNet head Linear->512->classes (Open Images)")
-    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--image-size", type=image_size, default=224)
     p.add_argument("--output-dir", type=str, default="models")
     p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -144,3 +144,14 @@ def test_broken_annotation_files_are_named_with_the_reason(tmp_path, content, ex
     with pytest.raises(DatasetError, match=expected) as err:
         create_dataset("coco", tmp_path, "val", 32, train=False)
     assert "instances_val.json" in str(err.value)
+
+
+def test_file_names_outside_the_dataset_are_refused_unless_allowed(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    (tmp_path / "annotations" / "instances_val.json").write_text(
+        '{"images": [{"id": 1, "file_name": "../../etc/passwd"}], "categories": [{"id": 1, "name": "cat"}],'
+        ' "annotations": [{"id": 5, "image_id": 1, "category_id": 1}]}')
+    with pytest.raises(DatasetError, match=r"1 image path\(s\) point outside .*'../../etc/passwd'"):
+        create_dataset("coco", tmp_path, "val", 32, train=False)
+    assert len(create_dataset("coco", tmp_path, "val", 32, train=False, allow_outside_root=1)) == 1

@@ -180,7 +180,9 @@ def test_csv_classes_file_and_errors(csv_root, tmp_path):
 def test_csv_without_split_column(tmp_path):
     write_image(tmp_path / "x.png")
     (tmp_path / "train.csv").write_text(f"image,labels\n{tmp_path / 'x.png'},a;b\n")
-    ds = create_dataset("csv", tmp_path, "train", 16, train=False)
+    with pytest.raises(DatasetError, match="outside .* allow_outside_root=1"):
+        create_dataset("csv", tmp_path, "train", 16, train=False)  # absolute paths are opt-in
+    ds = create_dataset("csv", tmp_path, "train", 16, train=False, allow_outside_root=1)
     assert ds.classes == ["a", "b"] and ds.image_path(0) == str(tmp_path / "x.png")
     np.testing.assert_array_equal(ds.targets(), [[1, 1]])
 

@@ -129,9 +129,10 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identic
             break
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
-    assert "interrupted at epoch 0" in out and "killed by signal" not in err
+    # where it stops depends on how fast this process read the line; any position must resume exactly
+    assert "interrupted at epoch" in out and "killed by signal" not in err
     saved = torch.load(stopped / "last.pth", weights_only=True)
-    assert saved["epoch"] == 0 and saved["step"] >= 2
+    assert (saved["epoch"], saved["step"]) >= (0, 2)
     resumed = run_script(["train.py", *_flags(synthetic, stopped, *common, "--resume", "auto")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(full, stopped)

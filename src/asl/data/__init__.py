@@ -11,14 +11,16 @@ Options for every dataset:
 - ``seed=0``: the augmentation seed (see "Randomness");
 - ``strict=False``: ``True`` raises :class:`DatasetError` on the first unreadable image instead of skipping it;
 - ``with_index=False``: ``True`` makes items ``(image, target, index)`` (for evaluation in dataset order);
-- ``cutout_factor=0.5``.
+- ``cutout_factor=0.5``;
+- ``allow_outside_root=False``: ``True`` accepts image paths that are absolute or contain ``..`` (refused by
+  default, so that an annotation file cannot make the loader read files outside the dataset).
 
 Dataset-specific options: ``voc``: ``difficult='positive'|'ignore'|'negative'`` (default positive for
 training, ignore for evaluation), ``year='2007'``; ``nus-wide``: ``csv_file``, ``image_root``; ``openimages``:
 ``unannotated='negative'|'ignore'`` (training default negative; evaluation always keeps -1 unless told),
 ``classes_file``, ``idx_to_class``, ``csv_file``; ``csv``: ``classes_file``, ``image_root``; ``synthetic``:
 ``num_train``, ``num_val``, ``synthetic_size`` (generated picture side), ``generate_seed``. An unknown option
-raises ``TypeError``.
+raises :class:`DatasetError`.
 
 Every dataset has ``classes`` (list of names), ``num_classes``, ``image_path(i)``, ``idx_to_class()``
 (``{i: name}``, the checkpoint field), ``target(i)`` (without reading the image), ``set_epoch(epoch)``,
@@ -126,7 +128,7 @@ _DEFAULT_SPLITS = {
     "synthetic": ("train", "val"),
 }
 
-_COMMON_OPTIONS = ("seed", "strict", "with_index", "cutout_factor")
+_COMMON_OPTIONS = ("seed", "strict", "with_index", "cutout_factor", "allow_outside_root")
 _DATASET_OPTIONS = {
     "coco": (),
     "voc": ("difficult", "year"),

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import signal
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -96,6 +96,17 @@ class LabelTable:
             np.zeros((0, self.num_classes), np.float32)
 
 
+def _refuse_paths_outside(root, rel_paths: Sequence[str]) -> None:
+    """An annotation file names pictures inside its dataset: an absolute path or a ``..`` would make the loader read
+    (and a cache keep) any file the user can read. ``allow_outside_root=1`` permits them."""
+    outside = [p for p in rel_paths
+               if (p.startswith(("/", "\\")) or ".." in p or ":" in p[:3])
+               and (os.path.isabs(p) or ".." in PurePath(p).parts or PureWindowsPath(p).drive)]
+    if outside:
+        raise DatasetError(f"{len(outside)} image path(s) point outside {root}, e.g. {outside[0]!r}; if that is "
+                           f"intended, pass --dataset-option allow_outside_root=1")
+
+
 class _PathTable:
     """Image paths as one UTF-8 blob plus offsets (see LabelTable for why not a list of str)."""
 
@@ -122,7 +133,10 @@ class MultiLabelDataset(Dataset):
 
     def __init__(self, root, rel_paths: Sequence[str], labels: LabelTable, classes: Sequence[str], *,
                  image_size: int, train: bool, cache_dir=None, seed: int = 0, strict: bool = False,
-                 with_index: bool = False, cutout_factor: float = 0.5, name: str = "", split: str = ""):
+                 with_index: bool = False, cutout_factor: float = 0.5, name: str = "", split: str = "",
+                 allow_outside_root: bool = False):
+        if not allow_outside_root:
+            _refuse_paths_outside(root, rel_paths)
         if len(rel_paths) != len(labels):
             raise ValueError("one label row per image is needed")
         if labels.num_classes != len(classes):

@@ -7,7 +7,8 @@
     photos/0002.jpg,car,val
     photos/0003.jpg,,train
 
-- ``image``: a path relative to the CSV's folder (or ``image_root``), or absolute;
+- ``image``: a path relative to the CSV's folder (or ``image_root``); absolute paths and ``..`` need
+  ``allow_outside_root=1``;
 - ``labels``: class names separated by ``|`` or ``;`` (empty = no class present);
 - ``split`` (optional column): rows of other splits are left out; without the column every row is used.
 

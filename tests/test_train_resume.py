@@ -152,3 +152,14 @@ def test_a_last_pth_without_its_ema_or_rng_is_refused_by_name(tmp_path, syntheti
     assert train.main(_flags(synthetic, out, "-j", "0", "--resume", "auto")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "lacks ema, rng" in err and "last.pth" in err
+
+
+def test_resume_onto_other_data_with_the_same_counts_is_refused_unless_forced(tmp_path, make_synthetic, capsys):
+    first, second = make_synthetic(32, 12, 48, seed=0), make_synthetic(32, 12, 48, seed=1)
+    out = tmp_path / "o"
+    assert train.main(_flags(first, out, "-j", "0", "--stop-epoch", "0")) == 0
+    capsys.readouterr()
+    assert train.main(_flags(second, out, "-j", "0", "--stop-epoch", "1", "--resume", "auto")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training data differs" in err and "root" in err and "--force-resume" in err
+    assert train.main(_flags(second, out, "-j", "0", "--stop-epoch", "1", "--resume", "auto", "--force-resume")) == 0

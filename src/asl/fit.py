@@ -33,8 +33,8 @@ class FitConfig:
     stop_epoch: int
     steps_per_epoch: int
     local_batch: int
+    save_every_steps: int
     step: StepConfig
-    save_every_steps: int = 0
 
 
 class StopFlag:
@@ -79,6 +79,9 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     """
     sampler, dataset = train_loader.sampler, train_loader.dataset
     checkpointer.check_space(state)
+    if checkpointer.is_main and (state.epoch >= config.epochs or state.epoch > config.stop_epoch):
+        logger.warning("nothing to train: the run is at epoch %d (--epochs %d, --stop-epoch %d); raise --stop-epoch "
+                       "to continue", state.epoch, config.epochs, config.stop_epoch)
     with StopFlag() as stop_flag:
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
             if state.step == 0:

@@ -6,6 +6,8 @@ what ``last.pth`` stores. :func:`create_train_state` builds the paper's recipe a
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -19,7 +21,7 @@ from .engine import create_optimizer
 from .errors import UsageError
 
 __all__ = ["TrainState", "create_train_state", "check_resume_compatible", "SCHEDULE_FLAGS", "rng_state",
-           "set_rng_state"]
+           "set_rng_state", "data_fingerprint", "check_same_data"]
 
 #: flags that define the model or the learning-rate schedule: a resumed run must use the checkpoint's values.
 SCHEDULE_FLAGS = ("dataset", "train_split", "model_name", "bottleneck_head", "num_classes", "image_size",
@@ -102,6 +104,26 @@ def check_resume_compatible(saved_args: Mapping[str, Any], args: Any, path: str,
             raise UsageError(f"--resume {path}: it was trained with {flag} {saved_args[key]!r} but this run has "
                              f"{flag} {getattr(args, key)!r}; flags defining the model or schedule must match "
                              f"(start a new --output-dir to train differently)")
+
+
+def data_fingerprint(root: str, split: str, dataset: Any) -> dict[str, Any]:
+    """What identifies the training data of a run: its folder, split, image count and class names."""
+    names = "\n".join(dataset.classes).encode("utf-8")
+    return {"root": os.path.abspath(root), "split": split, "images": len(dataset),
+            "classes_sha256": hashlib.sha256(names).hexdigest()}
+
+
+def check_same_data(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: str, force: bool) -> None:
+    """A resumed run must train on the data it started with (the same counts alone could hide another folder)."""
+    if saved is None or force:
+        return
+    differs = [key for key in ("root", "split", "images", "classes_sha256") if saved.get(key) != current[key]]
+    if differs:
+        what = ", ".join(f"{k} {saved.get(k)!r} then, {current[k]!r} now" for k in differs if k != "classes_sha256")
+        if "classes_sha256" in differs:
+            what = (what + ", " if what else "") + "other class names"
+        raise UsageError(f"--resume {path}: the training data differs from the run's ({what}); pass --force-resume "
+                         f"if that is intended")
 
 
 def rng_state() -> dict[str, Any]:

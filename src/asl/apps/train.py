@@ -24,7 +24,8 @@ from asl.fit import FitConfig, fit
 from asl.losses import AsymmetricLoss
 from asl.models import check_model_name, create_model
 from asl.precision import resolve_amp_dtype
-from asl.train_state import TrainState, check_resume_compatible, create_train_state
+from asl.train_state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
+                             data_fingerprint)
 
 from .options import data_options, recipe_options, runtime_options
 from .progress import EpochProgress
@@ -46,6 +47,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--image-size", type=image_size, default=224)
     p.add_argument("--output-dir", type=str, default="models")
     p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
+    p.add_argument("--force-resume", action="store_true", help="resume even if the training data differs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save-every-steps", type=nonnegative_int, default=0,
                    help="also write last.pth every N steps within an epoch (0: at epoch ends only)")
@@ -86,8 +88,10 @@ def train(args, info: dist_utils.DistInfo) -> int:
     resume_path = Checkpointer.find_resume(args.resume, output_dir)
     resume = Checkpointer.load_resume(resume_path) if resume_path else None
     train_ds, val_ds = build_datasets(args)
+    fingerprint = data_fingerprint(args.data, args.train_split, train_ds)
     if resume is not None:
         check_resume_compatible(resume["args"], args, resume_path)
+        check_same_data(resume.get("data"), fingerprint, resume_path, args.force_resume)
     local_batch = dist_utils.per_rank_batch(args.batch_size, info.world_size)
     train_loader, val_loader = build_loaders(args, train_ds, val_ds, local_batch, info)
     steps_per_epoch = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
@@ -96,18 +100,14 @@ def train(args, info: dist_utils.DistInfo) -> int:
     checkpointer = Checkpointer(output_dir, info.is_main, {
         "num_classes": train_ds.num_classes, "idx_to_class": train_ds.idx_to_class(), "model_name": args.model_name,
         "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, "args": dict(vars(args)),
-        "steps_per_epoch": steps_per_epoch})
+        "steps_per_epoch": steps_per_epoch, "data": fingerprint})
     checkpointer.write_args(vars(args))
-    step_config = StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch)
-    config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, step_config,
-                       args.save_every_steps)
+    config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, args.save_every_steps,
+                       StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch))
     if info.is_main:
         logger.info("%s: %d training / %d validation images, %d classes; %s on %s x%d, %d steps per epoch",
                     args.dataset, len(train_ds), len(val_ds), train_ds.num_classes, args.model_name, info.device,
                     info.world_size, steps_per_epoch)
-    if info.is_main and (state.epoch >= args.epochs or state.epoch > args.stop_epoch):
-        print(f"nothing to train: the run is at epoch {state.epoch} (--epochs {args.epochs}, --stop-epoch "
-              f"{args.stop_epoch}); raise --stop-epoch to continue", flush=True)
     criterion = AsymmetricLoss(gamma_neg=args.gamma_neg, gamma_pos=args.gamma_pos, clip=args.clip,
                                disable_torch_grad_focal_loss=True)  # original: summed, fp32
     with EpochProgress(args.epochs, steps_per_epoch, args.print_freq, info.is_main, output_dir,

@@ -72,11 +72,15 @@ def _number(cast: Callable[[str], Any], text: str, what: str) -> Any:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+def _checked(cast: Callable[[str], Any], text: str, what: str, ok: Callable[[Any], bool]) -> Any:
+    value = _number(cast, text, what)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _checked(int, text, "an integer >= 1", lambda v: v >= 1)
 
 
 #: the largest --image-size: the paper's largest is 640; at 4096 one 128-image batch is 25 GiB of input alone.
@@ -92,24 +96,15 @@ def image_size(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _checked(int, text, "an integer >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
-    value = _number(float, text, "a positive number")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+    return _checked(float, text, "a positive number", lambda v: v > 0)
 
 
 def probability(text: str) -> float:
-    value = _number(float, text, "a number within [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {value}")
-    return value
+    return _checked(float, text, "a number within [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
 def parse_key_values(items: Sequence[str], flag: str = "--dataset-option") -> dict[str, Any]:

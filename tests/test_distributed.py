@@ -135,6 +135,7 @@ def test_per_rank_batch_splits_the_global_batch_evenly():
     assert D.per_rank_batch(128, 8) == 16 and D.per_rank_batch(32, 1) == 32
     with pytest.raises(UsageError, match="not divisible"):
         D.per_rank_batch(10, 4)
+    assert D.per_rank_batch(32, 3, exact=False) == 11  # evaluation: any process count (validate under torchrun)
 
 
 def test_select_device():

@@ -126,8 +126,11 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def per_rank_batch(batch_size: int, world_size: int) -> int:
-    """Each process's share of the global batch ``-b``; the recipe's batch must split evenly."""
+def per_rank_batch(batch_size: int, world_size: int, exact: bool = True) -> int:
+    """Each process's share of the global batch ``-b``. Training (``exact``) needs an even split, or the recipe's
+    batch would change; evaluation rounds up, since the batch size cannot change its result."""
+    if not exact:
+        return -(-batch_size // world_size)
     if batch_size % world_size:
         raise UsageError(f"-b {batch_size} is not divisible by the {world_size} processes")
     return batch_size // world_size

@@ -24,7 +24,7 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
-from asl.checkpoint import is_url
+from asl.download import is_url
 from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.engine import evaluate
@@ -163,8 +163,9 @@ def _scores(args, dataset, loaded, info) -> tuple[dict[str, Any], float]:
     # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
     sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                    shuffle=False) if info.distributed else None)
-    loader = create_loader(dataset, dist_utils.per_rank_batch(args.batch_size, info.world_size), sampler=sampler,
-                           num_workers=args.workers, pin_memory=info.device.type == "cuda")
+    local_batch = dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False)
+    loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
+                           pin_memory=info.device.type == "cuda")
     printer = BatchPrinter(dataset.num_classes, args.thre, args.print_freq, len(loader), info.is_main)
     if info.is_main:
         print("starting validation")

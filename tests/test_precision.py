@@ -51,3 +51,8 @@ def test_no_amp_dtype_means_no_autocast():
         assert (x @ x).dtype == torch.float32
     with autocast(torch.device("cpu"), torch.bfloat16):
         assert (x @ x).dtype == torch.bfloat16
+
+
+def test_infer_keeps_the_old_no_amp_spelling():
+    args = infer.build_parser().parse_args(["--model-path", "m.pth", "--pic-path", "x.jpg", "--no-amp"])
+    assert resolve_amp_dtype(args.amp_dtype, torch.device("cuda")) is None

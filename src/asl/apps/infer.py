@@ -10,6 +10,7 @@ stderr and skipped; the exit code is non-zero when none could be read.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
                         help="annotated picture: a file (one picture) or a folder (any number)")
+    # Earlier releases had --no-amp; fp32 is now the default, so it is kept as a spelling of --amp-dtype none.
+    parser.add_argument("--no-amp", dest="amp_dtype", action="store_const", const="none", help=argparse.SUPPRESS)
     return parser
 
 

@@ -228,3 +228,31 @@ def test_annotate_enlarges_thumbnails_by_a_whole_factor():
     assert out.size == (480, 360)  # ceil(320 / 90) = 4, nearest neighbour keeps the pixels
     assert tuple(np.asarray(out)[-1, -1]) == (200, 10, 10)
     assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn
+
+
+def test_per_class_thresholds_file(setup, tmp_path, capsys):
+    """--thresholds FILE: each class at its own threshold. Chosen here so that exactly two classes pass on the
+    picture: one threshold in the widest score gap below the best class, the rest above every score."""
+    picture = setup["pictures"][1]
+    ref = setup["scores"][picture]
+    order = np.argsort(-ref)
+    chosen = {name: 1.0 for name in setup["names"]}
+    # Class order[0] passes with a threshold just below its score, class order[5] with one just below its own;
+    # the classes ranked 1..4 have scores above order[5]'s yet their threshold (1.0) keeps them out.
+    for k in (order[0], order[5]):
+        chosen[setup["names"][k]] = float(ref[k]) - 1e-3
+    th_file = tmp_path / "th.json"
+    th_file.write_text(json.dumps(chosen))
+    code = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", f"--input_size={SIZE}",
+                                 f"--thresholds={th_file}", "--json", "--device=cpu"])
+    assert code == 0
+    [obj] = json_lines(capsys.readouterr().out)
+    assert [d["class"] for d in obj["detections"]] == [setup["names"][order[0]], setup["names"][order[5]]]
+
+    both = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", "--th=0.5",
+                                 f"--thresholds={th_file}"])
+    assert both == 2 and "not both" in capsys.readouterr().err
+    th_file.write_text(json.dumps({"person": 0.5}))
+    wrong = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", f"--input_size={SIZE}",
+                                  f"--thresholds={th_file}"])
+    assert wrong == 2 and "does not fit this model" in capsys.readouterr().err

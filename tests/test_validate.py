@@ -369,3 +369,56 @@ def test_open_images_class_order_comes_from_the_checkpoint(tmp_path):
     # Supports in the checkpoint's order: Tree is positive once, Car never, Dog twice, Cat once.
     assert [r["positives"] for r in rows] == [1, 0, 2, 1]
     assert [r["negatives"] for r in rows] == [2, 1, 1, 1]
+
+
+def test_save_thresholds_report_and_reuse(ref, tmp_path, capsys):
+    """--save-thresholds picks each class's max-F1 set (checked with sklearn's F1 over every possible set),
+    --report writes the page with every class (those without positives as n/a), and --thresholds FILE gives the
+    F1 that the first run announced."""
+    common = [str(DATA), "--model-path", str(ref["path"]), "--val-split", SPLIT, "--image-size", str(SIZE),
+              "-b", "48", "-j", "0"]
+    th_file, report = tmp_path / "th.json", tmp_path / "report"
+    assert run_main(validate.main, common + ["--save-thresholds", str(th_file), "--report", str(report)]) == 0
+    first = capsys.readouterr().out
+    chosen = json.loads(th_file.read_text())
+    assert list(chosen) == ref["class_names"]
+    targets, scores = ref["targets"], ref["scores"]
+    for k, name in enumerate(ref["class_names"]):
+        t, s = targets[:, k], scores[:, k]
+        if t.sum() == 0:
+            assert chosen[name] == 1.0, name
+            continue
+        best = max(sklearn_metrics.f1_score(t, s >= c) for c in s)
+        assert sklearn_metrics.f1_score(t, s > chosen[name]) == pytest.approx(best), name
+    found = re.search(r"micro F1 \(F_O\) ([\d.]+) -> ([\d.]+), macro F1 \(F_C\) ([\d.]+) -> ([\d.]+)", first)
+    assert found, first
+    assert float(found.group(1)) == pytest.approx(printed_star_line(first)[5], abs=0.006)
+
+    page = (report / "README.md").read_text()
+    rows = [line for line in page.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 80
+    without = [n for k, n in enumerate(ref["class_names"]) if targets[:, k].sum() == 0]
+    assert without and all(re.search(rf"\| {re.escape(n)} \| n/a \| 0 \|", page) for n in without)
+    assert {"pr_curves.png", "score_histogram.png", "ap_vs_support.png"} <= {p.name for p in report.iterdir()}
+
+    assert run_main(validate.main, common + ["--thresholds", str(th_file)]) == 0
+    second = printed_star_line(capsys.readouterr().out)
+    assert second[5] == pytest.approx(float(found.group(2)), abs=0.006)
+    assert second[2] == pytest.approx(float(found.group(4)), abs=0.006)
+
+
+def test_threshold_flag_errors(ref, tmp_path, capsys):
+    common = [str(DATA), "--model-path", str(ref["path"]), "--val-split", SPLIT, "--image-size", str(SIZE)]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"person": 0.5}))
+    cases = [
+        (["--threshold-precision", "0.9"], "--threshold-precision chooses the thresholds of --save-thresholds"),
+        (["--thresholds", str(tmp_path / "absent.json")], "no such file"),
+        (["--thresholds", str(bad)], "no threshold for 79 of the model's classes"),
+        (["--report", str(bad)], "is a file; give a folder"),
+        (["--save-thresholds", str(tmp_path)], "is a folder; give a file name"),
+    ]
+    for extra, message in cases:
+        assert run_main(validate.main, common + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.strip().splitlines()[-1], (extra, err)

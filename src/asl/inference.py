@@ -189,8 +189,9 @@ def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.dev
 
 
 def detections(probabilities: Union[torch.Tensor, np.ndarray, Sequence[float]], class_names: Sequence[str],
-               threshold: float, top_k: Optional[int] = None) -> list[dict[str, Any]]:
+               threshold: Union[float, np.ndarray], top_k: Optional[int] = None) -> list[dict[str, Any]]:
     """``[{'class': name, 'score': p}, ...]`` for the classes with ``p > threshold``, highest score first.
+    ``threshold``: one number, or one per class (:mod:`asl.thresholds`).
 
     original: a class is detected when its probability is strictly above the threshold. ``top_k`` keeps at most
     the K best of those (use threshold 0 for a plain top-K).

@@ -20,7 +20,7 @@ the original. :func:`partial_mAP` instead treats negative targets (Open Images' 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "score",
     "ThresholdMetrics",
     "threshold_metrics",
+    "precision_recall_curve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ def _ratio(num: float, den: float) -> float:
 class ThresholdMetrics:
     """Precision / recall / F1 at a fixed threshold, accumulated over batches (validate.py's CP/CR/CF1/OP/OR/OF1).
 
-    A prediction is positive when ``score > threshold`` (strict, as in the original). Targets: 1 positive,
+    A prediction is positive when ``score > threshold`` (strict, as in the original); ``threshold`` is one number,
+    or one per class (see :mod:`asl.thresholds`). Targets: 1 positive,
     0 negative, negative values (-1, "not annotated") are ignored.
 
     :meth:`compute` returns percentages:
@@ -174,11 +176,17 @@ class ThresholdMetrics:
     Every division by zero gives 0 (the original produced NaN for the overall ones).
     """
 
-    def __init__(self, num_classes: int, threshold: float = 0.8):
+    def __init__(self, num_classes: int, threshold: Union[float, Sequence[float], np.ndarray] = 0.8):
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.threshold = float(threshold)
+        values = np.asarray(threshold, dtype=np.float64)
+        if values.ndim == 0:
+            self.threshold: Union[float, np.ndarray] = float(values)
+        elif values.shape == (self.num_classes,):
+            self.threshold = values  # one threshold per class (asl.thresholds)
+        else:
+            raise ValueError(f"expected one threshold or {self.num_classes}, got shape {values.shape}")
         self.reset()
 
     def reset(self) -> None:
@@ -194,19 +202,28 @@ class ThresholdMetrics:
         if isinstance(scores, torch.Tensor) and isinstance(targets, torch.Tensor):
             # Count on the tensors' device and move four small vectors, not the whole batch.
             scores, targets = scores.detach(), targets.detach().to(scores.device)
-            pred = scores > self.threshold
+            pred = self.predict(scores)
             pos, neg = targets == 1, (targets >= 0) & (targets != 1)
             counts = torch.stack([(pred & pos).sum(0), (pred & neg).sum(0),
                                   (~pred & pos).sum(0), (~pred & neg).sum(0)]).cpu().numpy()
         else:
             s, t = _to_numpy(scores), _to_numpy(targets)
-            pred = s > self.threshold
+            pred = self.predict(s)
             pos, neg = t == 1, (t >= 0) & (t != 1)
             counts = np.stack([(pred & pos).sum(0), (pred & neg).sum(0), (~pred & pos).sum(0), (~pred & neg).sum(0)])
         self.tp += counts[0]
         self.fp += counts[1]
         self.fn += counts[2]
         self.tn += counts[3]
+
+    def predict(self, scores):
+        """``scores > threshold`` for a tensor or an array of shape ``(N, num_classes)``. Per-class thresholds are
+        compared in the scores' dtype, as a single Python-float threshold is."""
+        threshold = self.threshold
+        if isinstance(threshold, np.ndarray):
+            threshold = (torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+                         if isinstance(scores, torch.Tensor) else threshold.astype(scores.dtype))
+        return scores > threshold
 
     def per_class(self) -> Dict[str, np.ndarray]:
         """Per-class precision, recall and F1 in percent (0 where a class has no true positive)."""
@@ -247,3 +264,23 @@ def threshold_metrics(targets, scores, threshold: float = 0.8) -> Dict[str, floa
     meter = ThresholdMetrics(t.shape[1], threshold)
     meter.update(s, t)
     return meter.compute()
+
+
+def precision_recall_curve(scores, targets) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's precision-recall curve: ``(precision, recall, thresholds)``, highest threshold first.
+
+    Point i is the prediction "score >= thresholds[i]", one point per distinct score; targets of -1 (not
+    annotated) are left out. Without positives the recall is 0 throughout (instead of undefined).
+    """
+    s, t = _to_numpy(scores).reshape(-1), _to_numpy(targets).reshape(-1)
+    if s.shape != t.shape:
+        raise ValueError(f"scores and targets must have the same length, got {s.shape[0]} and {t.shape[0]}")
+    annotated = t >= 0
+    s, positive = s[annotated], t[annotated] == 1
+    order = np.argsort(-s, kind="stable")
+    s, positive = s[order], positive[order]
+    last = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if s.size else np.zeros(0, dtype=np.int64)
+    hits = np.cumsum(positive)[last] if s.size else np.zeros(0)
+    precision = hits / (last + 1.0)
+    recall = hits / positive.sum() if positive.any() else np.zeros_like(precision)
+    return precision, recall, s[last]

@@ -4,7 +4,8 @@
     python infer.py --dataset_type=MS-COCO --model_name=tresnet_l --model_path=URL --pic_path=a.jpg --json
 
 Prints, per picture, the classes whose probability is above ``--th`` (default per ``--dataset_type``: 0.7 for
-MS-COCO, 0.995 for OpenImages, 0.7 otherwise), best first. ``--json`` prints one JSON object per picture instead.
+MS-COCO, 0.995 for OpenImages, 0.7 otherwise), best first; ``--thresholds FILE`` gives each class its own
+threshold (``validate.py --save-thresholds FILE``). ``--json`` prints one JSON object per picture instead.
 ``--output`` writes the picture(s) with the detections drawn on them. Pictures that cannot be read are named on
 stderr and skipped; the exit code is non-zero when none could be read.
 """
@@ -29,6 +30,7 @@ from asl.errors import UsageError
 from asl.inference import default_threshold, detections, load_model, predict
 from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_images, load_picture
 from asl.precision import resolve_amp_dtype
+from asl.thresholds import load_thresholds
 
 from .options import model_options, runtime_options
 
@@ -45,8 +47,10 @@ def build_parser() -> ArgumentParser:
                         help="picture file(s) and/or folder(s); folders are searched recursively")
     parser.add_argument("--dataset-type", type=str, default="MS-COCO",
                         help="sets the default threshold: MS-COCO 0.7, OpenImages 0.995, others 0.7")
-    parser.add_argument("--th", "--threshold", type=probability, default=None,
-                        help="probability threshold (default: by --dataset-type)")
+    parser.add_argument("--th", "--thre", "--threshold", type=probability, default=None,
+                        help="probability threshold of every class (default: by --dataset-type)")
+    parser.add_argument("--thresholds", type=str, default=None, metavar="FILE",
+                        help="one threshold per class: the JSON {class: threshold} of validate.py --save-thresholds")
     parser.add_argument("--top-k", type=positive_int, default=None, help="report at most K classes per picture")
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
@@ -117,6 +121,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     if not args.model_path:
         raise UsageError("--model_path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
+    if args.thresholds and args.th is not None:
+        raise UsageError("give either --th (one threshold) or --thresholds FILE (one per class), not both")
+    if args.thresholds and not os.path.isfile(args.thresholds):
+        raise UsageError(f"--thresholds {args.thresholds}: no such file")
     threshold = default_threshold(args.dataset_type) if args.th is None else args.th
     device = select_device(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype, device)
@@ -130,7 +138,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
                         sha256=args.model_sha256)
-    logger.info("%d picture(s), threshold %.3f, device %s", len(paths), threshold, device)
+    if args.thresholds:
+        threshold = load_thresholds(args.thresholds, loaded.class_names)
+        logger.info("%d picture(s), per-class thresholds of %s, device %s", len(paths), args.thresholds, device)
+    else:
+        logger.info("%d picture(s), threshold %.3f, device %s", len(paths), threshold, device)
 
     loader = DataLoader(_Pictures(paths, args.image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=min(args.workers, len(paths) - 1) if len(paths) > 1 else 0,

@@ -88,9 +88,8 @@ class BatchPrinter:
     """The original's progress lines, printed every ``print_freq`` batches (rank 0, its own share of the data);
     ``engine.evaluate`` calls :meth:`on_batch` with each batch's scores and targets."""
 
-    def __init__(self, num_classes: int, threshold: float, print_freq: int, num_batches: int, enabled: bool):
-        self.meter = ThresholdMetrics(num_classes, threshold)
-        self.threshold = threshold
+    def __init__(self, num_classes: int, threshold, print_freq: int, num_batches: int, enabled: bool):
+        self.meter = ThresholdMetrics(num_classes, threshold)  # one threshold, or one per class
         self.print_freq = print_freq
         self.num_batches = num_batches
         self.enabled = enabled
@@ -104,7 +103,7 @@ class BatchPrinter:
     def on_batch(self, i: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
         targets = targets.float()
         self.meter.update(scores, targets)
-        pred = scores > self.threshold
+        pred = self.meter.predict(scores)
         tp = int((pred & (targets == 1)).sum())
         fp = int((pred & (targets == 0)).sum())
         fn = int((~pred & (targets == 1)).sum())

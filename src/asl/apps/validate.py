@@ -32,6 +32,8 @@ from asl.errors import UsageError
 from asl.inference import load_model
 from asl.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype
+from asl.report import write_report
+from asl.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
 
 from .options import data_options, model_options, runtime_options
 from .progress import BatchPrinter
@@ -49,6 +51,14 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
     p.add_argument("--thre", type=probability, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
+    p.add_argument("--thresholds", type=str, default=None, metavar="FILE",
+                   help="per-class thresholds (JSON {class: threshold}, from --save-thresholds) instead of --thre")
+    p.add_argument("--save-thresholds", type=str, default=None, metavar="FILE",
+                   help="choose a threshold per class on this set (max F1) and write them as JSON")
+    p.add_argument("--threshold-precision", type=probability, default=None, metavar="P",
+                   help="with --save-thresholds: the lowest threshold reaching precision P instead of max F1")
+    p.add_argument("--report", type=str, default=None, metavar="DIR",
+                   help="write DIR/README.md: per-class table, precision-recall curves, score histograms")
     p.add_argument("--output-json", type=str, default=None, help="write every metric, per-class AP included")
     p.add_argument("--per-class", action="store_true", help="print the per-class AP table")
     return p
@@ -59,21 +69,37 @@ def check_args(args) -> None:
         raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     parse_key_values(args.dataset_option)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
-    if args.output_json:
-        # Found out now rather than after the whole validation.
-        target = Path(args.output_json)
-        if target.is_dir():
-            raise UsageError(f"--output-json {target} is a folder; give a file name")
-        folder = target.parent if str(target.parent) else Path(".")
-        existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-        if not os.access(existing, os.W_OK):
-            raise UsageError(f"--output-json {target}: {existing} is not writable")
+    if args.threshold_precision is not None and not args.save_thresholds:
+        raise UsageError("--threshold-precision chooses the thresholds of --save-thresholds FILE; give that too")
+    if args.threshold_precision == 0:
+        raise UsageError("--threshold-precision must be above 0")
+    if args.thresholds and not os.path.isfile(args.thresholds):
+        raise UsageError(f"--thresholds {args.thresholds}: no such file")
+    # Found out now rather than after the whole validation.
+    for flag, value in (("--output-json", args.output_json), ("--save-thresholds", args.save_thresholds)):
+        if value:
+            check_writable(flag, Path(value))
+    if args.report:
+        if Path(args.report).exists() and not Path(args.report).is_dir():
+            raise UsageError(f"--report {args.report} is a file; give a folder")
+        check_writable("--report", Path(args.report) / "README.md")
+
+
+def check_writable(flag: str, target: Path) -> None:
+    """A file that can be created: not a folder, and the nearest existing folder above it writable."""
+    if target.is_dir():
+        raise UsageError(f"{flag} {target} is a folder; give a file name")
+    folder = target.parent if str(target.parent) else Path(".")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {target}: {existing} is not writable")
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
                    meter: ThresholdMetrics) -> list[dict[str, Any]]:
     ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
     at_threshold = meter.per_class()
+    threshold = np.broadcast_to(np.asarray(meter.threshold, dtype=np.float64), (len(classes),))
     rows = []
     for k, name in enumerate(classes):
         value = float(ap[k])
@@ -83,6 +109,7 @@ def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarr
             "ap": None if math.isnan(value) else 100.0 * value,
             "positives": int((targets[:, k] == 1).sum()),
             "negatives": int((targets[:, k] == 0).sum()),
+            "threshold": float(threshold[k]),
             "precision": float(at_threshold["precision"][k]),
             "recall": float(at_threshold["recall"][k]),
             "f1": float(at_threshold["f1"][k]),
@@ -114,9 +141,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         check_args(args)
         loaded = _load(args, info)
         dataset = _dataset(args, split, loaded, info)
-        out, elapsed = _scores(args, dataset, loaded, info)
+        # Read before the long part, so that a file that does not fit this model stops the run at once.
+        thresholds = load_thresholds(args.thresholds, dataset.classes) if args.thresholds else args.thre
+        out, elapsed = _scores(args, dataset, loaded, info, thresholds)
         if info.is_main:
-            _report(args, split, loaded, dataset, out, elapsed, info)
+            _report(args, split, loaded, dataset, out, elapsed, info, thresholds)
         return 0
     finally:
         dist_utils.destroy_distributed()
@@ -159,14 +188,14 @@ def _dataset(args, split: str, loaded, info):
     return dataset
 
 
-def _scores(args, dataset, loaded, info) -> tuple[dict[str, Any], float]:
+def _scores(args, dataset, loaded, info, thresholds) -> tuple[dict[str, Any], float]:
     # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
     sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                    shuffle=False) if info.distributed else None)
     local_batch = dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False)
     loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
                            pin_memory=info.device.type == "cuda")
-    printer = BatchPrinter(dataset.num_classes, args.thre, args.print_freq, len(loader), info.is_main)
+    printer = BatchPrinter(dataset.num_classes, thresholds, args.print_freq, len(loader), info.is_main)
     if info.is_main:
         print("starting validation")
     start = time.perf_counter()
@@ -177,17 +206,26 @@ def _scores(args, dataset, loaded, info) -> tuple[dict[str, Any], float]:
     return out, time.perf_counter() - start
 
 
-def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: float, info) -> None:
+def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: float, info, thresholds) -> None:
     scores, targets = out["scores"], out["targets"]
     skipped = sorted(set(range(len(dataset))) - set(int(i) for i in out["indices"]))
     partial = bool((targets < 0).any())
-    meter = ThresholdMetrics(dataset.num_classes, args.thre)
+    meter = ThresholdMetrics(dataset.num_classes, thresholds)
     meter.update(scores, targets)
     at_threshold = meter.compute()
     score_value = score(targets, scores)
     rows = per_class_rows(dataset.classes, targets, scores, partial, meter)
     print("--------------------------------------------------------------------")
     print(" * " + meter.format_line(at_threshold))
+    if args.thresholds:
+        print(f"(at the per-class thresholds of {args.thresholds})")
+    if args.save_thresholds:
+        save_tuned_thresholds(args, dataset.classes, targets, scores, meter)
+    if args.report:
+        page = write_report(args.report, rows, _numpy(targets), _numpy(scores),
+                            report_summary(args, split, loaded, out["num_images"], score_value, partial,
+                                           at_threshold))
+        print(f"report written to {page}")
     if skipped:
         named = ", ".join(dataset.image_path(i) for i in skipped[:MAX_NAMED_SKIPPED])
         more = f" (+{len(skipped) - MAX_NAMED_SKIPPED} more)" if len(skipped) > MAX_NAMED_SKIPPED else ""
@@ -206,12 +244,47 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
     print("mAP score:", score_value, flush=True)
 
 
+def save_tuned_thresholds(args, classes: Sequence[str], targets, scores, before: ThresholdMetrics) -> None:
+    """Chooses a threshold per class on the evaluated set, writes them, and prints F1 before and after."""
+    t, s = _numpy(targets), _numpy(scores)
+    if args.threshold_precision is None:
+        tuned, rule = max_f1_thresholds(t, s), "max F1"
+    else:
+        tuned, rule = precision_thresholds(t, s, args.threshold_precision), f"precision >= {args.threshold_precision}"
+    save_thresholds(args.save_thresholds, classes, tuned)
+    after = ThresholdMetrics(len(classes), tuned)
+    after.update(s, t)
+    old, new = before.compute(), after.compute()
+    never = int((tuned >= NEVER).sum())
+    print(f"per-class thresholds ({rule}) written to {args.save_thresholds}"
+          + (f"; {never} class(es) never predicted (no positive, or the precision is never reached)" if never else ""))
+    print(f"  on this same set: micro F1 (F_O) {old['F_O']:.2f} -> {new['F_O']:.2f}, macro F1 (F_C) "
+          f"{old['F_C']:.2f} -> {new['F_C']:.2f}; judge them on another split (validate.py --thresholds FILE)")
+
+
+def report_summary(args, split: str, loaded, num_images: int, score_value: float, partial: bool,
+                   at_threshold: dict[str, float]) -> list[str]:
+    rule = f"the per-class thresholds of `{args.thresholds}`" if args.thresholds else f"{args.thre} for every class"
+    return [
+        f"- model: {loaded.model_name}, {loaded.num_classes} classes, `{args.model_path}` at {args.image_size} px",
+        f"- data: {args.dataset} `{args.data}`, split {split}, {num_images} images",
+        f"- {'partial-label ' if partial else ''}mAP: **{score_value:.2f}**",
+        f"- threshold: {rule}; micro F1 (F_O) {at_threshold['F_O']:.2f}, macro F1 (F_C, mean per-class F1) "
+        f"{at_threshold['F_C']:.2f}",
+    ]
+
+
+def _numpy(values) -> np.ndarray:
+    return values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
 def write_json(args, split, loaded, num_images, skipped, dataset, partial, score, at_threshold, rows,
                elapsed) -> None:
     report = {
         "mAP": score,
         "metric": "partial_mAP" if partial else "mAP",
         "threshold": args.thre,
+        "thresholds_file": args.thresholds,
         **{k: float(v) for k, v in at_threshold.items()},
         "num_images": num_images,
         "skipped": [dataset.image_path(i) for i in skipped],

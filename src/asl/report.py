@@ -1,0 +1,157 @@
+"""``validate.py --report DIR``: one Markdown page with pictures of what the mAP summarises.
+
+``DIR/README.md`` (GitHub and most editors render it) holds the summary, three pictures and the per-class table:
+
+- ``pr_curves.png``: precision-recall curves of the best and the worst classes;
+- ``score_histogram.png``: the scores of positive and of negative labels. ASL's asymmetric focusing and its
+  probability margin act on the negatives, and this is where that shows: how many negatives sit near 0, how
+  many leak above the threshold;
+- ``ap_vs_support.png``: each class's AP against its number of positives (rare classes are where multi-label
+  losses differ);
+- the table: AP, positives, threshold, precision, recall and F1 per class, sorted by AP.
+
+A class without positives has no AP and no curve: it is listed last with "n/a" (the plain mAP counts it as 0, as
+the original does). Plots use matplotlib's ``Figure`` directly (the Agg renderer), so no display and no global
+pyplot state are involved.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from .atomic import atomic_write_bytes, atomic_write_text
+from .metrics import precision_recall_curve
+
+__all__ = ["write_report", "CURVES_PER_PANEL"]
+
+#: classes drawn in each precision-recall panel (best, worst)
+CURVES_PER_PANEL = 5
+
+
+def write_report(directory: Union[str, Path], rows: Sequence[dict[str, Any]], targets: np.ndarray,
+                 scores: np.ndarray, summary: Sequence[str]) -> Path:
+    """Writes ``directory/README.md`` and its PNG pictures; returns the page's path.
+
+    ``rows``: one dict per class, in class order, with ``class``, ``ap`` (percent, ``None`` when undefined),
+    ``positives``, ``threshold``, ``precision``, ``recall`` and ``f1`` (percent). ``targets``/``scores``:
+    ``(N, C)``, probabilities. ``summary``: Markdown lines for the top of the page.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ranked = sorted(rows, key=lambda r: (not _scored(r), -(r["ap"] or 0.0), r["index"]))
+    pictures = {
+        "pr_curves.png": ("Precision-recall curves of the best and worst classes", _pr_curves(ranked, targets,
+                                                                                             scores)),
+        "score_histogram.png": ("Scores of positive and negative labels", _score_histogram(rows, targets, scores)),
+        "ap_vs_support.png": ("AP against the number of positives", _ap_vs_support(rows)),
+    }
+    for name, (_, figure) in pictures.items():
+        atomic_write_bytes(directory / name, _png(figure))
+    lines = ["# Evaluation report", "", *summary, ""]
+    for name, (title, _) in pictures.items():
+        lines += [f"![{title}]({name})", ""]
+    lines += _table(ranked)
+    page = directory / "README.md"
+    atomic_write_text(page, "\n".join(lines) + "\n")
+    return page
+
+
+def _scored(row: dict[str, Any]) -> bool:
+    return row["ap"] is not None and row["positives"] > 0
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _label(name: str) -> str:
+    # A '$' pair would switch matplotlib to math text.
+    return name.replace("$", r"\$")
+
+
+def _figure(width: float, height: float, panels: int = 1):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    return figure, axes
+
+
+def _pr_curves(ranked: Sequence[dict[str, Any]], targets: np.ndarray, scores: np.ndarray):
+    scored = [r for r in ranked if _scored(r)]
+    # Few classes: half in each panel; otherwise the CURVES_PER_PANEL best and worst.
+    per_panel = min(CURVES_PER_PANEL, (len(scored) + 1) // 2)
+    best = scored[:per_panel]
+    worst = scored[per_panel:][-per_panel:] if per_panel else []
+    figure, axes = _figure(10, 4.2, panels=2)
+    for ax, chosen, title in ((axes[0], best, "best classes"), (axes[1], worst, "worst classes")):
+        for row in chosen:
+            k = row["index"]
+            precision, recall, _ = precision_recall_curve(scores[:, k], targets[:, k])
+            ax.step(np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision]), where="post",
+                    label=f"{_label(row['class'])} (AP {row['ap']:.1f})")
+        ax.set(xlim=(0, 1.01), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
+        ax.grid(alpha=0.3)
+        if chosen:
+            ax.legend(fontsize=8, loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no other class with positives", ha="center", va="center")
+    return figure
+
+
+def _score_histogram(rows: Sequence[dict[str, Any]], targets: np.ndarray, scores: np.ndarray):
+    figure, axes = _figure(7, 4)
+    ax = axes[0]
+    bins = np.linspace(0.0, 1.0, 51)
+    values = np.clip(np.nan_to_num(scores.astype(np.float64)), 0.0, 1.0)
+    for mask, label, colour in ((targets == 1, "positive labels", "tab:green"),
+                                ((targets >= 0) & (targets != 1), "negative labels", "tab:red")):
+        ax.hist(values[mask], bins=bins, histtype="stepfilled", alpha=0.45, color=colour,
+                label=f"{label} ({int(mask.sum())})")
+    thresholds = sorted({round(float(r["threshold"]), 4) for r in rows})
+    if len(thresholds) == 1:
+        ax.axvline(thresholds[0], color="black", linestyle="--", linewidth=1,
+                   label=f"threshold {thresholds[0]:g}")
+    ax.set_yscale("log")
+    ax.set(xlabel="probability", ylabel="labels (log scale)", xlim=(0, 1))
+    ax.legend(fontsize=8)
+    return figure
+
+
+def _ap_vs_support(rows: Sequence[dict[str, Any]]):
+    figure, axes = _figure(7, 4)
+    ax = axes[0]
+    scored = [r for r in rows if _scored(r)]
+    ax.scatter([r["positives"] for r in scored], [r["ap"] for r in scored], s=14, alpha=0.7)
+    if scored:
+        ax.set_xscale("log")
+    ax.set(xlabel="positives in the evaluated set (log scale)", ylabel="AP (%)", ylim=(0, 101))
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", r"\|").replace("\n", " ")
+
+
+def _table(ranked: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["## Per-class results, by AP", "",
+             "| rank | class | AP | positives | threshold | precision | recall | F1 |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for rank, r in enumerate(ranked, start=1):
+        ap = f"{r['ap']:.2f}" if _scored(r) else "n/a"
+        threshold = r["threshold"]
+        shown = "never" if threshold >= 1.0 else f"{threshold:.4g}"
+        lines.append(f"| {rank} | {_cell(str(r['class']))} | {ap} | {r['positives']} | {shown} | "
+                     f"{r['precision']:.1f} | {r['recall']:.1f} | {r['f1']:.1f} |")
+    if not all(_scored(r) for r in ranked):
+        lines += ["", "n/a: no positive (or, with unannotated labels, no negative) in the evaluated set, so no AP; "
+                      "the plain mAP counts a class without positives as 0, as the original does."]
+    lines += ["", "Precision, recall and F1 (%) at the threshold; a class is predicted when its probability is "
+                  "above it."]
+    return lines

@@ -19,7 +19,8 @@ Dataset-specific options: ``voc``: ``difficult='positive'|'ignore'|'negative'`` 
 training, ignore for evaluation), ``year='2007'``; ``nus-wide``: ``csv_file``, ``image_root``; ``openimages``:
 ``unannotated='negative'|'ignore'`` (training default negative; evaluation always keeps -1 unless told),
 ``classes_file``, ``idx_to_class``, ``csv_file``; ``csv``: ``classes_file``, ``image_root``; ``synthetic``:
-``num_train``, ``num_val``, ``synthetic_size`` (generated picture side), ``generate_seed``. An unknown option
+``num_train``, ``num_val``, ``synthetic_size`` (generated picture side), ``generate_seed``, ``synthetic_classes``
+(up to 36) and ``skew`` (Zipf exponent of the class frequencies; see :mod:`asl.data.synthetic`). An unknown option
 raises :class:`DatasetError`.
 
 Every dataset has ``classes`` (list of names), ``num_classes``, ``image_path(i)``, ``idx_to_class()``
@@ -135,7 +136,7 @@ _DATASET_OPTIONS = {
     "nus-wide": ("csv_file", "image_root"),
     "openimages": ("unannotated", "classes_file", "idx_to_class", "csv_file"),
     "csv": ("classes_file", "image_root"),
-    "synthetic": ("num_train", "num_val", "synthetic_size", "generate_seed"),
+    "synthetic": ("num_train", "num_val", "synthetic_size", "generate_seed", "synthetic_classes", "skew"),
 }
 
 
@@ -188,15 +189,19 @@ def create_dataset(name: str, root, split: str | None, image_size: int, train: b
     from .synthetic import SYNTHETIC_SPLITS, ensure_synthetic_coco
     if split not in SYNTHETIC_SPLITS:
         raise DatasetError(f"synthetic splits are {SYNTHETIC_SPLITS}, not {split!r}")
-    gen = {"num_train": options.get("num_train", 512), "num_val": options.get("num_val", 128),
-           "image_size": options.get("synthetic_size", 64), "seed": options.get("generate_seed", 0)}
-    ensure_synthetic_coco(Path(root), **gen)
+    names = {"num_train": "num_train", "num_val": "num_val", "synthetic_size": "image_size",
+             "generate_seed": "seed", "synthetic_classes": "num_classes", "skew": "skew"}
+    gen = {"num_train": 512, "num_val": 128, "image_size": 64, "seed": 0}
+    gen.update({names[k]: v for k, v in options.items() if k in names})
+    ensure_synthetic_coco(Path(root), checked=tuple(names[k] for k in options if k in names), **gen)
     dataset = load_coco(root, split, train=train, **common)
     dataset.name = "synthetic"
     return dataset
 
 
-def generate_synthetic_coco(root, num_train: int = 512, num_val: int = 128, image_size: int = 64, seed: int = 0):
+def generate_synthetic_coco(root, num_train: int = 512, num_val: int = 128, image_size: int = 64, seed: int = 0,
+                            num_classes: int = 6, skew: float = 0.0):
     """Write the generated demo set in the COCO layout under ``root`` (see :mod:`asl.data.synthetic`)."""
     from .synthetic import generate_synthetic_coco as _generate
-    return _generate(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    return _generate(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                     num_classes=num_classes, skew=skew)

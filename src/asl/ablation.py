@@ -1,0 +1,176 @@
+"""The loss ablation of ``ablate.py``: variants, the state of each run, the results table and the plot.
+
+The paper compares losses on one network and one recipe: cross-entropy ``(gamma_neg, gamma_pos, clip) = (0, 0,
+0)``, focal loss ``(2, 2, 0)`` and ASL, whose ``gamma_neg`` it sweeps. A variant is a name and those three
+numbers; each runs ``train.py`` in its own folder ``runs/NAME``. Beside the training's own files, ablate keeps
+``runs/NAME/ablate.json``: the exact ``train.py`` arguments, the seconds spent so far, and whether the run
+finished. A finished run is never trained again; an unfinished one resumes from its ``last.pth``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .atomic import atomic_write_bytes, atomic_write_text
+from .errors import UsageError
+
+__all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "RunStatus",
+           "best_epoch", "results_table", "plot_map_vs_gamma_neg"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    gamma_neg: float
+    gamma_pos: float
+    clip: float
+
+    def train_flags(self) -> list[str]:
+        return ["--gamma-neg", f"{self.gamma_neg:g}", "--gamma-pos", f"{self.gamma_pos:g}", "--clip",
+                f"{self.clip:g}"]
+
+    def describe(self) -> str:
+        return f"gamma_neg={self.gamma_neg:g}, gamma_pos={self.gamma_pos:g}, clip={self.clip:g}"
+
+
+#: The paper's comparison: CE, focal loss, ASL as trained for the paper (4, 1, 0.05), and a gamma_neg sweep at
+#: gamma_pos = 0 and clip 0.05 whose top is the recipe's default loss (4, 0, 0.05).
+DEFAULT_VARIANTS = (
+    Variant("ce", 0.0, 0.0, 0.0),
+    Variant("focal", 2.0, 2.0, 0.0),
+    Variant("asl_4_1_0.05", 4.0, 1.0, 0.05),
+    Variant("asl_1_0_0.05", 1.0, 0.0, 0.05),
+    Variant("asl_2_0_0.05", 2.0, 0.0, 0.05),
+    Variant("asl_4_0_0.05", 4.0, 0.0, 0.05),
+)
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME:GAMMA_NEG,GAMMA_POS,CLIP`` (``ce:0,0,0``); without ``NAME:`` the name is made from the numbers."""
+    name, _, numbers = text.strip().rpartition(":")
+    parts = [p.strip() for p in numbers.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(v == v and abs(v) != float("inf") for v in values):
+        raise UsageError(f"variant {text!r}: expected NAME:GAMMA_NEG,GAMMA_POS,CLIP, e.g. focal:2,2,0")
+    gamma_neg, gamma_pos, clip = values
+    if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
+        raise UsageError(f"variant {text!r}: the gammas must be >= 0 and the clip within [0, 1)")
+    name = name or f"asl_{gamma_neg:g}_{gamma_pos:g}_{clip:g}"
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"variant {text!r}: the name must be letters, digits and _ . + - (it names a folder)")
+    return Variant(name, gamma_neg, gamma_pos, clip)
+
+
+def read_variants_file(path: str) -> list[Variant]:
+    """One variant per line (``NAME:GAMMA_NEG,GAMMA_POS,CLIP``); blank lines and ``#`` comments are skipped."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read the variants file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the variants file {path} is not UTF-8 text") from None
+    return [parse_variant(line) for line in (ln.split("#", 1)[0].strip() for ln in lines) if line]
+
+
+def sweep(gamma_negs: Sequence[float], gamma_pos: float, clip: float) -> list[Variant]:
+    return [parse_variant(f"{g:g},{gamma_pos:g},{clip:g}") for g in gamma_negs]
+
+
+def check_unique(variants: Sequence[Variant]) -> None:
+    seen: dict[str, Variant] = {}
+    for v in variants:
+        if v.name in seen and seen[v.name] != v:
+            raise UsageError(f"two variants are named {v.name!r} with different numbers")
+        seen[v.name] = v
+
+
+@dataclass
+class RunStatus:
+    """``runs/NAME/ablate.json``."""
+
+    train_args: list[str]
+    seconds: float = 0.0
+    finished: bool = False
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Optional["RunStatus"]:
+        path = run_dir / "ablate.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(list(data["train_args"]), float(data["seconds"]), bool(data["finished"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"{path} is damaged; delete the folder {run_dir} to run that variant again") from None
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "ablate.json", json.dumps(
+            {"train_args": self.train_args, "seconds": self.seconds, "finished": self.finished}, indent=1) + "\n")
+
+
+def best_epoch(log_path: Path) -> Optional[dict[str, Any]]:
+    """The epoch record of ``log.txt`` with the highest mAP (the first of equals), or None without records."""
+    if not log_path.is_file():
+        return None
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    best = max(records, key=lambda r: (r["mAP"], -r["epoch"]))
+    return {"mAP": float(best["mAP"]), "epoch": int(best["epoch"]), "epochs_done": len(records)}
+
+
+def results_table(rows: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
+    """The Markdown of ``results.md``: one row per variant, in the order given."""
+    lines = ["# Loss ablation", "", *notes, "",
+             "| variant | gamma_neg | gamma_pos | clip | best mAP | epoch | time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        v: Variant = r["variant"]
+        best = f"**{r['mAP']:.2f}**" if r.get("mAP") is not None else "(not finished)"
+        epoch = str(r["epoch"]) if r.get("epoch") is not None else "-"
+        lines.append(f"| {v.name} | {v.gamma_neg:g} | {v.gamma_pos:g} | {v.clip:g} | {best} | {epoch} | "
+                     f"{_duration(r['seconds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def plot_map_vs_gamma_neg(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Best mAP against gamma_neg, one line per (gamma_pos, clip), each point labelled with its variant."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    groups: dict[tuple[float, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("mAP") is not None:
+            groups.setdefault((r["variant"].gamma_pos, r["variant"].clip), []).append(r)
+    for (gamma_pos, clip), members in sorted(groups.items()):
+        members = sorted(members, key=lambda r: r["variant"].gamma_neg)
+        xs, ys = [r["variant"].gamma_neg for r in members], [r["mAP"] for r in members]
+        ax.plot(xs, ys, marker="o", label=f"gamma_pos={gamma_pos:g}, clip={clip:g}")
+        for r in members:
+            ax.annotate(r["variant"].name, (r["variant"].gamma_neg, r["mAP"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="gamma_neg", ylabel="best mAP (%)", title=title)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())

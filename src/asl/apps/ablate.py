@@ -1,0 +1,188 @@
+"""``ablate.py``: the paper's loss comparison (CE, focal, ASL and a gamma_neg sweep) with train.py's recipe.
+
+    python ablate.py --output-dir runs/ablation                      # CPU, generated skewed data, minutes
+    python ablate.py --output-dir runs/coco -- /data/coco --model-path tresnet_m_21k.pth --image-size 224
+    python ablate.py --variants ce:0,0,0 focal:2,2,0 --gamma-neg-sweep 0 1 2 3 4 -- /data/coco ...
+
+Everything after ``--`` is passed to train.py for every variant, which adds ``--gamma-neg/--gamma-pos/--clip``,
+``--output-dir DIR/runs/NAME`` and ``--resume auto``. Without it the built-in CPU recipe runs on a generated set
+whose class frequencies are as skewed as MS-COCO's (see :data:`CPU_RECIPE`). The variants run one after another;
+a killed or interrupted ablation continues where it stopped when the same command runs again, and never trains a
+finished variant twice. ``DIR/results.md`` (the table), ``DIR/results.json`` and ``DIR/map_vs_gamma_neg.png``
+are rewritten after every variant.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from asl.ablation import (DEFAULT_VARIANTS, RunStatus, Variant, best_epoch, check_unique, parse_variant,
+                          plot_map_vs_gamma_neg, read_variants_file, results_table, sweep)
+from asl.atomic import atomic_write_text
+from asl.cli import ArgumentParser, run_main, setup_logging
+from asl.errors import UsageError
+
+from . import train as train_app
+
+logger = logging.getLogger("ablate")
+
+#: The CPU ablation: TResNet-M from scratch at 64 px on 640 generated pictures of 30 classes whose frequencies
+#: fall off as 1/rank (the most common 25 times the rarest, 3 labels per picture), 3 epochs at a peak learning
+#: rate of 1e-3 (a short run from scratch, as in `make demo`). About 75 s per variant on 2 cores.
+CPU_DATA = {"num_train": 640, "num_val": 256, "synthetic_classes": 30, "skew": 1}
+CPU_RECIPE = ["--model-name", "tresnet_m", "--model-path", "", "--image-size", "64", "-b", "16", "-j", "2",
+              "--lr", "1e-3", "--epochs", "3", "--stop-epoch", "2", "--ema-decay", "0.97", "--print-freq", "20",
+              "--seed", "0"]
+# ablate sets these for each variant.
+_OWNED_FLAGS = ("--gamma-neg", "--gamma-pos", "--clip", "--output-dir", "--resume")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="ablate.py", description="Compare losses (CE, focal, ASL) with train.py's recipe.",
+                       epilog="Arguments after -- go to train.py for every variant (default: the CPU recipe on "
+                              "generated skewed data).")
+    p.add_argument("--output-dir", type=str, default="ablation", help="runs/, results.md and the plot go here")
+    p.add_argument("--variants", type=str, nargs="+", default=[], metavar="NAME:GN,GP,CLIP",
+                   help="loss variants, e.g. ce:0,0,0 focal:2,2,0 asl:4,1,0.05 (default: the paper's set)")
+    p.add_argument("--variants-file", type=str, default=None, help="one NAME:GN,GP,CLIP per line")
+    p.add_argument("--gamma-neg-sweep", type=float, nargs="+", default=[], metavar="GN",
+                   help="add one ASL variant per gamma_neg, at --sweep-gamma-pos and --sweep-clip")
+    p.add_argument("--sweep-gamma-pos", type=float, default=0.0)
+    p.add_argument("--sweep-clip", type=float, default=0.05)
+    p.add_argument("--dry-run", action="store_true", help="print each variant's train.py command; train nothing")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code: 0 (done or cleanly interrupted), 2 for bad input (one line), 1 for a bug, or train.py's code."""
+    return run_main(run, argv, prog="ablate.py")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    setup_logging(args.verbose)
+    variants = choose_variants(args)
+    out = Path(args.output_dir)
+    generated = not train_args
+    if generated:
+        train_args = cpu_train_args(out)
+    check_train_args(train_args)
+    plan = [(v, out / "runs" / v.name, train_args + v.train_flags() + ["--output-dir", str(out / "runs" / v.name),
+                                                                        "--resume", "auto"]) for v in variants]
+    if args.dry_run:
+        for _, _, command in plan:
+            print("python train.py " + shlex.join(command))
+        return 0
+    notes = describe(train_args, generated)
+    try:
+        for number, (variant, run_dir, command) in enumerate(plan, start=1):
+            code = run_variant(number, len(plan), variant, run_dir, command)
+            write_results(out, plan, notes)
+            if code != 0:
+                return code
+            if not RunStatus.read(run_dir).finished:
+                print(f"ablate.py: interrupted during {variant.name}; run the same command again to continue",
+                      flush=True)
+                return 0
+    except KeyboardInterrupt:
+        print("ablate.py: interrupted; run the same command again to continue", file=sys.stderr, flush=True)
+        return 130
+    print(f"\nresults: {out / 'results.md'}, plot: {out / 'map_vs_gamma_neg.png'}", flush=True)
+    print((out / "results.md").read_text(), flush=True)
+    return 0
+
+
+def choose_variants(args) -> list[Variant]:
+    variants = [parse_variant(v) for v in args.variants]
+    if args.variants_file:
+        variants += read_variants_file(args.variants_file)
+    if args.gamma_neg_sweep:
+        variants += sweep(args.gamma_neg_sweep, args.sweep_gamma_pos, args.sweep_clip)
+    variants = variants or list(DEFAULT_VARIANTS)
+    check_unique(variants)
+    unique: dict[str, Variant] = {}
+    for v in variants:
+        unique.setdefault(v.name, v)
+    return list(unique.values())
+
+
+def cpu_train_args(out: Path) -> list[str]:
+    data = [f"--dataset-option={key}={value}" for key, value in CPU_DATA.items()]
+    return [str(out / "data"), "--dataset", "synthetic", *data, "--cache-dir", str(out / "cache"), *CPU_RECIPE]
+
+
+def check_train_args(train_args: list[str]) -> None:
+    for token in train_args:
+        flag = token.split("=", 1)[0].replace("_", "-")
+        if flag in _OWNED_FLAGS:
+            raise UsageError(f"{token.split('=', 1)[0]} is set by ablate.py for each variant; leave it out of the "
+                             f"train.py arguments (use --variants and --output-dir)")
+    # train.py's own parser, so that a mistyped flag fails now rather than at the first variant.
+    train_app.build_parser().parse_args(train_args)
+
+
+def describe(train_args: list[str], generated: bool) -> list[str]:
+    if generated:
+        data = (f"Data: generated skewed shapes (`--dataset synthetic`, {CPU_DATA['synthetic_classes']} classes, "
+                f"class frequency ~ 1/rank, {CPU_DATA['num_train']} training and {CPU_DATA['num_val']} validation "
+                f"pictures of 64 px, about 3 labels per picture).")
+    else:
+        data = "Data: as given to train.py below."
+    return [data, "", f"Recipe, the same for every variant: `train.py {shlex.join(train_args)}`", "",
+            "best mAP: train.py's highest_mAP (the better of the regular and the EMA model, over the epochs run); "
+            "time: training and evaluation of the variant."]
+
+
+def run_variant(number: int, total: int, variant: Variant, run_dir: Path, command: list[str]) -> int:
+    status = RunStatus.read(run_dir)
+    if status is not None and status.train_args != command:
+        raise UsageError(f"{run_dir} was started with other train.py arguments; use another --output-dir or "
+                         f"delete {run_dir}")
+    if status is not None and status.finished:
+        print(f"=== [{number}/{total}] {variant.name}: finished earlier, skipped", flush=True)
+        return 0
+    status = status or RunStatus(command)
+    print(f"\n=== [{number}/{total}] {variant.name} ({variant.describe()})"
+          + (" (continuing)" if status.seconds else ""), flush=True)
+    start = time.perf_counter()
+    code = train_app.main(command)
+    status.seconds += time.perf_counter() - start
+    status.finished = code == 0 and _finished(run_dir, command)
+    status.write(run_dir)
+    return code
+
+
+def _finished(run_dir: Path, command: list[str]) -> bool:
+    """Whether log.txt holds the run's last epoch (an interrupted run returns 0 too)."""
+    args = train_app.build_parser().parse_args(command)
+    log = run_dir / "log.txt"
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()] \
+        if log.is_file() else []
+    return bool(epochs) and max(epochs) >= min(args.epochs - 1, args.stop_epoch)
+
+
+def write_results(out: Path, plan, notes: list[str]) -> None:
+    rows: list[dict[str, Any]] = []
+    for variant, run_dir, _ in plan:
+        status = RunStatus.read(run_dir)
+        best = best_epoch(run_dir / "log.txt") if status is not None and status.finished else None
+        rows.append({"variant": variant, "mAP": best["mAP"] if best else None,
+                     "epoch": best["epoch"] if best else None, "seconds": status.seconds if status else 0.0})
+    atomic_write_text(out / "results.md", results_table(rows, notes))
+    atomic_write_text(out / "results.json", json.dumps(
+        [{"name": r["variant"].name, "gamma_neg": r["variant"].gamma_neg, "gamma_pos": r["variant"].gamma_pos,
+          "clip": r["variant"].clip, "best_mAP": r["mAP"], "best_epoch": r["epoch"], "seconds": r["seconds"]}
+         for r in rows], indent=1) + "\n")
+    plot_map_vs_gamma_neg(rows, out / "map_vs_gamma_neg.png", "Loss ablation: best mAP against gamma_neg")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

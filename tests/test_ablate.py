@@ -74,6 +74,7 @@ def test_tiny_sweep_resumes_skips_and_reports(tmp_path, capsys, one_thread):
     assert "resumed from" in stdout and "at epoch 1" in stdout
     for name in ("ce", "asl"):
         assert [r["epoch"] for r in log_lines(out / "runs" / name)] == [0, 1]
+        assert (out / "runs" / name / "model-highest.pth").is_file() and not (out / "runs" / name / "last.pth").exists()
     table = (out / "results.md").read_text()
     for name in ("ce", "asl"):
         highest = max(r["mAP"] for r in log_lines(out / "runs" / name))

@@ -213,6 +213,11 @@ def test_bottleneck_head_and_class_count_detected_from_shapes(tmp_path):
         resolve_architecture({"model": model.state_dict()}, "tresnet_xl")
     with pytest.raises(CheckpointError, match="num_classes"):
         resolve_architecture({"model": model.state_dict(), "num_classes": 8})
+    for bad in ("eighty", [80], 7.5, 0, True):
+        with pytest.raises(CheckpointError, match=r"the checkpoint's num_classes entry is .*, not a positive whole"):
+            resolve_architecture({"model": model.state_dict(), "num_classes": bad})
+    for fine in (7.0, np.int64(7), torch.tensor(7)):
+        assert resolve_architecture({"model": model.state_dict(), "num_classes": fine})["num_classes"] == 7
 
 
 def test_annotate_keeps_size_and_mode():
@@ -256,3 +261,28 @@ def test_per_class_thresholds_file(setup, tmp_path, capsys):
     wrong = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", f"--input_size={SIZE}",
                                   f"--thresholds={th_file}"])
     assert wrong == 2 and "does not fit this model" in capsys.readouterr().err
+
+
+def test_unreadable_folders_are_named_not_skipped_silently(tmp_path, monkeypatch, caplog):
+    from asl.errors import UsageError
+    from asl.pictures import find_images
+
+    import logging
+    import os
+
+    for sub in ("ok", "locked"):
+        (tmp_path / "pics" / sub).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "pics" / sub / "a.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as a folder without read permission behaves (root ignores chmod, so it is faked)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="asl.pictures"):
+        assert find_images([tmp_path / "pics"]) == [tmp_path / "pics" / "ok" / "a.jpg"]
+    assert "skipped 1 unreadable folder(s)" in caplog.text and "locked (Permission denied)" in caplog.text
+    with pytest.raises(UsageError, match=r"cannot read the folder .*locked: Permission denied"):
+        find_images([tmp_path / "pics" / "locked"])

@@ -1,4 +1,5 @@
 """train.py's command line: flag spellings and types, bad input (one line, exit code 2), SIGINT, NaN loss."""
+import json
 import os
 import signal
 
@@ -147,6 +148,39 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 
 
+def test_a_second_ctrl_c_during_the_save_exits_130_with_last_pth_intact(tmp_path, synthetic, monkeypatch, capsys):
+    import asl.fit
+
+    original_epoch, original_save = asl.fit.train_one_epoch, torch.save
+    out = tmp_path / "o"
+    armed = []
+
+    def interrupting(*args, **kwargs):
+        on_step = kwargs["on_step"]
+
+        def hook(state):
+            on_step(state)
+            if state["epoch"] == 1 and state["step"] == 0:
+                armed.append((out / "last.pth").read_bytes())  # the epoch-0 state, saved at the epoch's end
+                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: finish the step, then save
+
+        kwargs["on_step"] = hook
+        return original_epoch(*args, **kwargs)
+
+    def slow_save(obj, f, *args, **kwargs):
+        if armed and getattr(f, "name", "").endswith(".tmp"):
+            f.write(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the middle of writing last.pth
+        return original_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(asl.fit, "train_one_epoch", interrupting)
+    monkeypatch.setattr(torch, "save", slow_save)
+    assert train.main(_flags(synthetic, out, "-b", "4")) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: error: interrupted"
+    assert (out / "last.pth").read_bytes() == armed[0]
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_non_finite_loss_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_path, synthetic, monkeypatch,
                                                                           capsys):
     out = tmp_path / "o"
@@ -179,6 +213,19 @@ def test_diverged_weights_are_never_saved_and_the_message_is_true(tmp_path, synt
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("train.py: error: ") and "diverged" in err and "no checkpoint was written yet" in err
     assert not (out / "last.pth").exists() and not (out / "model-highest.pth").exists()
+
+
+def test_a_new_run_in_an_old_folder_starts_a_new_log_and_never_claims_the_old_checkpoint(tmp_path, synthetic,
+                                                                                          capsys):
+    out = tmp_path / "o"
+    one_epoch = ["--epochs", "1", "--stop-epoch", "0"]
+    assert train.main(_flags(synthetic, out, *one_epoch)) == 0
+    assert train.main(_flags(synthetic, out, *one_epoch, "--seed", "1")) == 0
+    assert "holds an earlier run: this new run replaces it" in capsys.readouterr().err
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    # A diverging new run there: the earlier run's last.pth is not "the last good state" of this one.
+    assert train.main(_flags(synthetic, out, "--lr", "1e10")) == 2
+    assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_validate_refuses_non_finite_scores(tmp_path, capsys):

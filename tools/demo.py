@@ -3,7 +3,7 @@
 1. generate the synthetic COCO-format set (shapes on clutter, 256-px pictures) under demo_data/;
 2. train TResNet-M on it with train.py: the paper's recipe (ASL 4/0/0.05, Adam, OneCycle, EMA, Cutout,
    RandAugment) at 64 px with a short schedule and a higher peak learning rate (a short run from scratch);
-3. validate the best checkpoint with validate.py;
+3. validate the best checkpoint with validate.py, with its evaluation report (demo_out/report/README.md);
 4. run infer.py on a few validation pictures, writing annotated copies under pics/demo/;
 5. print the final mAP next to chance level (the mAP of random scores on the same labels).
 """
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     report = Path(args.output_dir) / "validate.json"
     run("validate", ["validate.py", args.data, "--dataset", "synthetic", "--val-split", "val",
                      "--model-path", str(checkpoint), "--image-size", size, "-b", "64", "-j", "2",
-                     "--thre", "0.7", "--output-json", str(report)])
+                     "--thre", "0.7", "--output-json", str(report), "--report", str(Path(args.output_dir) / "report")])
     pictures = sorted((Path(args.data) / "val").glob("*.jpg"))[:4]
     run("infer", ["infer.py", "--model_path", str(checkpoint), "--input_size", size, "--th", "0.7",
                   "--output", "pics/demo", "--pic_path", *map(str, pictures)])
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     final = float(json.loads(report.read_text())["mAP"])
     chance = chance_map(Path(args.data), "val")
     print(f"\nDemo done in {time.perf_counter() - started:.0f} s: validation mAP {final:.2f} "
-          f"(chance level {chance:.2f}); annotated pictures in pics/demo/")
+          f"(chance level {chance:.2f}); annotated pictures in pics/demo/, evaluation report in "
+          f"{Path(args.output_dir) / 'report' / 'README.md'}")
     return 0 if final > chance + 20 else 1
 
 

@@ -40,6 +40,20 @@ class Checkpointer:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.meta = dict(meta)
+        # Whether last.pth belongs to this run (written by it, or the file it resumed from): an earlier run's
+        # file in the same folder is no "last good state" of this one.
+        self._last_is_ours = False
+
+    def begin(self, resumed: bool, args: Mapping[str, Any]) -> None:
+        """Writes args.json. A resumed run appends to its log; a new run in the folder of an earlier one starts a
+        new log.txt (the earlier run's last.pth and model-highest.pth are replaced at this run's first save)."""
+        self._last_is_ours = resumed
+        if not resumed and self.is_main:
+            if self.last_path.is_file() or (self.output_dir / "log.txt").is_file():
+                logger.warning("%s holds an earlier run: this new run replaces it (--resume auto would continue "
+                               "it)", self.output_dir)
+            (self.output_dir / "log.txt").unlink(missing_ok=True)
+        self.write_args(args)
 
     @property
     def last_path(self) -> Path:
@@ -117,6 +131,7 @@ class Checkpointer:
             if state.ema is not None:
                 dist_utils.broadcast_module_state(state.ema.module)
         self.check_finite(state.model.state_dict(), f"epoch {state.epoch}, step {state.step}")
+        self._last_is_ours = True
         if self.is_main:
             save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
 
@@ -139,7 +154,7 @@ class Checkpointer:
 
     def kept(self) -> str:
         """What the user still has, for messages about a diverged run."""
-        if self.last_path.is_file():
+        if self._last_is_ours and self.last_path.is_file():
             return f"{self.last_path} holds the last good state"
         return "no checkpoint was written yet"
 

@@ -60,6 +60,18 @@ class LoadedModel:
     checkpoint_info: dict[str, Any] = field(default_factory=dict)
 
 
+def _whole_number(value: Any) -> int:
+    """The checkpoint's ``num_classes``: a whole number (of any int/float/NumPy/torch type); anything else is
+    named."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise CheckpointError(f"the checkpoint's num_classes entry is {value!r}, not a positive whole number")
+    return int(value)
+
+
 def class_names_from_checkpoint(ckpt: Mapping[str, Any], num_classes: int) -> list[str]:
     """Class names in output order from ``idx_to_class``; ``class_<i>`` where the file has none.
 
@@ -129,7 +141,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
                               f"({how})")
     stored_classes = ckpt.get("num_classes")
     if stored_classes is not None:
-        stored_classes = int(stored_classes)
+        stored_classes = _whole_number(stored_classes)
         if classes is not None and classes != stored_classes:
             raise CheckpointError(f"the checkpoint says num_classes={stored_classes} but its classifier has "
                                   f"{classes} outputs")

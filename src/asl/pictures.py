@@ -2,6 +2,7 @@
 classes on them (PIL only: no display, no matplotlib)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -11,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "WRITABLE_EXTENSIONS", "MIN_ANNOTATED_SIDE", "find_images", "load_picture",
            "annotate", "UnreadableImageError"]
@@ -24,14 +27,15 @@ def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
     """Expands folders (recursively, sorted, picture extensions only) and keeps files as given.
 
     A file given explicitly is kept whatever its extension (it may still be a picture; reading it will tell).
-    A path that does not exist raises :class:`~asl.errors.UsageError`.
+    A path that does not exist, or a folder given that cannot be listed, raises :class:`~asl.errors.UsageError`;
+    subfolders that cannot be listed are skipped and named in a warning. Symlinked folders are not entered.
     """
     found: list[Path] = []
     seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            candidates = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            candidates = _pictures_in(path)
         elif path.exists():
             candidates = [path]
         else:
@@ -42,6 +46,24 @@ def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
                 seen.add(key)
                 found.append(p)
     return found
+
+
+def _pictures_in(folder: Path) -> list[Path]:
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((exc.filename or str(folder), exc.strerror or str(exc)))
+
+    pictures = []
+    for directory, _, files in os.walk(folder, onerror=failed):
+        pictures += [Path(directory) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    if unreadable and Path(unreadable[0][0]) == folder:
+        raise UsageError(f"cannot read the folder {folder}: {unreadable[0][1]}")
+    if unreadable:
+        named = ", ".join(f"{name} ({reason})" for name, reason in unreadable[:5])
+        logger.warning("skipped %d unreadable folder(s) under %s: %s%s", len(unreadable), folder, named,
+                       " ..." if len(unreadable) > 5 else "")
+    return sorted(p for p in pictures if p.is_file())
 
 
 def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:

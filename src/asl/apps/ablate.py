@@ -43,17 +43,21 @@ _OWNED_FLAGS = ("--gamma-neg", "--gamma-pos", "--clip", "--output-dir", "--resum
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="ablate.py", description="Compare losses (CE, focal, ASL) with train.py's recipe.",
+    p = ArgumentParser(prog="ablate.py", usage="%(prog)s [options] [-- TRAIN.PY ARGUMENTS]",
+                       description="Compare losses (CE, focal, ASL) with train.py's recipe.",
                        epilog="Arguments after -- go to train.py for every variant (default: the CPU recipe on "
                               "generated skewed data).")
     p.add_argument("--output-dir", type=str, default="ablation", help="runs/, results.md and the plot go here")
-    p.add_argument("--variants", type=str, nargs="+", default=[], metavar="NAME:GN,GP,CLIP",
-                   help="loss variants, e.g. ce:0,0,0 focal:2,2,0 asl:4,1,0.05 (default: the paper's set)")
+    p.add_argument("--variants", type=str, nargs="+", default=None, metavar="NAME:GN,GP,CLIP",
+                   help="loss variants, e.g. ce:0,0,0 focal:2,2,0 asl:4,1,0.05 (none of these three flags: the "
+                        "paper's set, see README)")
     p.add_argument("--variants-file", type=str, default=None, help="one NAME:GN,GP,CLIP per line")
-    p.add_argument("--gamma-neg-sweep", type=float, nargs="+", default=[], metavar="GN",
+    p.add_argument("--gamma-neg-sweep", type=float, nargs="+", default=None, metavar="GN",
                    help="add one ASL variant per gamma_neg, at --sweep-gamma-pos and --sweep-clip")
     p.add_argument("--sweep-gamma-pos", type=float, default=0.0)
     p.add_argument("--sweep-clip", type=float, default=0.05)
+    p.add_argument("--keep-last", action="store_true",
+                   help="keep the last.pth of finished variants (removed by default: 4x a model's size each)")
     p.add_argument("--dry-run", action="store_true", help="print each variant's train.py command; train nothing")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -84,7 +88,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     notes = describe(train_args, generated)
     try:
         for number, (variant, run_dir, command) in enumerate(plan, start=1):
-            code = run_variant(number, len(plan), variant, run_dir, command)
+            code = run_variant(number, len(plan), variant, run_dir, command, args.keep_last)
             write_results(out, plan, notes)
             if code != 0:
                 return code
@@ -101,7 +105,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def choose_variants(args) -> list[Variant]:
-    variants = [parse_variant(v) for v in args.variants]
+    variants = [parse_variant(v) for v in args.variants or []]
     if args.variants_file:
         variants += read_variants_file(args.variants_file)
     if args.gamma_neg_sweep:
@@ -141,7 +145,8 @@ def describe(train_args: list[str], generated: bool) -> list[str]:
             "time: training and evaluation of the variant."]
 
 
-def run_variant(number: int, total: int, variant: Variant, run_dir: Path, command: list[str]) -> int:
+def run_variant(number: int, total: int, variant: Variant, run_dir: Path, command: list[str],
+                keep_last: bool) -> int:
     status = RunStatus.read(run_dir)
     if status is not None and status.train_args != command:
         raise UsageError(f"{run_dir} was started with other train.py arguments; use another --output-dir or "
@@ -157,6 +162,9 @@ def run_variant(number: int, total: int, variant: Variant, run_dir: Path, comman
     status.seconds += time.perf_counter() - start
     status.finished = code == 0 and _finished(run_dir, command)
     status.write(run_dir)
+    if status.finished and not keep_last:
+        # The resume state (weights, EMA, optimizer) of a run that will not be resumed; model-highest.pth stays.
+        (run_dir / "last.pth").unlink(missing_ok=True)
     return code
 
 

@@ -101,7 +101,7 @@ def train(args, info: dist_utils.DistInfo) -> int:
         "num_classes": train_ds.num_classes, "idx_to_class": train_ds.idx_to_class(), "model_name": args.model_name,
         "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, "args": dict(vars(args)),
         "steps_per_epoch": steps_per_epoch, "data": fingerprint})
-    checkpointer.write_args(vars(args))
+    checkpointer.begin(resumed=resume is not None, args=vars(args))
     config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, args.save_every_steps,
                        StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch))
     if info.is_main:

@@ -7,6 +7,10 @@
 Prints the original's progress lines (``Test: [i/N] ...`` and the cumulative ``P_C R_C F_C P_O R_O F_O`` at
 ``--thre``), the final `` * P_C ...`` line, the throughput, and last ``mAP score: X``. Datasets whose targets mark
 labels as not annotated (-1: Open Images, VOC "difficult") are scored with the partial-label mAP.
+
+``--save-thresholds FILE`` chooses a threshold per class on the evaluated set (:mod:`asl.thresholds`),
+``--thresholds FILE`` scores with such a file instead of ``--thre``, and ``--report DIR`` writes an evaluation
+page with pictures (:mod:`asl.report`).
 """
 from __future__ import annotations
 
@@ -222,7 +226,7 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
     if args.save_thresholds:
         save_tuned_thresholds(args, dataset.classes, targets, scores, meter)
     if args.report:
-        page = write_report(args.report, rows, _numpy(targets), _numpy(scores),
+        page = write_report(args.report, rows, targets, scores,
                             report_summary(args, split, loaded, out["num_images"], score_value, partial,
                                            at_threshold))
         print(f"report written to {page}")
@@ -246,7 +250,7 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
 
 def save_tuned_thresholds(args, classes: Sequence[str], targets, scores, before: ThresholdMetrics) -> None:
     """Chooses a threshold per class on the evaluated set, writes them, and prints F1 before and after."""
-    t, s = _numpy(targets), _numpy(scores)
+    t, s = np.asarray(targets), np.asarray(scores)
     if args.threshold_precision is None:
         tuned, rule = max_f1_thresholds(t, s), "max F1"
     else:
@@ -272,10 +276,6 @@ def report_summary(args, split: str, loaded, num_images: int, score_value: float
         f"- threshold: {rule}; micro F1 (F_O) {at_threshold['F_O']:.2f}, macro F1 (F_C, mean per-class F1) "
         f"{at_threshold['F_C']:.2f}",
     ]
-
-
-def _numpy(values) -> np.ndarray:
-    return values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def write_json(args, split, loaded, num_images, skipped, dataset, partial, score, at_threshold, rows,

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--flops", action="store_true",
+                        help="also print the convolutions' share of the time and the GFLOP/s they reach")
     args = parser.parse_args(argv)
     import timm
 
@@ -54,7 +56,34 @@ def main(argv=None) -> int:
         med = statistics.median(values)
         print(f"{name:<22} {args.batch_size / med:8.1f} images/s  {ref / med:5.2f}x timm")
     print(f"max relative difference of the logits from timm's: {err:.1e}")
+    if args.flops:
+        print_conv_share(models["prepare_for_inference"], x, statistics.median(times["prepare_for_inference"]))
     return 0
+
+
+def print_conv_share(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> None:
+    """How far the prepared model is from the machine's limit: the share of its time spent in convolutions (torch
+    profiler) and the rate of multiply-adds they reach (2 FLOPs each, counted from the layer shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flops = []
+
+    def count(module, inputs, output):
+        kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+        flops.append(2 * output.numel() * kernel)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    print(f"prepared model: {sum(flops) / 1e9:.1f} GFLOP per batch in convolutions, {100 * conv / total:.0f}% of "
+          f"its time; {sum(flops) / 1e9 / seconds:.0f} GFLOP/s over the whole forward")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,21 @@ def test_a_new_run_in_an_old_folder_starts_a_new_log_and_never_claims_the_old_ch
     assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_learning_rates_out_of_range_are_refused_and_the_largest_accepted_one_fails_cleanly(tmp_path, synthetic,
+                                                                                             capsys):
+    for flag, value, message in [("--lr", "1e38", "expected a learning rate within (0, 1e+30]"),
+                                 ("--lr", "0", "expected a learning rate"), ("--clip", "1", "within [0, 1)"),
+                                 ("--gamma-neg", "-1", "expected a number >= 0"),
+                                 ("--weight-decay", "-0.1", "expected a number >= 0")]:
+        assert run_main(train.main, _flags(synthetic, tmp_path / "o", flag, value)) == 2
+        assert message in capsys.readouterr().err
+    # Adam at the largest --lr: the weights blow up but stay representable, so the run stops with the divergence
+    # message, not with float32 overflow inside the optimizer (which --lr 1e38 used to hit).
+    code = run_main(train.main, _flags(synthetic, tmp_path / "o", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "training diverged" in err.strip().splitlines()[-1]
+
+
 def test_validate_refuses_non_finite_scores(tmp_path, capsys):
     from asl.apps import validate
     from asl.models import create_model

@@ -103,6 +103,26 @@ def positive_float(text: str) -> float:
     return _checked(float, text, "a positive number", lambda v: v > 0)
 
 
+def nonnegative_float(text: str) -> float:
+    return _checked(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+#: the largest --lr: Adam's first step moves a weight by up to 10x the learning rate, and a step size above
+#: float32's range (about 3.4e38) crashes inside the optimizer ("value cannot be converted to type float without
+#: overflow"). Below this bound a too-high rate only makes the run diverge, which is stopped with a message.
+MAX_LEARNING_RATE = 1e30
+
+
+def learning_rate(text: str) -> float:
+    return _checked(float, text, f"a learning rate within (0, {MAX_LEARNING_RATE:g}]",
+                    lambda v: 0 < v <= MAX_LEARNING_RATE)
+
+
+def margin(text: str) -> float:
+    """ASL's probability margin (``clip``): within [0, 1)."""
+    return _checked(float, text, "a number within [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+
 def probability(text: str) -> float:
     return _checked(float, text, "a number within [0, 1]", lambda v: 0.0 <= v <= 1.0)
 

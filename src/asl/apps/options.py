@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import ArgumentParser, image_size, nonnegative_int, positive_float, positive_int, probability
+from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegative_float, nonnegative_int,
+                   positive_int, probability)
 from ..data import DATASET_NAMES
 from ..precision import amp_dtype_arg
 
@@ -54,14 +55,15 @@ def data_options(split_flag: str, split_help: str) -> ArgumentParser:
 def recipe_options() -> ArgumentParser:
     """The training recipe's numbers; the defaults are the original's."""
     p = ArgumentParser(add_help=False)
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of OneCycleLR")
+    p.add_argument("--lr", type=learning_rate, default=1e-4, help="peak learning rate of OneCycleLR")
     p.add_argument("--epochs", type=positive_int, default=80, help="length of the OneCycleLR schedule")
     p.add_argument("--stop-epoch", type=nonnegative_int, default=40,
                    help="stop after this epoch (inclusive, counted from 0); the schedule keeps --epochs")
     p.add_argument("--ema-decay", type=probability, default=0.9997)
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on conv/linear weights (not biases/norms)")
-    p.add_argument("--gamma-neg", type=float, default=4.0)
-    p.add_argument("--gamma-pos", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=0.05, help="probability margin of the negatives (0 = off)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
+                   help="L2 on conv/linear weights (not biases/norms)")
+    p.add_argument("--gamma-neg", type=nonnegative_float, default=4.0)
+    p.add_argument("--gamma-pos", type=nonnegative_float, default=0.0)
+    p.add_argument("--clip", type=margin, default=0.05, help="probability margin of the negatives (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     return p

@@ -82,3 +82,11 @@ def test_image_size_has_an_upper_bound(capsys):
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["DATA", "--image-size", "100000"])
     assert "expected at most 4096 pixels, got 100000" in capsys.readouterr().err
+
+
+def test_programs_turn_on_mkl_reproducibility_before_torch_and_respect_the_user(run_script):
+    code = "import sys, asl.apps, os; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"
+    default = run_script(["-c", code], unset=["MKL_CBWR"])
+    assert default.stdout.split() == ["AUTO", "False"]  # set before torch was imported
+    chosen = run_script(["-c", code], env={"MKL_CBWR": "OFF"})
+    assert chosen.stdout.split()[0] == "OFF"

@@ -35,6 +35,7 @@ __all__ = [
     "ThresholdMetrics",
     "threshold_metrics",
     "precision_recall_curve",
+    "ranked_cut_points",
 ]
 
 logger = logging.getLogger(__name__)
@@ -266,11 +267,12 @@ def threshold_metrics(targets, scores, threshold: float = 0.8) -> Dict[str, floa
     return meter.compute()
 
 
-def precision_recall_curve(scores, targets) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One class's precision-recall curve: ``(precision, recall, thresholds)``, highest threshold first.
+def ranked_cut_points(scores, targets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One class's possible predictions "score >= s", one per distinct score s, highest first.
 
-    Point i is the prediction "score >= thresholds[i]", one point per distinct score; targets of -1 (not
-    annotated) are left out. Without positives the recall is 0 throughout (instead of undefined).
+    Returns ``(s, true_positives, predicted, positives)``: the distinct scores, and for each the true positives
+    and the number of samples predicted; ``positives`` counts the class's positives. Targets of -1 (not
+    annotated) are left out. Ties are never split: a prediction takes all samples of a score or none.
     """
     s, t = _to_numpy(scores).reshape(-1), _to_numpy(targets).reshape(-1)
     if s.shape != t.shape:
@@ -279,8 +281,18 @@ def precision_recall_curve(scores, targets) -> Tuple[np.ndarray, np.ndarray, np.
     s, positive = s[annotated], t[annotated] == 1
     order = np.argsort(-s, kind="stable")
     s, positive = s[order], positive[order]
+    # The last index of each run of equal scores.
     last = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if s.size else np.zeros(0, dtype=np.int64)
-    hits = np.cumsum(positive)[last] if s.size else np.zeros(0)
-    precision = hits / (last + 1.0)
-    recall = hits / positive.sum() if positive.any() else np.zeros_like(precision)
-    return precision, recall, s[last]
+    hits = np.cumsum(positive)[last] if s.size else np.zeros(0, dtype=np.int64)
+    return s[last], hits, last + 1, int(positive.sum())
+
+
+def precision_recall_curve(scores, targets) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's precision-recall curve: ``(precision, recall, thresholds)``, highest threshold first.
+
+    Point i is the prediction "score >= thresholds[i]", one point per distinct score; targets of -1 (not
+    annotated) are left out. Without positives the recall is 0 throughout (instead of undefined).
+    """
+    cut, hits, predicted, positives = ranked_cut_points(scores, targets)
+    recall = hits / positives if positives else np.zeros(hits.shape)
+    return hits / predicted, recall, cut

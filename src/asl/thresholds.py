@@ -29,6 +29,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .errors import UsageError
+from .metrics import ranked_cut_points
 
 __all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds"]
 
@@ -37,26 +38,17 @@ NEVER = 1.0
 
 
 def _cut_points(scores: np.ndarray, targets: np.ndarray):
-    """For one class: the candidate sets (top-k, at distinct scores), with their true positives, sizes and the
-    threshold that selects each."""
-    annotated = targets >= 0
-    s, positive = scores[annotated], targets[annotated] == 1
-    order = np.argsort(-s, kind="stable")
-    s, positive = s[order], positive[order]
-    n = s.shape[0]
-    # The last index of each run of equal scores: a set must hold all or none of a tie.
-    last = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if n else np.zeros(0, dtype=np.int64)
-    true_positives = np.cumsum(positive)[last] if n else np.zeros(0)
-    sizes = last + 1
-    upper = s[last]
-    lower = np.append(s[last[:-1] + 1], np.zeros(1, dtype=s.dtype)) if n else np.zeros(0, dtype=s.dtype)
-    middle = ((upper + lower) / 2).astype(s.dtype)
+    """For one class: the candidate sets (the top samples down to each distinct score), with their true
+    positives and sizes, the class's positives, and the threshold that selects each set."""
+    upper, true_positives, sizes, positives = ranked_cut_points(scores, targets)
+    lower = np.append(upper[1:], np.zeros(1, dtype=upper.dtype))
+    middle = ((upper + lower) / 2).astype(upper.dtype)
     # Halfway can round onto a neighbour when the two scores are adjacent floats; the lower score itself then
     # separates them (the rule is strict).
     thresholds = np.where((middle >= lower) & (middle < upper), middle, lower)
     # A score of exactly 0 is above no threshold in [0, 1]: sets reaching down to it cannot be predicted.
     possible = upper > 0
-    return true_positives[possible], sizes[possible], int(positive.sum()), thresholds[possible]
+    return true_positives[possible], sizes[possible], positives, thresholds[possible]
 
 
 def _as_arrays(targets, scores) -> tuple[np.ndarray, np.ndarray]:

@@ -108,13 +108,27 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = dict(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                                      timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs: dict[str, Any] = dict(backend=backend, world_size=world_size, rank=rank, timeout=timeout)
+        kwargs.update(_restart_safe_store(world_size, timeout) or {"init_method": "env://"})
         if backend == "nccl":
             kwargs["device_id"] = dev  # binds the communicator to this GPU (avoids a guess by NCCL)
         dist.init_process_group(**kwargs)
     logger.debug("process group: rank %d/%d, local rank %d, %s on %s", rank, world_size, local_rank, backend, dev)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+def _restart_safe_store(world_size: int, timeout: datetime.timedelta) -> Optional[dict[str, Any]]:
+    """Under ``torchrun --max-restarts``, the workers of every round share the agent's key-value store, and the
+    keys the previous round wrote (each rank's address, for gloo) are still there: a restarted rank can read a
+    dead peer's address and fail with "Connection refused" (one restart in three here). Keys under a prefix of
+    the round's number keep the rounds apart. ``None`` outside torchrun's restarts (the plain ``env://``)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"asl/round_{restart}", agent)}
 
 
 def destroy_distributed() -> None:

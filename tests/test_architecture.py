@@ -84,6 +84,7 @@ def test_image_size_has_an_upper_bound(capsys):
     assert "expected at most 4096 pixels, got 100000" in capsys.readouterr().err
 
 
+@pytest.mark.faults
 def test_programs_turn_on_mkl_reproducibility_before_torch_and_respect_the_user(run_script):
     code = "import sys, asl.apps, os; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"
     default = run_script(["-c", code], unset=["MKL_CBWR"])

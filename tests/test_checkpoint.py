@@ -58,6 +58,7 @@ def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
     assert_state_equal(loaded["model"], model.state_dict())
 
 
+@pytest.mark.faults
 def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "model.pth"
     save_checkpoint({"model": {"w": torch.ones(2)}}, target)
@@ -118,6 +119,7 @@ def test_missing_file_names_the_path(tmp_path):
         load_checkpoint(missing)
 
 
+@pytest.mark.faults
 def test_corrupt_file_is_a_checkpoint_error(tmp_path):
     good = tmp_path / "good.pth"
     save_checkpoint({"model": {"w": torch.ones(100)}}, good)
@@ -137,6 +139,7 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.faults
 def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.pth"
@@ -207,6 +210,7 @@ def test_url_is_downloaded_once_into_the_hub_cache(http_root):
     assert again["num_classes"] == 3
 
 
+@pytest.mark.faults
 def test_the_cache_is_keyed_by_the_whole_url(http_root):
     root, base_url, requests = http_root
     for folder, classes in (("x", 3), ("y", 5)):
@@ -217,6 +221,7 @@ def test_the_cache_is_keyed_by_the_whole_url(http_root):
     assert requests == ["/x/good.pth", "/y/good.pth"] and len(_cached("good")) == 2
 
 
+@pytest.mark.faults
 def test_an_interrupted_download_is_not_cached(tmp_path, monkeypatch):
     class HalfBody(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -242,6 +247,7 @@ def test_an_interrupted_download_is_not_cached(tmp_path, monkeypatch):
     assert not folder.exists() or not any(folder.iterdir())
 
 
+@pytest.mark.faults
 def test_sha256_is_checked_given_or_from_the_file_name(http_root, tmp_path):
     import hashlib
 
@@ -263,6 +269,7 @@ def test_sha256_is_checked_given_or_from_the_file_name(http_root, tmp_path):
         load_checkpoint(f"{base_url}/m.pth", sha256="abc")
 
 
+@pytest.mark.faults
 def test_plain_http_to_another_machine_warns(caplog, monkeypatch, tmp_path):
     import asl.download
 

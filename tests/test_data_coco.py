@@ -137,6 +137,7 @@ def test_synthetic_generated_when_absent(tmp_path):
     ('{"images": [{"id": 1}], "annotations": [{"id": 5, "image_id": 1, "category_id": 1}],'
      ' "categories": [{"id": 1, "name": "cat"}]}', "image 1 has no file_name"),
 ])
+@pytest.mark.faults
 def test_broken_annotation_files_are_named_with_the_reason(tmp_path, content, expected):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "val").mkdir()
@@ -146,6 +147,7 @@ def test_broken_annotation_files_are_named_with_the_reason(tmp_path, content, ex
     assert "instances_val.json" in str(err.value)
 
 
+@pytest.mark.faults
 def test_file_names_outside_the_dataset_are_refused_unless_allowed(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "val").mkdir()

@@ -187,6 +187,7 @@ def test_csv_without_split_column(tmp_path):
     np.testing.assert_array_equal(ds.targets(), [[1, 1]])
 
 
+@pytest.mark.faults
 def test_non_utf8_label_files_are_named(tmp_path, nus_root, oi_root):
     (nus_root / "nus_wid_data.csv").write_bytes("filepath,label,split_name\nimages/a.jpg,\"['caf\xe9']\",train\n"
                                                 .encode("latin-1"))
@@ -198,6 +199,7 @@ def test_non_utf8_label_files_are_named(tmp_path, nus_root, oi_root):
         create_dataset("openimages", oi_root, "test", 32, train=False, classes_file=classes)
 
 
+@pytest.mark.faults
 def test_a_refused_classes_checkpoint_gets_our_message(tmp_path, oi_root):
     class Payload:
         def __reduce__(self):

@@ -151,6 +151,7 @@ def test_dataset_pickles_for_spawn_workers(small_set, tmp_path):
     assert torch.equal(clone[4][0], ds[4][0])
 
 
+@pytest.mark.faults
 def test_a_fifo_is_refused_by_name_instead_of_blocking(tmp_path):
     import threading
 

@@ -176,6 +176,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_worker(tmp_path, make_synthetic, run_script):
     """The cluster recipe of the README: torchrun --max-restarts=N train.py ... --resume auto. The restarted round

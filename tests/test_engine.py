@@ -151,6 +151,7 @@ def test_unannotated_targets_are_masked_out_of_the_loss():
     assert seen[0]["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.faults
 def test_non_finite_loss_stops_before_the_optimizer_step():
     model, opt, sched, ema, crit = _setup()
     with torch.no_grad():
@@ -211,6 +212,7 @@ def test_the_recipe_schedule_runs_for_every_length(total):
     assert all(0 <= lr <= 1e-3 for lr in lrs)
 
 
+@pytest.mark.faults
 def test_checkpointer_never_replaces_a_good_last_pth_with_non_finite_weights(tmp_path):
     from asl.checkpointer import Checkpointer
     from asl.errors import TrainingDivergedError
@@ -236,6 +238,7 @@ def test_checkpointer_never_replaces_a_good_last_pth_with_non_finite_weights(tmp
     assert checkpointer.last_path.read_bytes() == good and not (tmp_path / "model-highest.pth").exists()
 
 
+@pytest.mark.faults
 def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
     from asl.checkpointer import Checkpointer
 
@@ -247,6 +250,7 @@ def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tm
     assert not stale.exists() and unrelated.exists()
 
 
+@pytest.mark.faults
 def test_a_failed_save_on_a_read_only_folder_reports_the_real_error(tmp_path, monkeypatch):
     from asl.atomic import atomic_write
 
@@ -259,6 +263,7 @@ def test_a_failed_save_on_a_read_only_folder_reports_the_real_error(tmp_path, mo
         atomic_write(tmp_path / "x.bin", fail)
 
 
+@pytest.mark.faults
 def test_a_full_disk_is_found_before_the_first_epoch_and_named_when_a_save_fails(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

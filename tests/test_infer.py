@@ -263,6 +263,7 @@ def test_per_class_thresholds_file(setup, tmp_path, capsys):
     assert wrong == 2 and "does not fit this model" in capsys.readouterr().err
 
 
+@pytest.mark.faults
 def test_unreadable_folders_are_named_not_skipped_silently(tmp_path, monkeypatch, caplog):
     from asl.errors import UsageError
     from asl.pictures import find_images

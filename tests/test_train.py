@@ -117,6 +117,7 @@ def test_pretrained_file_that_does_not_fit(tmp_path, synthetic, capsys):
     assert "not found" in _one_error_line(capsys)
 
 
+@pytest.mark.faults
 def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path, synthetic, monkeypatch, capsys):
     import asl.fit
 
@@ -148,6 +149,7 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.faults
 def test_a_second_ctrl_c_during_the_save_exits_130_with_last_pth_intact(tmp_path, synthetic, monkeypatch, capsys):
     import asl.fit
 
@@ -181,6 +183,7 @@ def test_a_second_ctrl_c_during_the_save_exits_130_with_last_pth_intact(tmp_path
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.faults
 def test_non_finite_loss_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_path, synthetic, monkeypatch,
                                                                           capsys):
     out = tmp_path / "o"
@@ -200,6 +203,7 @@ def test_non_finite_loss_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_p
     assert (out / "last.pth").read_bytes() == good
 
 
+@pytest.mark.faults
 def test_a_five_step_schedule_trains(tmp_path, make_synthetic):
     data = make_synthetic(5, 3, 40)
     flags = _flags(data, tmp_path / "o", "-b", "1", "--epochs", "1", "--stop-epoch", "0", "--image-size", "64")
@@ -207,6 +211,7 @@ def test_a_five_step_schedule_trains(tmp_path, make_synthetic):
     assert torch.load(tmp_path / "o" / "last.pth", weights_only=True)["steps_per_epoch"] == 5
 
 
+@pytest.mark.faults
 def test_diverged_weights_are_never_saved_and_the_message_is_true(tmp_path, synthetic, capsys):
     out = tmp_path / "o"
     assert train.main(_flags(synthetic, out, "--lr", "1e10")) == 2
@@ -228,6 +233,7 @@ def test_a_new_run_in_an_old_folder_starts_a_new_log_and_never_claims_the_old_ch
     assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.faults
 def test_learning_rates_out_of_range_are_refused_and_the_largest_accepted_one_fails_cleanly(tmp_path, synthetic,
                                                                                              capsys):
     for flag, value, message in [("--lr", "1e38", "expected a learning rate within (0, 1e+30]"),
@@ -243,6 +249,7 @@ def test_learning_rates_out_of_range_are_refused_and_the_largest_accepted_one_fa
     assert code == 2 and "Traceback" not in err and "training diverged" in err.strip().splitlines()[-1]
 
 
+@pytest.mark.faults
 def test_validate_refuses_non_finite_scores(tmp_path, capsys):
     from asl.apps import validate
     from asl.models import create_model

@@ -93,6 +93,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.faults
 def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic, run_script):
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = ["-j", "2", "--stop-epoch", "1", "--save-every-steps", "2"]
@@ -109,6 +110,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, s
     _assert_identical(full, killed)
 
 
+@pytest.mark.faults
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identically(tmp_path, synthetic,
                                                                                      run_script):
     """What SLURM's scancel does: SIGTERM to every process of the group, DataLoader workers included."""
@@ -142,6 +144,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identic
     assert losses[0] == losses[1]
 
 
+@pytest.mark.faults
 def test_a_last_pth_without_its_ema_or_rng_is_refused_by_name(tmp_path, synthetic, capsys):
     out = tmp_path / "o"
     assert train.main(_flags(synthetic, out, "-j", "0", "--stop-epoch", "0")) == 0

@@ -27,6 +27,22 @@ def test_variant_spellings_and_errors():
             parse_variant(bad)
 
 
+def test_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "variants.txt"
+    empty.write_text("# nothing yet\n\n")
+    occupied = tmp_path / "a_file"
+    occupied.write_text("")
+    cases = [(["--variants-file", str(empty)], "lists no variant"),
+             (["--variants-file", str(tmp_path / "absent.txt")], "cannot read the variants file"),
+             (["--variants", "a:1,0,0", "a:2,0,0"], "two variants are named 'a'"),
+             (["--output-dir", str(occupied)], "cannot create the output folder"),
+             (["--", "DATA", "--clip=0.1"], "--clip is set by ablate.py")]
+    for argv, message in cases:
+        assert run_main(ablate.main, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.strip().splitlines()[-1], (argv, err)
+
+
 def test_default_plan_is_the_papers_comparison_on_skewed_data(tmp_path, capsys):
     assert run_main(ablate.main, ["--output-dir", str(tmp_path / "abl"), "--dry-run"]) == 0
     commands = [shlex.split(line)[2:] for line in capsys.readouterr().out.splitlines()]

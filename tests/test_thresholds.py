@@ -121,6 +121,8 @@ def test_file_round_trip_and_errors(tmp_path):
         with pytest.raises(UsageError, match=str(bad)) as info:
             load_thresholds(bad, ["cat", "dog"])
         assert message in str(info.value)
+    with pytest.raises(UsageError, match="the class name 'cat' repeats"):
+        save_thresholds(tmp_path / "dup.json", ["cat", "dog", "cat"], [0.1, 0.2, 0.3])
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(UsageError, match="is not valid JSON"):
         load_thresholds(tmp_path / "broken.json", ["cat"])

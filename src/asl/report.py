@@ -108,11 +108,10 @@ def _score_histogram(rows: Sequence[dict[str, Any]], targets: np.ndarray, scores
     figure, axes = _figure(7, 4)
     ax = axes[0]
     bins = np.linspace(0.0, 1.0, 51)
-    values = np.clip(np.nan_to_num(scores.astype(np.float64)), 0.0, 1.0)
-    for mask, label, colour in ((targets == 1, "positive labels", "tab:green"),
-                                ((targets >= 0) & (targets != 1), "negative labels", "tab:red")):
-        ax.hist(values[mask], bins=bins, histtype="stepfilled", alpha=0.45, color=colour,
-                label=f"{label} ({int(mask.sum())})")
+    positive, negative = _label_histograms(targets, scores, bins)
+    for counts, label, colour in ((positive, "positive labels", "tab:green"),
+                                  (negative, "negative labels", "tab:red")):
+        ax.stairs(counts, bins, fill=True, alpha=0.45, color=colour, label=f"{label} ({int(counts.sum())})")
     thresholds = sorted({round(float(r["threshold"]), 4) for r in rows})
     if len(thresholds) == 1:
         ax.axvline(thresholds[0], color="black", linestyle="--", linewidth=1,
@@ -121,6 +120,18 @@ def _score_histogram(rows: Sequence[dict[str, Any]], targets: np.ndarray, scores
     ax.set(xlabel="probability", ylabel="labels (log scale)", xlim=(0, 1))
     ax.legend(fontsize=8)
     return figure
+
+
+def _label_histograms(targets: np.ndarray, scores: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of the scores of positive and of negative labels per bin, a block of rows at a time (Open Images'
+    score matrix is over a billion values: no full-size copy or mask is made)."""
+    positive, negative = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
+    rows = max(1, (1 << 22) // max(scores.shape[1], 1))
+    for start in range(0, scores.shape[0], rows):
+        s, t = scores[start:start + rows], targets[start:start + rows]
+        positive += np.histogram(np.clip(s[t == 1], 0.0, 1.0), bins)[0]
+        negative += np.histogram(np.clip(s[(t >= 0) & (t != 1)], 0.0, 1.0), bins)[0]
+    return positive, negative
 
 
 def _ap_vs_support(rows: Sequence[dict[str, Any]]):

@@ -96,7 +96,9 @@ def save_thresholds(path: Union[str, Path], classes: Sequence[str], thresholds: 
     if len(classes) != len(thresholds):
         raise ValueError(f"{len(thresholds)} thresholds for {len(classes)} classes")
     if len(set(classes)) != len(classes):
-        raise ValueError("class names repeat, so a {name: threshold} file cannot hold them")
+        repeated = next(c for c in classes if list(classes).count(c) > 1)
+        raise UsageError(f"cannot write {path}: the class name {repeated!r} repeats, so a {{name: threshold}} file "
+                         f"cannot hold every class")
     document = {str(name): float(value) for name, value in zip(classes, thresholds)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -85,6 +86,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         for _, _, command in plan:
             print("python train.py " + shlex.join(command))
         return 0
+    check_output_dir(out)
     notes = describe(train_args, generated)
     try:
         for number, (variant, run_dir, command) in enumerate(plan, start=1):
@@ -107,7 +109,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 def choose_variants(args) -> list[Variant]:
     variants = [parse_variant(v) for v in args.variants or []]
     if args.variants_file:
-        variants += read_variants_file(args.variants_file)
+        listed = read_variants_file(args.variants_file)
+        if not listed:
+            raise UsageError(f"the variants file {args.variants_file} lists no variant (NAME:GN,GP,CLIP per line)")
+        variants += listed
     if args.gamma_neg_sweep:
         variants += sweep(args.gamma_neg_sweep, args.sweep_gamma_pos, args.sweep_clip)
     variants = variants or list(DEFAULT_VARIANTS)
@@ -116,6 +121,15 @@ def choose_variants(args) -> list[Variant]:
     for v in variants:
         unique.setdefault(v.name, v)
     return list(unique.values())
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {out / 'runs'}: {exc.strerror or exc}") from None
+    if not os.access(out / "runs", os.W_OK | os.X_OK):
+        raise UsageError(f"the output folder {out / 'runs'} is not writable")
 
 
 def cpu_train_args(out: Path) -> list[str]:

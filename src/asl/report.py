@@ -122,11 +122,12 @@ def _score_histogram(rows: Sequence[dict[str, Any]], targets: np.ndarray, scores
     return figure
 
 
-def _label_histograms(targets: np.ndarray, scores: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _label_histograms(targets: np.ndarray, scores: np.ndarray, bins: np.ndarray,
+                      block_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """Counts of the scores of positive and of negative labels per bin, a block of rows at a time (Open Images'
     score matrix is over a billion values: no full-size copy or mask is made)."""
     positive, negative = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
-    rows = max(1, (1 << 22) // max(scores.shape[1], 1))
+    rows = max(1, block_elements // max(scores.shape[1], 1))
     for start in range(0, scores.shape[0], rows):
         s, t = scores[start:start + rows], targets[start:start + rows]
         positive += np.histogram(np.clip(s[t == 1], 0.0, 1.0), bins)[0]

@@ -58,6 +58,15 @@ def test_no_positive_unannotated_and_all_positive():
     assert th[2] == pytest.approx(0.1)  # every sample positive: predict all (halfway to 0)
 
 
+def test_positives_scored_0_cannot_be_predicted():
+    scores = np.array([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.7, 0.0, 0.0]])
+    targets = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    # class 0: its positive scores 0, below any threshold: the only predictable set holds no positive.
+    # class 1: a set reaching its positive would need a threshold below 0. class 2: nothing is predictable.
+    assert max_f1_thresholds(targets, scores).tolist() == [NEVER] * 3
+    assert precision_thresholds(targets, scores, 0.5).tolist() == [NEVER] * 3
+
+
 def test_adjacent_float32_scores_are_still_separated():
     high = np.float32(0.5)
     low = np.nextafter(high, np.float32(0))

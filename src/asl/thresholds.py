@@ -12,9 +12,9 @@ A class is predicted when ``score > threshold`` (strict, as everywhere in this p
 sample scoring at least s" can be predicted, one per distinct score s, so each rule looks at those sets alone; the
 threshold returned lies halfway between s and the next lower score, or 0 (exactly representable in the scores'
 dtype, so that float32 probabilities compared with it select exactly that set). A score of exactly 0 is never
-predicted (no threshold in [0, 1] lies below it). Equal F1 values prefer the higher
-threshold. A class for which no set qualifies (no positive sample, or a precision never reached) gets 1.0: it is
-never predicted. Targets of -1 (not annotated) are left out of their class.
+predicted (no threshold in [0, 1] lies below it). Equal F1 values prefer the higher threshold. A class for which
+no set qualifies (no positive sample, no positive above 0, or a precision never reached) gets 1.0: it is never
+predicted. Targets of -1 (not annotated) are left out of their class.
 
 The file is a JSON object ``{class name: threshold}`` in the model's class order.
 """
@@ -71,7 +71,8 @@ def max_f1_thresholds(targets, scores) -> np.ndarray:
         if positives == 0:
             continue
         f1 = 2.0 * tp / (sizes + positives)
-        out[k] = float(thresholds[int(np.argmax(f1))])  # argmax: the first maximum, the highest threshold
+        if f1.size and f1.max() > 0:  # else no predictable set finds a positive: never predicting is as good
+            out[k] = float(thresholds[int(np.argmax(f1))])  # argmax: the first maximum, the highest threshold
     return out
 
 

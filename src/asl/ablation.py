@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import UsageError
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "RunStatus",
-           "best_epoch", "results_table", "plot_map_vs_gamma_neg"]
+__all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "check_unique",
+           "RunStatus", "read_log", "best_epoch", "results_table", "plot_map_vs_gamma_neg"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -119,11 +119,25 @@ class RunStatus:
             {"train_args": self.train_args, "seconds": self.seconds, "finished": self.finished}, indent=1) + "\n")
 
 
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a run's ``log.txt`` (none if absent). A line cut short by a killed process is
+    skipped rather than stopping the whole ablation."""
+    if not log_path.is_file():
+        return []
+    records = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "epoch" in record and "mAP" in record:
+            records.append(record)
+    return records
+
+
 def best_epoch(log_path: Path) -> Optional[dict[str, Any]]:
     """The epoch record of ``log.txt`` with the highest mAP (the first of equals), or None without records."""
-    if not log_path.is_file():
-        return None
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_log(log_path)
     if not records:
         return None
     best = max(records, key=lambda r: (r["mAP"], -r["epoch"]))

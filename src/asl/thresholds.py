@@ -85,7 +85,7 @@ def precision_thresholds(targets, scores, precision: float) -> np.ndarray:
     out = np.full(t.shape[1], NEVER)
     for k in range(t.shape[1]):
         tp, sizes, positives, thresholds = _cut_points(s[:, k], t[:, k])
-        # tp >= precision * size, in integers where possible so that 0.9 * 10 does not miss 9 / 10 by rounding.
+        # tp >= precision * size, with a tolerance: 0.9 * 10 is 9.000000000000002, and 9 of 10 must reach 0.9.
         reached = np.flatnonzero((tp > 0) & (tp >= precision * sizes - 1e-9))
         if positives and reached.size:
             out[k] = float(thresholds[reached[-1]])
@@ -121,8 +121,9 @@ def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarra
         raise UsageError(f"the thresholds file {path} is not valid JSON ({exc})") from None
     if not isinstance(document, dict):
         raise UsageError(f"the thresholds file {path} must hold a JSON object {{class name: threshold}}")
+    known = set(classes)
     missing = [c for c in classes if c not in document]
-    unknown = [c for c in document if c not in set(classes)]
+    unknown = [c for c in document if c not in known]
     if missing or unknown:
         parts = []
         if missing:

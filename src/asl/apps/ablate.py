@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from asl.ablation import (DEFAULT_VARIANTS, RunStatus, Variant, best_epoch, check_unique, parse_variant,
-                          plot_map_vs_gamma_neg, read_variants_file, results_table, sweep)
+                          plot_map_vs_gamma_neg, read_log, read_variants_file, results_table, sweep)
 from asl.atomic import atomic_write_text
 from asl.cli import ArgumentParser, run_main, setup_logging
 from asl.errors import UsageError
@@ -185,9 +185,7 @@ def run_variant(number: int, total: int, variant: Variant, run_dir: Path, comman
 def _finished(run_dir: Path, command: list[str]) -> bool:
     """Whether log.txt holds the run's last epoch (an interrupted run returns 0 too)."""
     args = train_app.build_parser().parse_args(command)
-    log = run_dir / "log.txt"
-    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()] \
-        if log.is_file() else []
+    epochs = [r["epoch"] for r in read_log(run_dir / "log.txt")]
     return bool(epochs) and max(epochs) >= min(args.epochs - 1, args.stop_epoch)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one intra-op thread, generated datasets, and a runner for the repository's scripts."""
+"""Shared fixtures: one intra-op thread, generated datasets, a runner for the repository's scripts, and the
+source of a train.py that kills itself (fault injection)."""
 import os
 import subprocess
 import sys
@@ -54,3 +55,35 @@ def run_script():
                               text=True, timeout=timeout)
 
     return run
+
+
+_SELF_KILLING_TRAIN = r"""
+import asl.fit
+from asl.apps import train
+
+original = asl.fit.train_one_epoch
+
+
+def killing(*args, **kwargs):
+    on_step = kwargs["on_step"]
+
+    def hook(info):
+        on_step(info)
+        if should_die(info):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    kwargs["on_step"] = hook
+    return original(*args, **kwargs)
+
+
+asl.fit.train_one_epoch = killing
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="session")
+def self_killing_train():
+    """``self_killing_train(should_die)`` -> the source of a train.py (run it with ``python -c`` or as a file)
+    that SIGKILLs itself right after the step for which ``should_die(info)`` is true. ``should_die`` is Python
+    source defining that function (``os``, ``signal`` and ``sys`` are imported; it may read ``sys.argv``)."""
+    return lambda should_die: "import os, signal, sys\n" + should_die + _SELF_KILLING_TRAIN

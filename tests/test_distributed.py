@@ -148,42 +148,28 @@ def test_select_device():
 
 
 
-_DIES_ONCE = r"""
-import os, signal, sys
-import asl.fit
-from asl.apps import train
-
+# rank 1 dies once, mid-epoch 1, after last.pth was written at that step: a crashed node
+_DIES_ONCE = """
 marker = sys.argv.pop(1)
-original = asl.fit.train_one_epoch
 
 
-def dies_once(*args, **kwargs):
-    on_step = kwargs["on_step"]
-
-    def hook(info):
-        on_step(info)
-        # rank 1 dies once, mid-epoch 1, after last.pth was written at that step: a crashed node
-        if os.environ["RANK"] == "1" and info["epoch"] == 1 and info["step"] == 0 and not os.path.exists(marker):
-            open(marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    kwargs["on_step"] = hook
-    return original(*args, **kwargs)
-
-
-asl.fit.train_one_epoch = dies_once
-sys.exit(train.main(sys.argv[1:]))
+def should_die(info):
+    if os.environ["RANK"] == "1" and info["epoch"] == 1 and info["step"] == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        return True
+    return False
 """
 
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_worker(tmp_path, make_synthetic, run_script):
+def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_worker(tmp_path, make_synthetic, run_script,
+                                                                         self_killing_train):
     """The cluster recipe of the README: torchrun --max-restarts=N train.py ... --resume auto. The restarted round
     used to fail one time in three (gloo read a dead peer's address from the previous round's keys; see
     asl.distributed._restart_safe_store): 3 of 8 runs passed before the fix, 18 of 18 after."""
     script = tmp_path / "dies_once.py"
-    script.write_text(_DIES_ONCE)
+    script.write_text(self_killing_train(_DIES_ONCE))
     out = tmp_path / "out"
     data = make_synthetic(24, 11, 64)
     proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",

@@ -75,31 +75,20 @@ def test_resume_refuses_a_different_schedule(tmp_path, synthetic, capsys):
 
 # Run train.py in a subprocess that SIGKILLs itself right after the 3rd step of epoch 1: after the periodic
 # mid-epoch last.pth (written every 2 steps) and before the next, so the step after it is lost and redone.
-_KILLER = r"""
-import os, signal, sys
-import asl.fit
-from asl.apps import train
-original = asl.fit.train_one_epoch
-def killing(*args, **kwargs):
-    on_step = kwargs["on_step"]
-    def hook(state):
-        on_step(state)
-        if state["epoch"] == 1 and state["step"] == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-    kwargs["on_step"] = hook
-    return original(*args, **kwargs)
-asl.fit.train_one_epoch = killing
-sys.exit(train.main(sys.argv[1:]))
+_DIES_AT_EPOCH_1_STEP_2 = """
+def should_die(info):
+    return info["epoch"] == 1 and info["step"] == 2
 """
 
 
 @pytest.mark.faults
-def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic, run_script):
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic, run_script,
+                                                                     self_killing_train):
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = ["-j", "2", "--stop-epoch", "1", "--save-every-steps", "2"]
     run = run_script(["train.py", *_flags(synthetic, full, *common)])
     assert run.returncode == 0, run.stderr[-2000:]
-    run = run_script(["-c", _KILLER, *_flags(synthetic, killed, *common)])
+    run = run_script(["-c", self_killing_train(_DIES_AT_EPOCH_1_STEP_2), *_flags(synthetic, killed, *common)])
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     saved = torch.load(killed / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 2)  # the periodic mid-epoch save survived

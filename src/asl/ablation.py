@@ -8,15 +8,15 @@ finished. A finished run is never trained again; an unfinished one resumes from 
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_text
 from .errors import UsageError
+from .report import save_png
 
 __all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "check_unique",
            "RunStatus", "read_log", "best_epoch", "results_table", "plot_map_vs_gamma_neg"]
@@ -141,7 +141,7 @@ def best_epoch(log_path: Path) -> Optional[dict[str, Any]]:
     if not records:
         return None
     best = max(records, key=lambda r: (r["mAP"], -r["epoch"]))
-    return {"mAP": float(best["mAP"]), "epoch": int(best["epoch"]), "epochs_done": len(records)}
+    return {"mAP": float(best["mAP"]), "epoch": int(best["epoch"])}
 
 
 def results_table(rows: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
@@ -185,6 +185,4 @@ def plot_map_vs_gamma_neg(rows: Sequence[dict[str, Any]], path: Path, title: str
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)

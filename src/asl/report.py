@@ -25,7 +25,7 @@ import numpy as np
 from .atomic import atomic_write_bytes, atomic_write_text
 from .metrics import precision_recall_curve
 
-__all__ = ["write_report", "CURVES_PER_PANEL"]
+__all__ = ["write_report", "save_png", "CURVES_PER_PANEL"]
 
 #: classes drawn in each precision-recall panel (best, worst)
 CURVES_PER_PANEL = 5
@@ -49,7 +49,7 @@ def write_report(directory: Union[str, Path], rows: Sequence[dict[str, Any]], ta
         "ap_vs_support.png": ("AP against the number of positives", _ap_vs_support(rows)),
     }
     for name, (_, figure) in pictures.items():
-        atomic_write_bytes(directory / name, _png(figure))
+        save_png(figure, directory / name)
     lines = ["# Evaluation report", "", *summary, ""]
     for name, (title, _) in pictures.items():
         lines += [f"![{title}]({name})", ""]
@@ -63,10 +63,11 @@ def _scored(row: dict[str, Any]) -> bool:
     return row["ap"] is not None and row["positives"] > 0
 
 
-def _png(figure) -> bytes:
+def save_png(figure, path: Union[str, Path]) -> None:
+    """Writes a matplotlib ``Figure`` as a PNG, atomically (the Agg renderer: no display involved)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _label(name: str) -> str:

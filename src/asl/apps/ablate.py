@@ -92,11 +92,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     notes = describe(train_args, generated)
     try:
         for number, (variant, run_dir, command) in enumerate(plan, start=1):
-            code = run_variant(number, len(plan), variant, run_dir, command, args.keep_last)
+            code, finished = run_variant(number, len(plan), variant, run_dir, command, args.keep_last)
             write_results(out, plan, notes)
             if code != 0:
                 return code
-            if not RunStatus.read(run_dir).finished:
+            if not finished:
                 print(f"ablate.py: interrupted during {variant.name}; run the same command again to continue",
                       flush=True)
                 return 0
@@ -162,14 +162,15 @@ def describe(train_args: list[str], generated: bool) -> list[str]:
 
 
 def run_variant(number: int, total: int, variant: Variant, run_dir: Path, command: list[str],
-                keep_last: bool) -> int:
+                keep_last: bool) -> tuple[int, bool]:
+    """Trains one variant unless it finished earlier; returns train.py's exit code and whether it is finished."""
     status = RunStatus.read(run_dir)
     if status is not None and status.train_args != command:
         raise UsageError(f"{run_dir} was started with other train.py arguments; use another --output-dir or "
                          f"delete {run_dir}")
     if status is not None and status.finished:
         print(f"=== [{number}/{total}] {variant.name}: finished earlier, skipped", flush=True)
-        return 0
+        return 0, True
     status = status or RunStatus(command)
     print(f"\n=== [{number}/{total}] {variant.name} ({variant.describe()})"
           + (" (continuing)" if status.seconds else ""), flush=True)
@@ -181,7 +182,7 @@ def run_variant(number: int, total: int, variant: Variant, run_dir: Path, comman
     if status.finished and not keep_last:
         # The resume state (weights, EMA, optimizer) of a run that will not be resumed; model-highest.pth stays.
         (run_dir / "last.pth").unlink(missing_ok=True)
-    return code
+    return code, status.finished
 
 
 def _finished(run_dir: Path, command: list[str]) -> bool:

@@ -62,6 +62,17 @@ def test_range_checks_are_flag_types(flag, tmp_path, capsys):
     assert "expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("app, extra", [("validate", ["DATA"]), ("infer", ["--pic-path", "x.jpg"]), ("export", [])])
+def test_an_empty_model_path_is_one_line_in_every_app(app, extra, capsys):
+    import importlib
+
+    module = importlib.import_module(f"asl.apps.{app}")
+    assert module.main([*extra, "--model-path", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{app}.py: error: argument --model-path")
+    assert "expected a checkpoint file or an http(s) URL" in err[0]
+
+
 @pytest.mark.parametrize("value", ["2", "nan", "-0.1"])
 def test_infer_threshold_is_a_probability(value, capsys):
     from asl.apps import infer

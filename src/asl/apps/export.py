@@ -81,8 +81,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if not args.model_path:
-        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL")
     try:
         import onnx  # noqa: F401  (torch.onnx needs it; say so before loading a large checkpoint)
     except ImportError:

@@ -119,8 +119,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if not args.model_path:
-        raise UsageError("--model_path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     if args.thresholds and args.th is not None:
         raise UsageError("give either --th (one threshold) or --thresholds FILE (one per class), not both")
     if args.thresholds and not os.path.isfile(args.thresholds):

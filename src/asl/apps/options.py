@@ -11,10 +11,16 @@ from ..precision import amp_dtype_arg
 __all__ = ["model_options", "runtime_options", "data_options", "recipe_options"]
 
 
+def _checkpoint_source(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a checkpoint file or an http(s) URL (see MODEL_ZOO.md), got ''")
+    return text
+
+
 def model_options(model_path_help: str, required: bool) -> ArgumentParser:
     p = ArgumentParser(add_help=False)
-    p.add_argument("--model-path", type=str, required=required, default=None if required else "",
-                   help=model_path_help)
+    p.add_argument("--model-path", type=_checkpoint_source if required else str, required=required,
+                   default=None if required else "", help=model_path_help)
     p.add_argument("--model-name", type=str, default=None,
                    help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
     p.add_argument("--model-sha256", type=str, default=None,

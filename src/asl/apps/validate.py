@@ -69,8 +69,6 @@ def build_parser() -> ArgumentParser:
 
 
 def check_args(args) -> None:
-    if not args.model_path:
-        raise UsageError("--model-path is empty: give a checkpoint file or an http(s) URL (see MODEL_ZOO.md)")
     parse_key_values(args.dataset_option)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
     if args.threshold_precision is not None and not args.save_thresholds:

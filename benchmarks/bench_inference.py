@@ -1,5 +1,6 @@
-"""Inference throughput of ``prepare_for_inference`` (norms folded into the convs, channels_last) against timm's
-TResNet in eval mode and against our plain model, all in one process on the same weights and inputs, interleaved,
+"""Inference throughput of ``prepare_for_inference`` (norms folded into the convs, channels_last, and on the CPU
+the wide 3x3 convolutions as Winograd F(4x4, 3x3)) against timm's TResNet in eval mode, our plain model and the
+prepared model with direct convolutions only, all in one process on the same weights and inputs, interleaved,
 median of the repeats. Also checks that the outputs agree with timm's.
 
     python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 8 --repeats 7
@@ -40,11 +41,14 @@ def main(argv=None) -> int:
     plain = create_model(args.model_name, 80).eval()
     plain.load_state_dict(convert_timm_tresnet(reference.state_dict()))
     plain = plain.to(device)
-    models = {"timm (eval)": reference, "ours, plain": plain, "prepare_for_inference": prepare_for_inference(plain)}
+    models = {"timm (eval)": reference, "ours, plain": plain,
+              "prepared, direct conv": prepare_for_inference(plain, winograd=False),
+              "prepare_for_inference": prepare_for_inference(plain)}
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with torch.inference_mode():
         expected = reference(x)
-        err = ((models["prepare_for_inference"](x) - expected).abs().max() / expected.abs().max()).item()
+        err = {name: ((models[name](x) - expected).abs().max() / expected.abs().max()).item()
+               for name in ("prepared, direct conv", "prepare_for_inference")}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, model in models.items():
@@ -54,16 +58,18 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"{name:<22} {args.batch_size / med:8.1f} images/s  {ref / med:5.2f}x timm")
-    print(f"max relative difference of the logits from timm's: {err:.1e}")
+        print(f"{name:<23} {args.batch_size / med:8.1f} images/s  {ref / med:5.2f}x timm")
+    for name, value in err.items():
+        print(f"{name}: max relative difference of the logits from timm's {value:.1e}")
     if args.flops:
-        print_conv_share(models["prepare_for_inference"], x, statistics.median(times["prepare_for_inference"]))
+        print_conv_share(models["prepared, direct conv"], x, statistics.median(times["prepared, direct conv"]))
     return 0
 
 
 def print_conv_share(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> None:
-    """How far the prepared model is from the machine's limit: the share of its time spent in convolutions (torch
-    profiler) and the rate of multiply-adds they reach (2 FLOPs each, counted from the layer shapes)."""
+    """How far the prepared model with direct convolutions is from the machine's limit: the share of its time spent
+    in convolutions (torch profiler) and the rate of multiply-adds they reach (2 FLOPs each, from the layer
+    shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
     flops = []

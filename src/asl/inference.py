@@ -159,12 +159,14 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
                num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               prepare: bool = True, channels_last: bool = True, sha256: Optional[str] = None) -> LoadedModel:
+               prepare: bool = True, channels_last: bool = True, winograd: bool = True,
+               sha256: Optional[str] = None) -> LoadedModel:
     """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
 
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
     (see :func:`resolve_architecture`). ``channels_last`` (NHWC) is faster on CPU and GPU alike; ONNX export
-    turns it off (it buys nothing in the exported graph).
+    turns it off (it buys nothing in the exported graph). ``winograd``: the wide 3x3 convolutions as Winograd
+    F(4x4, 3x3) when ``device`` is the CPU (see :func:`~asl.models.prepare_for_inference`).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
@@ -174,7 +176,8 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     model.eval()
     device = torch.device(device)
     if prepare:
-        model = prepare_for_inference(model, channels_last=channels_last)
+        model = prepare_for_inference(model, channels_last=channels_last,
+                                      winograd=winograd and device.type == "cpu")
     model.to(device)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}

@@ -32,7 +32,7 @@ from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_i
 from asl.precision import resolve_amp_dtype
 from asl.thresholds import load_thresholds
 
-from .options import model_options, runtime_options
+from .options import inference_options, model_options, runtime_options
 
 logger = logging.getLogger("infer")
 
@@ -40,7 +40,8 @@ logger = logging.getLogger("infer")
 def build_parser() -> ArgumentParser:
     parents = [model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=16, workers=2, amp_dtype="none",
-                               amp_help="opt-in autocast on CUDA; default fp32, as the original")]
+                               amp_help="opt-in autocast on CUDA; default fp32, as the original"),
+               inference_options()]
     parser = ArgumentParser(prog="infer.py", parents=parents,
                             description="ASL inference on pictures (files or folders).")
     parser.add_argument("--pic-path", type=str, nargs="+", required=True,
@@ -135,7 +136,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     plan = _output_plan(args.output, paths, roots)
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
-                        sha256=args.model_sha256)
+                        winograd=args.winograd, sha256=args.model_sha256)
     if args.thresholds:
         threshold = load_thresholds(args.thresholds, loaded.class_names)
         logger.info("%d picture(s), per-class thresholds of %s, device %s", len(paths), args.thresholds, device)

@@ -8,7 +8,7 @@ from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegativ
 from ..data import DATASET_NAMES
 from ..precision import amp_dtype_arg
 
-__all__ = ["model_options", "runtime_options", "data_options", "recipe_options"]
+__all__ = ["model_options", "runtime_options", "inference_options", "data_options", "recipe_options"]
 
 
 def _checkpoint_source(text: str) -> str:
@@ -40,6 +40,15 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout for the model and its inputs (faster on CPU and GPU, same results)")
     p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def inference_options() -> ArgumentParser:
+    """Options of the scripts that run a loaded checkpoint (validate, infer)."""
+    p = ArgumentParser(add_help=False)
+    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, compute the wide 3x3 convolutions as Winograd F(4x4, 3x3): fewer "
+                        "multiplications, outputs equal to fp32 rounding (BENCHMARKS.md)")
     return p
 
 

@@ -39,7 +39,7 @@ from asl.precision import resolve_amp_dtype
 from asl.report import write_report
 from asl.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
 
-from .options import data_options, model_options, runtime_options
+from .options import data_options, inference_options, model_options, runtime_options
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
@@ -51,7 +51,8 @@ def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
                model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=32, workers=8, amp_dtype="none",
-                               amp_help="opt-in autocast on CUDA; default fp32, as the original")]
+                               amp_help="opt-in autocast on CUDA; default fp32, as the original"),
+               inference_options()]
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
     p.add_argument("--thre", type=probability, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
@@ -159,7 +160,7 @@ def _load(args, info):
     if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
     loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
-                        channels_last=args.channels_last, sha256=args.model_sha256)
+                        channels_last=args.channels_last, winograd=args.winograd, sha256=args.model_sha256)
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     if info.is_main:

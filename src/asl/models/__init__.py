@@ -12,6 +12,7 @@ from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_
 from .layers import ABN, fold_conv_abn
 from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
+from .winograd import WinogradConv2d, winograd_eligible
 
 __all__ = [
     "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone",
@@ -107,10 +108,21 @@ def _fold_sequential(seq: nn.Sequential) -> None:
         seq[1] = act if act is not None else nn.Identity()
 
 
+def _use_winograd(model: nn.Module) -> None:
+    """Swaps every wide 3x3 stride-1 conv for its Winograd twin (same weights and state-dict keys)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if winograd_eligible(child):
+                setattr(module, name, WinogradConv2d(child))
+
+
 @torch.no_grad()
-def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+def prepare_for_inference(model: nn.Module, channels_last: bool = True,
+                          winograd: Optional[bool] = None) -> nn.Module:
     """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
 
+    ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) on the CPU (fewer multiplications,
+    the same outputs to fp32 rounding; see :mod:`asl.models.winograd`). ``None``: when the model is on the CPU.
     The original model is left untouched (its parameters keep training). Inference only: the folded
     copy has no norm layers to train.
     """
@@ -118,6 +130,10 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Mo
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
             _fold_sequential(module)
+    if winograd is None:
+        winograd = all(p.device.type == "cpu" for p in model.parameters())
+    if winograd:
+        _use_winograd(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():

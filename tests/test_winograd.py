@@ -1,0 +1,110 @@
+"""Winograd F(4x4, 3x3) against the definition of convolution: the 1-D identity written out by hand, and the 2-D
+layer against float64 direct convolution; plus the cases where it must step aside bit-exactly."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from asl.apps.infer import build_parser as infer_parser
+from asl.apps.validate import build_parser as validate_parser
+from asl.models import create_model, prepare_for_inference
+from asl.models.winograd import WinogradConv2d, winograd_eligible, winograd_matrices
+
+
+def test_one_dimensional_identity_is_valid_correlation():
+    bt, g_mat, at = winograd_matrices(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        d, g = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+        expected = torch.stack([d[i] * g[0] + d[i + 1] * g[1] + d[i + 2] * g[2] for i in range(4)])
+        torch.testing.assert_close(at @ ((g_mat @ g) * (bt @ d)), expected, rtol=0, atol=1e-12)
+
+
+def _direct_float64(x, conv):
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, padding=1)
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(2, 5, 7, 8, 8), (1, 3, 4, 1, 1), (3, 6, 5, 7, 7), (2, 4, 9, 13, 9),
+                                       (1, 8, 8, 14, 14), (2, 3, 2, 2, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_layer_equals_direct_convolution(monkeypatch, n, c, k, h, w, bias, channels_last):
+    torch.manual_seed(n * 100 + h * 10 + w)
+    conv = nn.Conv2d(c, k, 3, padding=1, bias=bias)
+    layer = WinogradConv2d(conv)
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = _direct_float64(x, conv)
+
+    def direct_conv_used(*args, **kwargs):
+        raise AssertionError("fell back to the direct convolution")
+
+    monkeypatch.setattr(F, "conv2d", direct_conv_used)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 5e-6
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated, and still how ONNX traces
+def test_steps_aside_exactly_where_it_does_not_apply():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = WinogradConv2d(conv)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(layer.double()(x.double()), F.conv2d(x.double(), conv.weight.double(),
+                                                                 conv.bias.double(), padding=1))
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        traced = torch.jit.trace(layer, x)
+    assert "bmm" not in str(traced.graph) and "conv" in str(traced.graph)
+
+
+def test_reloaded_weights_are_used():
+    torch.manual_seed(0)
+    layer = WinogradConv2d(nn.Conv2d(4, 4, 3, padding=1))
+    other = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        got = layer(x)
+    expected = _direct_float64(x, other)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 5e-6
+
+
+def test_eligibility():
+    assert winograd_eligible(nn.Conv2d(128, 256, 3, padding=1))
+    assert not winograd_eligible(nn.Conv2d(64, 256, 3, padding=1))  # narrow: the transforms cost more than they save
+    assert not winograd_eligible(nn.Conv2d(128, 128, 3, padding=1, stride=2))
+    assert not winograd_eligible(nn.Conv2d(128, 128, 1))
+    assert not winograd_eligible(nn.Conv2d(128, 128, 3, padding=1, groups=2))
+    assert not winograd_eligible(nn.Conv2d(128, 128, 3, padding=2, dilation=2))
+    with pytest.raises(ValueError):
+        WinogradConv2d(nn.Conv2d(4, 4, 3, padding=1, stride=2))
+
+
+def test_prepared_tresnet_uses_it_and_keeps_the_function():
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", 5).eval()
+    fast = prepare_for_inference(model)
+    direct = prepare_for_inference(model, winograd=False)
+    # TResNet-M: every 3x3 conv of layer2 but the first (64 -> 128), one per block of layer3 and layer4.
+    assert sum(isinstance(m, WinogradConv2d) for m in fast.modules()) == 7 + 11 + 3
+    assert not any(isinstance(m, WinogradConv2d) for m in direct.modules())
+    assert fast.state_dict().keys() == direct.state_dict().keys()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        expected, got = model.double()(x.double()), fast(x)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+def test_flag_in_validate_and_infer():
+    v = ["data", "--model-path", "m.pth"]
+    assert validate_parser().parse_args(v).winograd is True
+    assert validate_parser().parse_args(v + ["--no-winograd"]).winograd is False
+    i = ["--model-path", "m.pth", "--pic-path", "x.jpg", "--no-winograd"]
+    assert infer_parser().parse_args(i).winograd is False

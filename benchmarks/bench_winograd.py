@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             expected = conv(x)
             err = ((fast(x) - expected).abs().max() / expected.abs().max()).item()
+            # Warm-up: the first passes pay for fresh memory pages until the allocator keeps its blocks, as it
+            # does in a model's steady state.
+            for _ in range(args.warmup):
+                conv(x), fast(x)
             for _ in range(args.repeats):
                 for name, layer in (("direct", conv), ("winograd", fast)):
                     start = time.perf_counter()

@@ -108,3 +108,48 @@ def test_flag_in_validate_and_infer():
     assert validate_parser().parse_args(v + ["--no-winograd"]).winograd is False
     i = ["--model-path", "m.pth", "--pic-path", "x.jpg", "--no-winograd"]
     assert infer_parser().parse_args(i).winograd is False
+
+
+def test_gradients_are_the_convolution_s():
+    # Training through a prepared model is not its purpose, but where autograd is on the layer must be exact.
+    torch.manual_seed(0)
+    layer = WinogradConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    layer.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 6, 6)
+    xf = x.clone().requires_grad_(True)
+    layer(xf).square().sum().backward()
+    ref_x = x.detach().float().requires_grad_(True)
+    ref_w = layer.weight.detach().clone().requires_grad_(True)
+    F.conv2d(ref_x, ref_w, layer.bias, padding=1).square().sum().backward()
+    torch.testing.assert_close(xf.grad, ref_x.grad)
+    torch.testing.assert_close(layer.weight.grad, ref_w.grad)
+
+
+def test_workspace_is_per_thread_and_per_copy():
+    import copy
+    import pickle
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1)).eval()
+    fast = prepare_for_inference(model, channels_last=False)
+    assert isinstance(fast[0], WinogradConv2d) and fast[0].workspace is fast[2].workspace
+    assert copy.deepcopy(fast)[0].workspace is not fast[0].workspace
+    assert pickle.loads(pickle.dumps(fast))[0].workspace is not fast[0].workspace
+    inputs = [torch.randn(2, 128, 10 + 4 * i, 9) for i in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results = {}
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = fast(inputs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(expected):
+        assert ((results[i] - want).abs().max() / want.abs().max()).item() < 1e-5

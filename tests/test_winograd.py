@@ -125,7 +125,7 @@ def test_gradients_are_the_convolution_s():
     torch.testing.assert_close(layer.weight.grad, ref_w.grad)
 
 
-def test_workspace_is_per_thread_and_per_copy():
+def test_threads_and_copies():
     import copy
     import pickle
     import threading
@@ -133,9 +133,7 @@ def test_workspace_is_per_thread_and_per_copy():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1)).eval()
     fast = prepare_for_inference(model, channels_last=False)
-    assert isinstance(fast[0], WinogradConv2d) and fast[0].workspace is fast[2].workspace
-    assert copy.deepcopy(fast)[0].workspace is not fast[0].workspace
-    assert pickle.loads(pickle.dumps(fast))[0].workspace is not fast[0].workspace
+    assert isinstance(fast[0], WinogradConv2d) and isinstance(fast[2], WinogradConv2d)
     inputs = [torch.randn(2, 128, 10 + 4 * i, 9) for i in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
@@ -151,5 +149,7 @@ def test_workspace_is_per_thread_and_per_copy():
         t.start()
     for t in threads:
         t.join()
-    for i, want in enumerate(expected):
-        assert ((results[i] - want).abs().max() / want.abs().max()).item() < 1e-5
+    with torch.no_grad():
+        copies = [other(inputs[0]) for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)))]
+    for got, want in zip([results[i] for i in range(4)] + copies, expected + [expected[0]] * 2):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

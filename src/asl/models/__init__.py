@@ -12,7 +12,7 @@ from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_
 from .layers import ABN, fold_conv_abn
 from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
-from .winograd import WinogradConv2d, WinogradWorkspace, winograd_eligible
+from .winograd import WinogradConv2d, winograd_eligible
 
 __all__ = [
     "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone",
@@ -109,13 +109,11 @@ def _fold_sequential(seq: nn.Sequential) -> None:
 
 
 def _use_winograd(model: nn.Module) -> None:
-    """Swaps every wide 3x3 stride-1 conv for its Winograd twin (same weights and state-dict keys); they share
-    one workspace."""
-    workspace = WinogradWorkspace()
+    """Swaps every wide 3x3 stride-1 conv for its Winograd twin (same weights and state-dict keys)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if winograd_eligible(child):
-                setattr(module, name, WinogradConv2d(child, workspace))
+                setattr(module, name, WinogradConv2d(child))
 
 
 @torch.no_grad()

@@ -9,22 +9,22 @@ for Convolutional Neural Networks", CVPR 2016) computes each 4x4 output tile fro
 where ``*`` is elementwise over the 36 tile positions. Summed over the input channels, that elementwise product is
 36 matrix products (tiles x C_in) @ (C_in x C_out): 36 multiplications per 16 outputs instead of 144. The
 transforms are small matrix products that move memory around; they pay for themselves only on wide layers, which
-is why :func:`winograd_eligible` asks for at least 128 channels on both sides (measured: a 64-channel layer at
-56x56 ran 0.8x the direct convolution, the 128- to 512-channel layers of TResNet 1.3x to 1.8x).
+is why :func:`winograd_eligible` asks for at least 128 channels on both sides (measured with
+``benchmarks/bench_winograd.py``: a 64-channel layer at 56x56 ran 0.8x the direct convolution, the 128- to
+512-channel layers of TResNet 1.1x to 1.8x).
 
 On a GPU, cuDNN already chooses Winograd by itself, so :class:`WinogradConv2d` steps aside there and whenever its
 arithmetic would not be plain CPU fp32 (autocast, other dtypes, tracing or export, ``torch.compile``).
 """
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["WinogradConv2d", "WinogradWorkspace", "winograd_eligible", "winograd_matrices", "MIN_CHANNELS"]
+__all__ = ["WinogradConv2d", "winograd_eligible", "winograd_matrices", "MIN_CHANNELS"]
 
 MIN_CHANNELS = 128
 TILE = 4  # output tile side; the input tile is TILE + 2
@@ -60,55 +60,23 @@ def winograd_eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool
             and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
-class WinogradWorkspace:
-    """Scratch memory for the Winograd layers of one model: three flat fp32 buffers per thread, grown to the
-    largest layer seen and then reused.
-
-    Why keep it: the transforms fill tens of megabytes per layer. Freshly allocated, those pages cost the operating
-    system about 4,000 page faults per layer call at batch 8, which measured up to half the layer's time. Layers run
-    one after another, so one set of buffers serves them all; each thread gets its own set (a model may be shared
-    by threads). A copy of the model gets a new, empty workspace.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def buffer(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(slot)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = buffers[slot] = torch.empty(numel, dtype=dtype)
-        return buf[:numel]
-
-    def __deepcopy__(self, memo: dict) -> "WinogradWorkspace":
-        return WinogradWorkspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-
 class WinogradConv2d(nn.Module):
     """Inference-only stand-in for an eligible ``nn.Conv2d`` (same ``weight`` and ``bias``, same state-dict keys).
 
     The transformed filters (36 x C_in x C_out, 4x the weight's size) are computed in float64 once, kept in fp32 on
     the CPU as a plain attribute (never saved, never moved to a GPU), and recomputed if the weight is changed in
     place (``load_state_dict``). Outputs agree with the direct convolution to fp32 rounding (about 1e-5 relative).
-    ``workspace``: shared by the layers of one model (:func:`~asl.models.prepare_for_inference` does that).
-    Where gradients are needed, the layer is a plain convolution: the Winograd path reuses its scratch memory,
-    which autograd would need intact.
+    Where gradients are needed, the layer is a plain convolution: the Winograd path overwrites its intermediate
+    results, which autograd would need intact, and its filters carry no gradient to the weight.
     """
 
-    def __init__(self, conv: nn.Conv2d, workspace: Optional[WinogradWorkspace] = None) -> None:
+    def __init__(self, conv: nn.Conv2d) -> None:
         if not winograd_eligible(conv, min_channels=1):
             raise ValueError(f"not a 3x3 stride-1 'same' ungrouped convolution: {conv}")
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.workspace = workspace if workspace is not None else WinogradWorkspace()
         self._filters: Optional[torch.Tensor] = None
         self._filters_version = -1
         bt, _, at = winograd_matrices(torch.float32)
@@ -150,11 +118,13 @@ class WinogradConv2d(nn.Module):
         th, tw = -(-h // TILE), -(-w // TILE)
         tiles = n * th * tw
         size = 36 * tiles * max(c, k)
-        first, second = (self.workspace.buffer(slot, size, x.dtype) for slot in (0, 1))
+        # Two buffers take turns below: each result goes into the one whose contents are no longer needed. Fewer
+        # fresh allocations mean fewer page faults, which cost a large share of this memory-bound work.
+        first, second = torch.empty(size, dtype=x.dtype), torch.empty(size, dtype=x.dtype)
         # NHWC keeps the channels innermost in every copy below (a view when x is channels_last). One pixel of
         # zero padding on top/left, and enough on the bottom/right to complete the last tile.
         hp, wp = TILE * th + 2, TILE * tw + 2
-        padded = self.workspace.buffer(2, n * hp * wp * c, x.dtype).view(n, hp, wp, c)
+        padded = torch.empty(n, hp, wp, c, dtype=x.dtype)
         padded[:, :1].zero_()
         padded[:, h + 1:].zero_()
         padded[:, :, :1].zero_()
@@ -162,8 +132,7 @@ class WinogradConv2d(nn.Module):
         padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
         d = first[:36 * tiles * c].view(6, 6, n, th, tw, c)
         d.copy_(padded.unfold(1, 6, TILE).unfold(2, 6, TILE).permute(4, 5, 0, 1, 2, 3))
-        # B^T d B, separably: rows, then columns; each a small matrix product over a long contiguous axis. The two
-        # buffers take turns: each result goes into the one whose contents are no longer needed.
+        # B^T d B, separably: rows, then columns; each a small matrix product over a long contiguous axis.
         v1 = torch.mm(self._bt, d.view(6, -1), out=second[:36 * tiles * c].view(6, -1)).view(6, 6, tiles * c)
         v = torch.matmul(self._bt, v1, out=first[:36 * tiles * c].view(6, 6, -1)).view(36, tiles, c)
         m = torch.bmm(v, self.transformed_filters(), out=second[:36 * tiles * k].view(36, tiles, k))

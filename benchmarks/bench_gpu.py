@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         for name, model in models.items():
             ips, peak = train_throughput(model, xf, y, amp, args.steps, args.warmup)
             row[f"{name}_train_img_s"], row[f"{name}_peak_gib"] = round(ips, 1), peak
-        inference = {"asl": prepare_for_inference(create_model(args.model, 80)).to(device),
+        inference = {"asl": prepare_for_inference(create_model(args.model, 80).to(device)),
                      "timm": models["timm"]}
         for name, model in inference.items():
             row[f"{name}_eval_img_s"] = round(eval_throughput(model, xf, amp, args.steps, args.warmup), 1)

@@ -30,6 +30,12 @@ MIN_CHANNELS = 128
 TILE = 4  # output tile side; the input tile is TILE + 2
 
 
+def _exporting() -> bool:
+    # torch.compiler.is_exporting arrived after torch 2.4, the oldest torch this package supports.
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
+
+
 def winograd_matrices(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B^T, G, A^T)`` of F(4, 3) with the interpolation points 0, 1, -1, 2, -2 and infinity: shapes 6x6, 6x3,
     4x6. For a 6-sample signal d and a 3-tap filter g, ``A^T ((G g) * (B^T d))`` is the 4-sample valid correlation
@@ -93,7 +99,7 @@ class WinogradConv2d(nn.Module):
                 and self.weight.dtype == torch.float32 and x.dim() == 4 and not needs_grad
                 and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-                and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export())
+                and not _exporting() and not torch.onnx.is_in_onnx_export())
 
     def transformed_filters(self) -> torch.Tensor:
         """``U[p*6 + q] = (G g G^T)[p, q]`` for every (input, output) channel pair: 36 x C_in x C_out, fp32."""

@@ -74,6 +74,11 @@ def test_reloaded_weights_are_used():
         got = layer(x)
     expected = _direct_float64(x, other)
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 5e-6
+    layer.half().float()  # new weight tensors, rounded to float16
+    with torch.no_grad():
+        got = layer(x)
+    expected = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 5e-6
 
 
 def test_eligibility():

@@ -84,7 +84,7 @@ class WinogradConv2d(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._filters: Optional[torch.Tensor] = None
-        self._filters_version = -1
+        self._filters_key: tuple[int, int] = (0, -1)
         bt, _, at = winograd_matrices(torch.float32)
         self._bt, self._at = bt, at
         if self.weight.device.type == "cpu":
@@ -103,14 +103,16 @@ class WinogradConv2d(nn.Module):
 
     def transformed_filters(self) -> torch.Tensor:
         """``U[p*6 + q] = (G g G^T)[p, q]`` for every (input, output) channel pair: 36 x C_in x C_out, fp32."""
-        # Inference tensors (made under torch.inference_mode) have no version counter; they cannot change anyway.
-        version = 0 if self.weight.is_inference() else self.weight._version
-        if self._filters is None or self._filters_version != version:
+        # The weight's memory and its version counter together tell an in-place change (load_state_dict) and a new
+        # tensor (.half().float(), a round trip through another device) from the weight the filters were made of.
+        # Inference tensors (made under torch.inference_mode) have no version counter; they cannot change in place.
+        key = (self.weight.data_ptr(), 0 if self.weight.is_inference() else self.weight._version)
+        if self._filters is None or self._filters_key != key:
             _, g, _ = winograd_matrices(torch.float64)
             with torch.no_grad():
                 u = torch.einsum("pi,kcij,qj->pqck", g, self.weight.double(), g)
             self._filters = u.reshape(36, self.in_channels, self.out_channels).float().contiguous()
-            self._filters_version = version
+            self._filters_key = key
         return self._filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

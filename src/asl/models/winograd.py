@@ -84,7 +84,8 @@ class WinogradConv2d(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._filters: Optional[torch.Tensor] = None
-        self._filters_key: tuple[int, int] = (0, -1)
+        self._source: Optional[torch.Tensor] = None  # the weight tensor the filters were made of
+        self._source_version = -1
         bt, _, at = winograd_matrices(torch.float32)
         self._bt, self._at = bt, at
         if self.weight.device.type == "cpu":
@@ -103,16 +104,19 @@ class WinogradConv2d(nn.Module):
 
     def transformed_filters(self) -> torch.Tensor:
         """``U[p*6 + q] = (G g G^T)[p, q]`` for every (input, output) channel pair: 36 x C_in x C_out, fp32."""
-        # The weight's memory and its version counter together tell an in-place change (load_state_dict) and a new
-        # tensor (.half().float(), a round trip through another device) from the weight the filters were made of.
-        # Inference tensors (made under torch.inference_mode) have no version counter; they cannot change in place.
-        key = (self.weight.data_ptr(), 0 if self.weight.is_inference() else self.weight._version)
-        if self._filters is None or self._filters_key != key:
+        # Stale when the parameter holds another tensor (.half().float(), a round trip through another device) or
+        # the same one changed in place (load_state_dict). Holding the source keeps its memory from being reused
+        # by a new weight at the same address, and its version counter is the parameter's. Inference tensors
+        # (made under torch.inference_mode) have no version counter; they cannot change in place.
+        weight = self.weight.detach()
+        version = 0 if weight.is_inference() else weight._version
+        if (self._filters is None or self._source is None or self._source.data_ptr() != weight.data_ptr()
+                or self._source_version != version):
             _, g, _ = winograd_matrices(torch.float64)
             with torch.no_grad():
-                u = torch.einsum("pi,kcij,qj->pqck", g, self.weight.double(), g)
+                u = torch.einsum("pi,kcij,qj->pqck", g, weight.double(), g)
             self._filters = u.reshape(36, self.in_channels, self.out_channels).float().contiguous()
-            self._filters_key = key
+            self._source, self._source_version = weight, version
         return self._filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,10 @@ def missing_path_error(what: str, path) -> DatasetError:
     return DatasetError(f"{what} not found: {path} ({DOC_HINT} for the expected layout)")
 
 
-def not_utf8_error(path, exc: UnicodeDecodeError) -> DatasetError:
-    return DatasetError(f"{path} is not UTF-8 text (undecodable byte at offset {exc.start} of a read block): "
+def not_utf8_error(path, exc: UnicodeDecodeError, where: str = "") -> DatasetError:
+    """``where``: how far reading got (``"after line 12"``), when the reader knows."""
+    at = f"{where}, " if where else ""
+    return DatasetError(f"{path} is not UTF-8 text ({at}undecodable byte at offset {exc.start} of a read block): "
                         f"save it as UTF-8")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import DatasetError
+from .base import not_utf8_error
 
 __all__ = ["iter_miil_csv", "parse_list_literal"]
 
@@ -35,8 +36,7 @@ def iter_miil_csv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, lis
                     continue  # header row
                 yield f"{path}:{line_no}", [cell.strip() for cell in row]
         except UnicodeDecodeError as exc:
-            raise DatasetError(f"{path} is not UTF-8 text (after line {line_no}, byte offset {exc.start} of a read "
-                               f"block): save it as UTF-8") from None
+            raise not_utf8_error(path, exc, f"after line {line_no}") from None
 
 
 def parse_list_literal(text: str, where: str = "") -> list[str]:

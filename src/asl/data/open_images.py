@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, require_dir
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, not_utf8_error, require_dir
 from .miil_csv import iter_miil_csv, parse_list_literal
 
 __all__ = ["load_open_images", "read_class_table", "UNANNOTATED_MODES"]
@@ -54,7 +54,7 @@ def read_class_table(path) -> list[tuple[str, str]]:
     try:
         return _read_class_csv(path)
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start}): save the class table as UTF-8") from None
+        raise not_utf8_error(path, exc) from None
 
 
 def _read_class_csv(path: Path) -> list[tuple[str, str]]:

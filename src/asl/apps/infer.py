@@ -50,8 +50,6 @@ def build_parser() -> ArgumentParser:
                         help="sets the default threshold: MS-COCO 0.7, OpenImages 0.995, others 0.7")
     parser.add_argument("--th", "--thre", "--threshold", type=probability, default=None,
                         help="probability threshold of every class (default: by --dataset-type)")
-    parser.add_argument("--thresholds", type=str, default=None, metavar="FILE",
-                        help="one threshold per class: the JSON {class: threshold} of validate.py --save-thresholds")
     parser.add_argument("--top-k", type=positive_int, default=None, help="report at most K classes per picture")
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
@@ -122,8 +120,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     if args.thresholds and args.th is not None:
         raise UsageError("give either --th (one threshold) or --thresholds FILE (one per class), not both")
-    if args.thresholds and not os.path.isfile(args.thresholds):
-        raise UsageError(f"--thresholds {args.thresholds}: no such file")
     threshold = default_threshold(args.dataset_type) if args.th is None else args.th
     device = select_device(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype, device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegative_float, nonnegative_int,
                    positive_int, probability)
@@ -43,9 +44,19 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
     return p
 
 
+def _existing_file(text: str) -> str:
+    # Checked while parsing, before a large checkpoint is loaded.
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
 def inference_options() -> ArgumentParser:
     """Options of the scripts that run a loaded checkpoint (validate, infer)."""
     p = ArgumentParser(add_help=False)
+    p.add_argument("--thresholds", type=_existing_file, default=None, metavar="FILE",
+                   help="one threshold per class: the JSON {class: threshold} of validate.py --save-thresholds, "
+                        "instead of one threshold for every class")
     p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, compute the wide 3x3 convolutions as Winograd F(4x4, 3x3): fewer "
                         "multiplications, outputs equal to fp32 rounding (BENCHMARKS.md)")

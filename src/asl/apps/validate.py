@@ -56,8 +56,6 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
     p.add_argument("--thre", type=probability, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
-    p.add_argument("--thresholds", type=str, default=None, metavar="FILE",
-                   help="per-class thresholds (JSON {class: threshold}, from --save-thresholds) instead of --thre")
     p.add_argument("--save-thresholds", type=str, default=None, metavar="FILE",
                    help="choose a threshold per class on this set (max F1) and write them as JSON")
     p.add_argument("--threshold-precision", type=probability, default=None, metavar="P",
@@ -76,8 +74,6 @@ def check_args(args) -> None:
         raise UsageError("--threshold-precision chooses the thresholds of --save-thresholds FILE; give that too")
     if args.threshold_precision == 0:
         raise UsageError("--threshold-precision must be above 0")
-    if args.thresholds and not os.path.isfile(args.thresholds):
-        raise UsageError(f"--thresholds {args.thresholds}: no such file")
     # Found out now rather than after the whole validation.
     for flag, value in (("--output-json", args.output_json), ("--save-thresholds", args.save_thresholds)):
         if value:

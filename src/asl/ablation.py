@@ -9,6 +9,7 @@ finished. A finished run is never trained again; an unfinished one resumes from 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def parse_variant(text: str) -> Variant:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 3 or not all(v == v and abs(v) != float("inf") for v in values):
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
         raise UsageError(f"variant {text!r}: expected NAME:GAMMA_NEG,GAMMA_POS,CLIP, e.g. focal:2,2,0")
     gamma_neg, gamma_pos, clip = values
     if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:

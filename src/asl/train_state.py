@@ -117,7 +117,7 @@ def check_same_data(saved: Optional[Mapping[str, Any]], current: Mapping[str, An
     """A resumed run must train on the data it started with (the same counts alone could hide another folder)."""
     if saved is None or force:
         return
-    differs = [key for key in ("root", "split", "images", "classes_sha256") if saved.get(key) != current[key]]
+    differs = [key for key in current if saved.get(key) != current[key]]  # the keys of data_fingerprint
     if differs:
         what = ", ".join(f"{k} {saved.get(k)!r} then, {current[k]!r} now" for k in differs if k != "classes_sha256")
         if "classes_sha256" in differs:

@@ -1,8 +1,8 @@
-"""Winograd F(4x4, 3x3) against the definition of convolution: the 1-D identity written out by hand, and the 2-D
-layer against float64 direct convolution; plus the cases where it must step aside bit-exactly.
+"""Winograd F(4x4, 3x3) and F(5x5, 3x3) against the definition of convolution: the 1-D identity written out by hand,
+and the 2-D layer against float64 direct convolution; plus the cases where it must step aside bit-exactly.
 
 Tolerances: F(4x4, 3x3) in fp32 measured at most 3.6e-6 of the largest output on 120 random small layers, and
-about 9e-6 on 128- to 512-channel layers; a wrong transform is off by tenths."""
+about 9e-6 on 128- to 512-channel layers, F(5x5, 3x3) about 1e-5; a wrong transform is off by tenths."""
 import pytest
 import torch
 import torch.nn as nn
@@ -11,16 +11,27 @@ import torch.nn.functional as F
 from asl.apps.infer import build_parser as infer_parser
 from asl.apps.validate import build_parser as validate_parser
 from asl.models import create_model, prepare_for_inference
-from asl.models.winograd import WinogradConv2d, winograd_eligible, winograd_matrices
+from asl.models.winograd import CHUNK_TILES, WinogradConv2d, tile_for, winograd_eligible, winograd_matrices
 
 
-def test_one_dimensional_identity_is_valid_correlation():
-    bt, g_mat, at = winograd_matrices(torch.float64)
+@pytest.mark.parametrize("tile", [4, 5])
+def test_one_dimensional_identity_is_valid_correlation(tile):
+    bt, g_mat, at = winograd_matrices(tile, torch.float64)
+    assert bt.shape == (tile + 2, tile + 2) and g_mat.shape == (tile + 2, 3) and at.shape == (tile, tile + 2)
+    assert torch.equal(bt, bt.round())  # the input transform is exact in fp32
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        d, g = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
-        expected = torch.stack([d[i] * g[0] + d[i + 1] * g[1] + d[i + 2] * g[2] for i in range(4)])
+        d = torch.randn(tile + 2, generator=gen, dtype=torch.float64)
+        g = torch.randn(3, generator=gen, dtype=torch.float64)
+        expected = torch.stack([d[i] * g[0] + d[i + 1] * g[1] + d[i + 2] * g[2] for i in range(tile)])
         torch.testing.assert_close(at @ ((g_mat @ g) * (bt @ d)), expected, rtol=0, atol=1e-12)
+
+
+def test_tile_size_is_5_only_where_it_saves_a_fifth_of_the_products():
+    # 14x14: 16 tiles of 6x6 (576 products) against 9 of 7x7 (441, 77%); 28x28: 49 x 36 = 36 x 49, a tie;
+    # 112x112: 784 x 36 against 529 x 49 (92%); 7x7: 4 x 36 against 4 x 49; 13x9: 4 x 3 x 36 against 3 x 2 x 49.
+    assert [tile_for(s, s) for s in (7, 14, 28, 56, 112)] == [4, 5, 4, 4, 4]
+    assert tile_for(13, 9) == 5 and tile_for(1, 1) == 4
 
 
 def _relative_error(got, expected) -> float:
@@ -33,8 +44,10 @@ def _direct_float64(x, conv):
     return F.conv2d(x.double(), conv.weight.double(), bias, padding=1)
 
 
+# Beside odd and tiny sizes, both kinds of chunk: 3 images of 196 tiles (two images, then one), and one image of
+# 625 tiles (rows of tiles, the last chunk shorter).
 @pytest.mark.parametrize("n,c,k,h,w", [(2, 5, 7, 8, 8), (1, 3, 4, 1, 1), (3, 6, 5, 7, 7), (2, 4, 9, 13, 9),
-                                       (1, 8, 8, 14, 14), (2, 3, 2, 2, 5)])
+                                       (1, 8, 8, 14, 14), (2, 3, 2, 2, 5), (3, 4, 3, 56, 56), (1, 3, 4, 100, 97)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_layer_equals_direct_convolution(monkeypatch, n, c, k, h, w, bias, channels_last):
@@ -87,6 +100,10 @@ def test_reloaded_weights_are_used():
         got = layer(x)
     expected = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
     assert _relative_error(got, expected) < 2e-5
+
+
+def test_chunks_are_what_the_tests_above_cover():
+    assert 2 * 196 <= CHUNK_TILES < 3 * 196 and 625 > CHUNK_TILES
 
 
 def test_eligibility():

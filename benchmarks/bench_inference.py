@@ -1,7 +1,7 @@
 """Inference throughput of ``prepare_for_inference`` (norms folded into the convs, channels_last, and on the CPU
-the wide 3x3 convolutions as Winograd F(4x4, 3x3)) against timm's TResNet in eval mode, our plain model and the
-prepared model with direct convolutions only, all in one process on the same weights and inputs, interleaved,
-median of the repeats. Also checks that the outputs agree with timm's.
+the wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(5x5, 3x3)) against timm's TResNet in eval mode, our plain
+model and the prepared model with direct convolutions only, all in one process on the same weights and inputs,
+interleaved, median of the repeats. Also checks that the outputs agree with timm's.
 
     python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 8 --repeats 7
 """
@@ -30,11 +30,14 @@ def main(argv=None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--flops", action="store_true",
                         help="also print the convolutions' share of the time and the GFLOP/s they reach")
     args = parser.parse_args(argv)
     import timm
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     reference = timm.create_model(args.model_name, num_classes=80).eval().to(device)

@@ -1,6 +1,6 @@
-"""Winograd F(4x4, 3x3) against the direct convolution, layer by layer, on the 3x3 stride-1 convolutions of
-TResNet-M at 224 (batch 8 by default): the measurement behind ``winograd_eligible``'s 128-channel rule. Both take
-channels_last fp32 inputs; interleaved, median of the repeats.
+"""Winograd (F(4x4, 3x3), or F(5x5, 3x3) where ``tile_for`` picks it: at 14x14) against the direct convolution,
+layer by layer, on the 3x3 stride-1 convolutions of TResNet-M at 224 (batch 8 by default): the measurement behind
+``winograd_eligible``'s 128-channel rule. Both take channels_last fp32 inputs; interleaved, median of the repeats.
 
     python benchmarks/bench_winograd.py --repeats 9
 """

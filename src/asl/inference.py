@@ -166,7 +166,7 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
     (see :func:`resolve_architecture`). ``channels_last`` (NHWC) is faster on CPU and GPU alike; ONNX export
     turns it off (it buys nothing in the exported graph). ``winograd``: the wide 3x3 convolutions as Winograd
-    F(4x4, 3x3) when ``device`` is the CPU (see :func:`~asl.models.prepare_for_inference`).
+    F(4x4, 3x3) or F(5x5, 3x3) when ``device`` is the CPU (see :func:`~asl.models.prepare_for_inference`).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)

@@ -58,7 +58,7 @@ def inference_options() -> ArgumentParser:
                    help="one threshold per class: the JSON {class: threshold} of validate.py --save-thresholds, "
                         "instead of one threshold for every class")
     p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU, compute the wide 3x3 convolutions as Winograd F(4x4, 3x3): fewer "
+                   help="on the CPU, compute the wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(5x5, 3x3): fewer "
                         "multiplications, outputs equal to fp32 rounding (BENCHMARKS.md)")
     return p
 

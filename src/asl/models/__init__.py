@@ -121,10 +121,10 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True,
                           winograd: Optional[bool] = None) -> nn.Module:
     """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
 
-    ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) on the CPU (fewer multiplications,
-    the same outputs to fp32 rounding; see :mod:`asl.models.winograd`). ``None``: when the model is on the CPU.
-    The original model is left untouched (its parameters keep training). Inference only: the folded
-    copy has no norm layers to train.
+    ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) or F(5x5, 3x3) on the CPU (4x to 5x
+    fewer multiplications, the same outputs to fp32 rounding; see :mod:`asl.models.winograd`). ``None``: when the
+    model is on the CPU. The original model is left untouched (its parameters keep training). Inference only: the
+    folded copy has no norm layers to train.
     """
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):

@@ -10,16 +10,18 @@ for Convolutional Neural Networks", CVPR 2016) computes each m x m output tile f
 where ``*`` is elementwise over the (m+2)^2 tile positions. Summed over the input channels, that elementwise
 product is (m+2)^2 matrix products (tiles x C_in) @ (C_in x C_out): 36 multiplications per 16 outputs instead of
 144 for m = 4, 49 per 25 instead of 225 for m = 5. The transforms are small matrix products that move memory
-around; they pay for themselves only on layers of 64 channels or more (``benchmarks/bench_winograd.py``).
+around; they pay for themselves only on wide layers, which is why :func:`winograd_eligible` asks for 128 channels or
+more on both sides (``benchmarks/bench_winograd.py``: TResNet's 64-channel layers at 56x56 gained 10% at best, and
+lost 20% or more whenever memory-bound work ran slowly on our shared 2-vCPU machine; see BENCHMARKS.md).
 
 Two tile sizes are used: m = 4, and m = 5 where the input's size makes it need clearly fewer multiplications once
 the last tiles are padded (at 14x14: 9 tiles of 49 instead of 16 of 36; see :func:`tile_for`). Larger tiles would
-save more, but their transforms need larger interpolation points, and F(7x7, 3x3) measured 15x to 40x the rounding
+save more, but their transforms need larger interpolation points, and F(7x7, 3x3) measured 15x to 50x the rounding
 error of F(4x4, 3x3) in fp32; m = 4 and 5 stay at about 1e-5 of the largest output.
 
-The work is done in chunks of about 512 tiles, so that each chunk's intermediate results stay in the CPU's cache
-while the five passes over them run; done on the whole batch at once, the 64-channel layers at 56x56 ran slower
-than the direct convolution.
+The work goes in chunks of at most 512 tiles. That bounds the scratch memory whatever the batch size, and keeps a
+chunk's intermediate results in the CPU's cache between the passes over them (a 64-channel layer at 56x56, batch
+8: 11.3 ms on the whole batch at once, 7.8 ms in chunks, 8.5 ms as a direct convolution).
 
 On a GPU, cuDNN already chooses Winograd by itself, so :class:`WinogradConv2d` steps aside there and whenever its
 arithmetic would not be plain CPU fp32 (autocast, other dtypes, tracing or export, ``torch.compile``).

@@ -224,9 +224,11 @@ class WinogradConv2d(nn.Module):
         v = torch.matmul(bt, v1.view(n, n, -1), out=first[:n * n * tiles * c].view(n, n, -1)).view(n * n, tiles, c)
         prod = torch.bmm(v, self.transformed_filters(m), out=second[:n * n * tiles * k].view(n * n, tiles, k))
         if self.bias is not None:
-            # Column 1 of A^T evaluates at the point 1: all ones. A constant added at tile position (1, 1) before
-            # the output transform therefore reaches every output once: the bias, without a pass over the output.
-            prod[n + 1].add_(self.bias)
+            # The column of A^T that evaluates at the point 1 is all ones. A constant added at that tile position
+            # (in both directions) before the output transform therefore reaches every output once: the bias,
+            # without a pass over the output.
+            one = POINTS[m].index(1)
+            prod[one * n + one].add_(self.bias)
         y1 = torch.mm(at, prod.view(n, -1), out=first[:m * n * tiles * k].view(m, -1))
         y = torch.matmul(at, y1.view(m, n, -1), out=second[:m * m * tiles * k].view(m, m, -1))
         out[:, m * top:m * (top + rows)].view(images, rows, m, tw, m, k).copy_(

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from asl.cli import positive_int
 from asl.models import convert_timm_tresnet, create_model, prepare_for_inference
 
 
@@ -30,13 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--flops", action="store_true",
                         help="also print the convolutions' share of the time and the GFLOP/s they reach")
     args = parser.parse_args(argv)
     import timm
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .fastpath import DerivedWeights, plain_cpu_inference
 
 __all__ = ["WinogradConv2d", "winograd_eligible", "winograd_matrices", "tile_for", "MIN_CHANNELS", "TILES"]
 
@@ -44,12 +45,6 @@ MIN_CHANNELS = 128
 POINTS = {4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2))}
 TILES = tuple(POINTS)
 CHUNK_TILES = 512  # tiles per chunk: measured best from 256 to 512 on the layers of TResNet-M
-
-
-def _exporting() -> bool:
-    # torch.compiler.is_exporting arrived after torch 2.4, the oldest torch this package supports.
-    check = getattr(torch.compiler, "is_exporting", None)
-    return bool(check()) if check is not None else False
 
 
 def _inverse(rows: list[list[Fraction]]) -> list[list[Fraction]]:
@@ -131,44 +126,25 @@ class WinogradConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self._filters: dict[int, torch.Tensor] = {}
-        self._source: Optional[torch.Tensor] = None  # the weight tensor the filters were made of
-        self._source_version = -1
+        self._filters = DerivedWeights()
         # The fp32 data transforms B^T and A^T of each tile size (exact: small integers and powers of 1/2).
         self._transforms = {m: winograd_matrices(m, torch.float32)[::2] for m in TILES}
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1), Winograd F(m x m, 3x3)"
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and x.dim() == 4 and not needs_grad
-                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-                and not _exporting() and not torch.onnx.is_in_onnx_export())
-
     def transformed_filters(self, tile: int = 4) -> torch.Tensor:
         """``U[p*n + q] = (G g G^T)[p, q]`` for every (input, output) channel pair, n = tile + 2: n^2 x C_in x
         C_out, fp32."""
-        # Stale when the parameter holds another tensor (.half().float(), a round trip through another device) or
-        # the same one changed in place (load_state_dict). Holding the source keeps its memory from being reused
-        # by a new weight at the same address, and its version counter is the parameter's. Inference tensors
-        # (made under torch.inference_mode) have no version counter; they cannot change in place.
-        weight = self.weight.detach()
-        version = 0 if weight.is_inference() else weight._version
-        if self._source is None or self._source.data_ptr() != weight.data_ptr() or self._source_version != version:
-            self._filters = {}
-            self._source, self._source_version = weight, version
-        if tile not in self._filters:
+        def make(weight: torch.Tensor) -> torch.Tensor:
             _, g, _ = winograd_matrices(tile, torch.float64)
-            with torch.no_grad():
-                u = torch.einsum("pi,kcij,qj->pqck", g, weight.double(), g)
-            self._filters[tile] = u.reshape(-1, self.in_channels, self.out_channels).float().contiguous()
-        return self._filters[tile]
+            u = torch.einsum("pi,kcij,qj->pqck", g, weight.double(), g)
+            return u.reshape(-1, self.in_channels, self.out_channels).float().contiguous()
+
+        return self._filters.get(self.weight, tile, make)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast_path(x):
+        if not plain_cpu_inference(self, x):
             return F.conv2d(x, self.weight, self.bias, padding=1)
         return self._winograd(x)
 

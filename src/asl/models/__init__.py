@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..errors import ModelError
 from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
+from .packed import PackedConv2d, packing_available, packing_eligible
 from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
 from .winograd import WinogradConv2d, winograd_eligible
@@ -108,17 +109,18 @@ def _fold_sequential(seq: nn.Sequential) -> None:
         seq[1] = act if act is not None else nn.Identity()
 
 
-def _use_winograd(model: nn.Module) -> None:
-    """Swaps every wide 3x3 stride-1 conv for its Winograd twin (same weights and state-dict keys)."""
+def _swap_convs(model: nn.Module, eligible, layer) -> None:
+    """Swaps every eligible convolution for ``layer(conv)``, its inference twin (same weights and state-dict
+    keys)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if winograd_eligible(child):
-                setattr(module, name, WinogradConv2d(child))
+            if eligible(child):
+                setattr(module, name, layer(child))
 
 
 @torch.no_grad()
 def prepare_for_inference(model: nn.Module, channels_last: bool = True,
-                          winograd: Optional[bool] = None) -> nn.Module:
+                          winograd: Optional[bool] = None, packed: Optional[bool] = None) -> nn.Module:
     """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
 
     ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) or F(5x5, 3x3) on the CPU (4x to 5x
@@ -130,10 +132,11 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True,
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
             _fold_sequential(module)
-    if winograd is None:
-        winograd = all(p.device.type == "cpu" for p in model.parameters())
-    if winograd:
-        _use_winograd(model)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if winograd if winograd is not None else on_cpu:
+        _swap_convs(model, winograd_eligible, WinogradConv2d)
+    if packed if packed is not None else on_cpu and packing_available():
+        _swap_convs(model, packing_eligible, PackedConv2d)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():

@@ -108,7 +108,8 @@ def test_chunks_are_what_the_tests_above_cover():
 
 def test_eligibility():
     assert winograd_eligible(nn.Conv2d(128, 256, 3, padding=1))
-    assert not winograd_eligible(nn.Conv2d(64, 256, 3, padding=1))  # narrow: the transforms cost more than they save
+    assert winograd_eligible(nn.Conv2d(48, 64, 3, padding=1))
+    assert not winograd_eligible(nn.Conv2d(32, 256, 3, padding=1))  # narrow: the transforms cost more than they save
     assert not winograd_eligible(nn.Conv2d(128, 128, 3, padding=1, stride=2))
     assert not winograd_eligible(nn.Conv2d(128, 128, 1))
     assert not winograd_eligible(nn.Conv2d(128, 128, 3, padding=1, groups=2))
@@ -122,8 +123,9 @@ def test_prepared_tresnet_uses_it_and_keeps_the_function():
     model = create_model("tresnet_m", 5).eval()
     fast = prepare_for_inference(model)
     direct = prepare_for_inference(model, winograd=False)
-    # TResNet-M: every 3x3 conv of layer2 but the first (64 -> 128), one per block of layer3 and layer4.
-    assert sum(isinstance(m, WinogradConv2d) for m in fast.modules()) == 7 + 11 + 3
+    # TResNet-M: the stem's 3x3 conv (48 -> 64), both of each block of layer1 and layer2, one per block of layer3
+    # and layer4.
+    assert sum(isinstance(m, WinogradConv2d) for m in fast.modules()) == 1 + 6 + 8 + 11 + 3
     assert not any(isinstance(m, WinogradConv2d) for m in direct.modules())
     assert fast.state_dict().keys() == direct.state_dict().keys()
     x = torch.rand(2, 3, 96, 96)
@@ -163,7 +165,7 @@ def test_threads_and_copies():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1)).eval()
     fast = prepare_for_inference(model, channels_last=False)
-    assert isinstance(fast[0], WinogradConv2d) and isinstance(fast[2], WinogradConv2d)
+    assert isinstance(fast.module[0], WinogradConv2d) and isinstance(fast.module[2], WinogradConv2d)
     inputs = [torch.randn(2, 128, 10 + 4 * i, 9) for i in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
+from .batch_threads import BatchThreads
 from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
 from .packed import PackedConv2d, packing_available, packing_eligible
@@ -120,7 +121,8 @@ def _swap_convs(model: nn.Module, eligible, layer) -> None:
 
 @torch.no_grad()
 def prepare_for_inference(model: nn.Module, channels_last: bool = True,
-                          winograd: Optional[bool] = None, packed: Optional[bool] = None) -> nn.Module:
+                          winograd: Optional[bool] = None, packed: Optional[bool] = None,
+                          batch_threads: Optional[bool] = None) -> nn.Module:
     """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
 
     ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) or F(5x5, 3x3) on the CPU (4x to 5x
@@ -141,4 +143,6 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True,
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
+    if batch_threads if batch_threads is not None else on_cpu:
+        model = BatchThreads(model)
     return model

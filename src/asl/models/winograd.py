@@ -39,7 +39,7 @@ from .fastpath import DerivedWeights, plain_cpu_inference
 
 __all__ = ["WinogradConv2d", "winograd_eligible", "winograd_matrices", "tile_for", "MIN_CHANNELS", "TILES"]
 
-MIN_CHANNELS = 128
+MIN_CHANNELS = 48
 # The interpolation points of each output tile side m (infinity is the last point of every set). Small integers
 # and halves keep the transforms' coefficients small, which is what keeps fp32 rounding small.
 POINTS = {4: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2))}

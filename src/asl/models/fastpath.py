@@ -20,7 +20,7 @@ def plain_cpu_inference(module: nn.Module, x: torch.Tensor) -> bool:
     """True when ``module(x)`` is plain fp32 CPU arithmetic that nobody differentiates, traces, compiles or exports:
     the only case where a layer may compute its convolution another way than ``F.conv2d``."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and not needs_grad
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad
             and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and not torch.compiler.is_compiling()

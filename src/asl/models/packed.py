@@ -62,7 +62,7 @@ class PackedConv2d(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not plain_cpu_inference(self, x):
+        if x.dim() != 4 or not plain_cpu_inference(self, x):  # F.conv2d also takes unbatched 3-D input
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         args = (list(self.padding), list(self.stride), list(self.dilation), 1)
 

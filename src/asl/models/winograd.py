@@ -144,7 +144,7 @@ class WinogradConv2d(nn.Module):
         return self._filters.get(self.weight, tile, make)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not plain_cpu_inference(self, x):
+        if x.dim() != 4 or not plain_cpu_inference(self, x):  # F.conv2d also takes unbatched 3-D input
             return F.conv2d(x, self.weight, self.bias, padding=1)
         return self._winograd(x)
 

@@ -1,7 +1,11 @@
-"""Inference throughput of ``prepare_for_inference`` (norms folded into the convs, channels_last, and on the CPU
-the wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(5x5, 3x3)) against timm's TResNet in eval mode, our plain
-model and the prepared model with direct convolutions only, all in one process on the same weights and inputs,
-interleaved, median of the repeats. Also checks that the outputs agree with timm's.
+"""Inference throughput of ``prepare_for_inference`` against timm's TResNet in eval mode, all in one process on the
+same weights and inputs, interleaved, median of the repeats; also checks that the outputs agree with timm's.
+
+The prepared model folds the norms into the convolutions and runs channels_last; on the CPU it also computes the 3x3
+convolutions as Winograd F(4x4, 3x3) or F(5x5, 3x3), keeps the other convolutions' weights reordered for oneDNN,
+and splits each batch between threads that run the whole network single-threaded. Beside it: our plain model, the
+prepared model with direct convolutions (``winograd=False``), and with torch's usual threading, each operation
+split between the threads (``batch_threads=False``).
 
     python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 8 --repeats 7
 """
@@ -48,12 +52,13 @@ def main(argv=None) -> int:
     plain = plain.to(device)
     models = {"timm (eval)": reference, "ours, plain": plain,
               "prepared, direct conv": prepare_for_inference(plain, winograd=False),
+              "prepared, op threads": prepare_for_inference(plain, batch_threads=False),
               "prepare_for_inference": prepare_for_inference(plain)}
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with torch.inference_mode():
         expected = reference(x)
         err = {name: ((models[name](x) - expected).abs().max() / expected.abs().max()).item()
-               for name in ("prepared, direct conv", "prepare_for_inference")}
+               for name in list(models)[2:]}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, model in models.items():

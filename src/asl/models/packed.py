@@ -2,9 +2,10 @@
 
 A CPU convolution through oneDNN (``F.conv2d`` on channels_last fp32) first reorders the weight into the blocked
 layout its kernels read, and it does so on every call. For a 1x1 convolution that reorder is a copy of the whole
-weight for a product that is itself short, so on TResNet's 1x1 layers at 14x14 and 7x7 it costs 7% to 33% of the
-layer's time (``benchmarks/bench_packed.py``). :class:`PackedConv2d` keeps the reordered weight and calls oneDNN's
-convolution on it directly, as ``torch.compile``'s frozen CPU graphs do. The arithmetic is oneDNN's either way.
+weight for a product that is itself short: on TResNet's 1x1 layers at 14x14 and 7x7 it costs 7% to 33% of the
+layer's time (``benchmarks/bench_winograd.py --kind 1x1``). :class:`PackedConv2d` keeps the reordered weight and
+calls oneDNN's convolution on it directly, as ``torch.compile``'s frozen CPU graphs do. The arithmetic is oneDNN's
+either way.
 
 Off the plain fp32 CPU path (gradients, autocast, other devices, tracing or export) the layer is ``F.conv2d``.
 """

@@ -10,9 +10,12 @@ for Convolutional Neural Networks", CVPR 2016) computes each m x m output tile f
 where ``*`` is elementwise over the (m+2)^2 tile positions. Summed over the input channels, that elementwise
 product is (m+2)^2 matrix products (tiles x C_in) @ (C_in x C_out): 36 multiplications per 16 outputs instead of
 144 for m = 4, 49 per 25 instead of 225 for m = 5. The transforms are small matrix products that move memory
-around; they pay for themselves only on wide layers, which is why :func:`winograd_eligible` asks for 128 channels or
-more on both sides (``benchmarks/bench_winograd.py``: TResNet's 64-channel layers at 56x56 gained 10% at best, and
-lost 20% or more whenever memory-bound work ran slowly on our shared 2-vCPU machine; see BENCHMARKS.md).
+around; they pay for themselves only on layers wide enough, which is why :func:`winograd_eligible` asks for 48
+channels or more on both sides. That rule is for the prepared model, whose threads each run their share of the batch
+single-threaded (:mod:`asl.models.batch_threads`): there TResNet's stem (48 -> 64) and 64-channel layers at 56x56
+gain 1.35x to 1.42x (``benchmarks/bench_winograd.py --threads 1 -b 4``). With torch's usual threading, where each
+pass is split between the cores, the same layers gained 10% at best and lost 20% or more whenever memory-bound
+work ran slowly on our shared 2-vCPU machine (BENCHMARKS.md); wider layers gain either way.
 
 Two tile sizes are used: m = 4, and m = 5 where the input's size makes it need clearly fewer multiplications once
 the last tiles are padded (at 14x14: 9 tiles of 49 instead of 16 of 36; see :func:`tile_for`). Larger tiles would

@@ -2,11 +2,12 @@
 
 torch's usual CPU parallelism splits every operation between the threads. Each pass over memory then reads much
 of what the previous pass wrote on another core. On our 2-vCPU machine that traffic is cheap at some times and 3x
-to 5x slower at others (the host places the virtual CPUs; BENCHMARKS.md), and the Winograd transforms, which are
-such passes, made the prepared TResNet-M swing between 1.25x and 1.05x timm's speed. With the batch split, each
-image stays on one core from the first layer to the last and only the read-only weights are shared: the same run
-measured 1.33x to 1.40x in every process. Single-threaded work also suits the layers' own choices: the Winograd
-transforms pay off on narrower layers with one thread (``benchmarks/bench_winograd.py --threads 1``).
+to 5x slower at others (where the host places the virtual CPUs, we believe; BENCHMARKS.md), and the Winograd
+transforms, which are such passes, made the prepared TResNet-M swing between about 1.3x and 0.86x timm's speed
+(batch 8 at 224). With the batch split, each image stays on one core from the first layer to the last and only the
+read-only weights are shared: 1.30x to 1.43x in each of nine processes. Single-threaded work also suits the
+layers' own choices: the Winograd transforms pay off on narrower layers with one thread
+(``benchmarks/bench_winograd.py --threads 1``).
 
 The threads are made per call and each sets torch's thread count to 1 for itself (``torch.set_num_threads``
 applies to the calling thread's OpenMP and MKL settings); the caller's count is put back before returning. The

@@ -166,7 +166,8 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
     (see :func:`resolve_architecture`). ``channels_last`` (NHWC) is faster on CPU and GPU alike; ONNX export
     turns it off (it buys nothing in the exported graph). ``winograd``: the wide 3x3 convolutions as Winograd
-    F(4x4, 3x3) or F(5x5, 3x3) when ``device`` is the CPU (see :func:`~asl.models.prepare_for_inference`).
+    F(4x4, 3x3) or F(5x5, 3x3) when ``device`` is the CPU, where the other convolutions' weights are also reordered
+    once for oneDNN and batches are split between threads (see :func:`~asl.models.prepare_for_inference`).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
@@ -176,8 +177,9 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     model.eval()
     device = torch.device(device)
     if prepare:
-        model = prepare_for_inference(model, channels_last=channels_last,
-                                      winograd=winograd and device.type == "cpu")
+        cpu = device.type == "cpu"
+        model = prepare_for_inference(model, channels_last=channels_last, winograd=winograd and cpu,
+                                      packed=None if cpu else False, batch_threads=cpu)
     model.to(device)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}

@@ -176,11 +176,11 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])
     model.eval()
     device = torch.device(device)
-    if prepare:
-        cpu = device.type == "cpu"
-        model = prepare_for_inference(model, channels_last=channels_last, winograd=winograd and cpu,
-                                      packed=None if cpu else False, batch_threads=cpu)
+    # Moved first: prepare_for_inference chooses its CPU-only layers (Winograd, packed weights, batch threads) by
+    # where the model is.
     model.to(device)
+    if prepare:
+        model = prepare_for_inference(model, channels_last=channels_last, winograd=None if winograd else False)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],

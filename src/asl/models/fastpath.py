@@ -52,6 +52,3 @@ class DerivedWeights:
             with torch.no_grad():
                 self._items[key] = make(weight)
         return self._items[key]
-
-    def clear(self) -> None:
-        self._items, self._source, self._version = {}, None, -1

@@ -58,10 +58,10 @@ def run_script():
 
 
 _SELF_KILLING_TRAIN = r"""
-import asl.fit
+import asl.training.loop
 from asl.apps import train
 
-original = asl.fit.train_one_epoch
+original = asl.training.loop.train_one_epoch
 
 
 def killing(*args, **kwargs):
@@ -76,7 +76,7 @@ def killing(*args, **kwargs):
     return original(*args, **kwargs)
 
 
-asl.fit.train_one_epoch = killing
+asl.training.loop.train_one_epoch = killing
 sys.exit(train.main(sys.argv[1:]))
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asl.ablation import parse_variant
+from asl.apps.ablate_variants import parse_variant
 from asl.apps import ablate
 from asl.cli import run_main
 from asl.data import create_dataset

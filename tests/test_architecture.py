@@ -1,4 +1,5 @@
-"""The layout promises of the architecture: short functions, a short train app, honest exit codes."""
+"""The layout promises of the architecture: no prints in the library, honest exit codes. (Function length and
+complexity are the linter's, configured in pyproject.toml.)"""
 import ast
 from pathlib import Path
 
@@ -8,24 +9,6 @@ from asl.apps import validate
 from asl.cli import run_main
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = sorted((REPO / "src").rglob("*.py")) + sorted(REPO.glob("*.py"))
-
-
-def test_no_function_is_longer_than_80_lines():
-    long = []
-    for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > 80:
-                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
-    assert not long, long
-
-
-def test_train_app_reads_in_one_sitting_and_root_scripts_are_shims():
-    assert len((REPO / "src/asl/apps/train.py").read_text().splitlines()) <= 200
-    for script in ("train.py", "validate.py", "infer.py", "export.py"):
-        assert len((REPO / script).read_text().splitlines()) <= 12, script
 
 
 def test_library_code_does_not_print():

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from asl import distributed as D
 from asl.data import collate_skip
-from asl.engine import evaluate
+from asl.evaluation.predictions import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

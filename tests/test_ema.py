@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from asl.ema import ModelEma
+from asl.training.ema import ModelEma
 
 
 def _net() -> nn.Module:

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from asl.data import Batch
-from asl.ema import ModelEma
-from asl.engine import (NonFiniteLossError, StepConfig, create_optimizer, evaluate, evaluate_many,
-                        param_groups_weight_decay, train_one_epoch)
-from asl.train_state import TrainState
+from asl.training.ema import ModelEma
+from asl.evaluation.predictions import evaluate, evaluate_many
+from asl.training.step import NonFiniteLossError, StepConfig, create_optimizer, param_groups_weight_decay, train_one_epoch
+from asl.training.state import TrainState
 from asl.losses import AsymmetricLoss
 
 CPU = torch.device("cpu")
@@ -200,7 +200,7 @@ def test_evaluate_many_runs_each_model_and_handles_missing_indices():
 @pytest.mark.parametrize("total", list(range(1, 12)))
 def test_the_recipe_schedule_runs_for_every_length(total):
     """OneCycleLR alone fails on exactly 5 steps (a zero-length warm-up phase); the recipe's schedule does not."""
-    from asl.train_state import create_train_state
+    from asl.training.state import create_train_state
 
     state = create_train_state(TinyNet(), lr=1e-3, weight_decay=1e-4, ema_decay=0.9, epochs=1,
                                steps_per_epoch=total, amp_dtype=None, device=CPU)
@@ -214,39 +214,39 @@ def test_the_recipe_schedule_runs_for_every_length(total):
 
 @pytest.mark.faults
 def test_checkpointer_never_replaces_a_good_last_pth_with_non_finite_weights(tmp_path):
-    from asl.checkpointer import Checkpointer
+    from asl.training.run_folder import RunFolder
     from asl.errors import TrainingDivergedError
 
     model, opt, sched, ema, _ = _setup()
     state = TrainState(model, ema, opt, sched, None)
-    checkpointer = Checkpointer(tmp_path, True, {"num_classes": 4, "idx_to_class": dict(enumerate("abcd"))})
+    run_folder = RunFolder(tmp_path, True, {"num_classes": 4, "idx_to_class": dict(enumerate("abcd"))})
     with pytest.raises(TrainingDivergedError, match="no checkpoint was written yet"):
         with torch.no_grad():
             model.fc.weight[0, 0] = float("inf")
-        checkpointer.save_last(state)
-    assert not checkpointer.last_path.exists()
+        run_folder.save_last(state)
+    assert not run_folder.last_path.exists()
     with torch.no_grad():
         model.fc.weight[0, 0] = 0.0
-    checkpointer.save_last(state)
-    good = checkpointer.last_path.read_bytes()
+    run_folder.save_last(state)
+    good = run_folder.last_path.read_bytes()
     with torch.no_grad():
         model.fc.bias.fill_(float("nan"))
     with pytest.raises(TrainingDivergedError, match="holds the last good state"):
-        checkpointer.save_last(state)
+        run_folder.save_last(state)
     with pytest.raises(TrainingDivergedError, match="3 weights are NaN"):
-        checkpointer.save_best(model.state_dict(), "regular", 50.0, 0)
-    assert checkpointer.last_path.read_bytes() == good and not (tmp_path / "model-highest.pth").exists()
+        run_folder.save_best(model.state_dict(), "regular", 50.0, 0)
+    assert run_folder.last_path.read_bytes() == good and not (tmp_path / "model-highest.pth").exists()
 
 
 @pytest.mark.faults
 def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
-    from asl.checkpointer import Checkpointer
+    from asl.training.run_folder import RunFolder
 
     stale = tmp_path / ".last.pth.12345.abcd1234.tmp"
     stale.write_bytes(b"half a checkpoint")
     unrelated = tmp_path / "notes.tmp"
     unrelated.write_text("keep")
-    Checkpointer.prepare(tmp_path, is_main=True)
+    RunFolder.prepare(tmp_path, is_main=True)
     assert not stale.exists() and unrelated.exists()
 
 
@@ -269,7 +269,7 @@ def test_a_full_disk_is_found_before_the_first_epoch_and_named_when_a_save_fails
     from collections import namedtuple
 
     from asl.checkpoint import CheckpointError, save_checkpoint
-    from asl.checkpointer import Checkpointer
+    from asl.training.run_folder import RunFolder
     from asl.errors import UsageError
 
     model, opt, sched, ema, _ = _setup()
@@ -277,7 +277,7 @@ def test_a_full_disk_is_found_before_the_first_epoch_and_named_when_a_save_fails
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UsageError, match="no space left for checkpoints .* 0 MiB free"):
-        Checkpointer(tmp_path, True, {}).check_space(state)
+        RunFolder(tmp_path, True, {}).check_space(state)
 
     def full(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 453798272 vs 453798160")

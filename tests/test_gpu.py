@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from asl.ema import ModelEma
-from asl.engine import StepConfig, create_optimizer, evaluate, train_one_epoch
+from asl.training.ema import ModelEma
+from asl.evaluation.predictions import evaluate
+from asl.training.step import StepConfig, create_optimizer, train_one_epoch
 from asl.losses import AsymmetricLoss
 from asl.models import create_model, prepare_for_inference
-from asl.train_state import TrainState
+from asl.training.state import TrainState
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

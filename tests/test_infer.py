@@ -19,7 +19,8 @@ from torchvision import transforms as T  # noqa: E402
 
 from asl.checkpoint import CheckpointError  # noqa: E402
 from asl.cli import run_main  # noqa: E402
-from asl.inference import default_threshold, detections, load_model, resolve_architecture  # noqa: E402
+from asl.evaluation.predictions import default_threshold, detections  # noqa: E402
+from asl.models.loading import load_model, resolve_architecture  # noqa: E402
 from asl.pictures import MIN_ANNOTATED_SIDE, annotate  # noqa: E402
 from asl.models import convert_timm_tresnet, create_model  # noqa: E402
 

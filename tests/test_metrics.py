@@ -76,7 +76,7 @@ def test_logits_and_probabilities_give_the_same_map():
 
 
 def test_chunked_ranking_matches_per_column(monkeypatch):
-    import asl.metrics as metrics
+    import asl.evaluation.metrics as metrics
 
     targets, scores = tie_free_data(seed=3, n=40, c=9)
     whole = per_class_ap(targets, scores)

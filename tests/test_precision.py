@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asl.precision import amp_dtype_arg, autocast, resolve_amp_dtype
+from asl.precision import amp_dtype_arg, autocast, cpu_has_native_bf16, resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,31 @@ def test_defaults_fp32_for_evaluation_and_fp16_amp_for_training_on_cuda(module, 
         args = module.build_parser().parse_args(["DATA"])
     assert resolve_amp_dtype(args.amp_dtype, torch.device("cuda")) is default
     assert resolve_amp_dtype(args.amp_dtype, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_an_explicit_dtype_applies_on_the_cpu_too(name, dtype):
+    assert resolve_amp_dtype(name, torch.device("cpu")) is dtype
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert cpu_has_native_bf16(info) is False
+    info.write_text("Features\t: fp asimd bf16\n")
+    assert cpu_has_native_bf16(info) is True
+    assert cpu_has_native_bf16(tmp_path / "absent") is None
+
+
+def test_bf16_on_a_cpu_without_it_says_so(monkeypatch, caplog):
+    import asl.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert resolve_amp_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert "without native bf16" in caplog.text
 
 
 @pytest.mark.parametrize("module", [validate, infer, train])

@@ -1,4 +1,4 @@
-"""The evaluation report (asl.report, validate.py --report): the page, its pictures, a class without positives."""
+"""The evaluation report (asl.evaluation.report, validate.py --report): the page, its pictures, a class without positives."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,7 @@ from PIL import Image
 
 from asl.apps.validate import per_class_rows
 from asl.metrics import ThresholdMetrics
-from asl.report import write_report
+from asl.evaluation.report import write_report
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -71,7 +71,7 @@ def test_per_class_thresholds_are_listed(tmp_path):
 
 
 def test_score_histograms_are_counted_by_blocks_without_a_full_copy():
-    from asl import report
+    from asl.evaluation import report
 
     rng = np.random.default_rng(0)
     scores = rng.random((1000, 7)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Per-class thresholds (asl.thresholds) against hand-computed cases and a brute-force search with sklearn's F1."""
+"""Per-class thresholds (asl.evaluation.thresholds) against hand-computed cases and a brute-force search with sklearn's F1."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from asl.errors import UsageError
 from asl.metrics import ThresholdMetrics, precision_recall_curve
-from asl.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
+from asl.evaluation.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

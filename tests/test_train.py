@@ -119,9 +119,9 @@ def test_pretrained_file_that_does_not_fit(tmp_path, synthetic, capsys):
 
 @pytest.mark.faults
 def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path, synthetic, monkeypatch, capsys):
-    import asl.fit
+    import asl.training.loop
 
-    original = asl.fit.train_one_epoch
+    original = asl.training.loop.train_one_epoch
 
     def interrupting(*args, **kwargs):
         on_step = kwargs["on_step"]
@@ -134,7 +134,7 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
         kwargs["on_step"] = hook
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(asl.fit, "train_one_epoch", interrupting)
+    monkeypatch.setattr(asl.training.loop, "train_one_epoch", interrupting)
     out = tmp_path / "o"
     # -b 4: 4 steps per epoch. The signal arrives between steps 0 and 1 (after step 0 polled the flag), so
     # step 1 is the "current step": it completes, then the run saves and stops, mid-epoch.
@@ -144,16 +144,16 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly_then_resumes(tmp_path,
     saved = torch.load(out / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 2)
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
-    monkeypatch.setattr(asl.fit, "train_one_epoch", original)
+    monkeypatch.setattr(asl.training.loop, "train_one_epoch", original)
     assert train.main(_flags(synthetic, out, "-b", "4", "--resume", "auto")) == 0
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 
 
 @pytest.mark.faults
 def test_a_second_ctrl_c_during_the_save_exits_130_with_last_pth_intact(tmp_path, synthetic, monkeypatch, capsys):
-    import asl.fit
+    import asl.training.loop
 
-    original_epoch, original_save = asl.fit.train_one_epoch, torch.save
+    original_epoch, original_save = asl.training.loop.train_one_epoch, torch.save
     out = tmp_path / "o"
     armed = []
 
@@ -175,7 +175,7 @@ def test_a_second_ctrl_c_during_the_save_exits_130_with_last_pth_intact(tmp_path
             os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the middle of writing last.pth
         return original_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(asl.fit, "train_one_epoch", interrupting)
+    monkeypatch.setattr(asl.training.loop, "train_one_epoch", interrupting)
     monkeypatch.setattr(torch, "save", slow_save)
     assert train.main(_flags(synthetic, out, "-b", "4")) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: error: interrupted"

@@ -22,7 +22,7 @@ SIZE, BATCH = 32, 10  # 49 annotated images: batches of 10 never leave a single 
 
 def _untrained_map() -> float:
     from asl.data import create_dataset, create_loader
-    from asl.engine import evaluate
+    from asl.evaluation.predictions import evaluate
     from asl.metrics import mAP
     from asl.models import create_model
 

@@ -7,7 +7,7 @@ exit with code 2. Any other exception is a bug and keeps its traceback (exit cod
 from __future__ import annotations
 
 __all__ = ["AslError", "UsageError", "ModelError", "DatasetError", "CheckpointError", "TrainingDivergedError",
-           "NonFiniteScoresError"]
+           "NonFiniteScoresError", "UnknownArchitectureError"]
 
 
 class AslError(Exception):
@@ -38,3 +38,8 @@ class TrainingDivergedError(AslError):
 
 class NonFiniteScoresError(AslError):
     """A model gave NaN or infinite scores: its weights are broken, and an mAP of them would mean nothing."""
+
+
+class UnknownArchitectureError(CheckpointError):
+    """A state dict whose tensor shapes are no TResNet: the architecture has to come from elsewhere (the
+    checkpoint's ``model_name``, or ``--model-name`` for a ``timm/<name>`` network)."""

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from asl.ablation import (DEFAULT_VARIANTS, RunStatus, Variant, best_epoch, check_unique, parse_variant,
+from asl.apps.ablate_variants import (DEFAULT_VARIANTS, RunStatus, Variant, best_epoch, check_unique, parse_variant,
                           plot_map_vs_gamma_neg, read_log, read_variants_file, results_table, sweep)
 from asl.atomic import atomic_write_text
 from asl.cli import ArgumentParser, run_main, setup_logging

@@ -19,7 +19,7 @@ import torch
 
 from asl.cli import ArgumentParser, positive_int, run_main, setup_logging
 from asl.errors import UsageError
-from asl.inference import load_model
+from asl.models.loading import load_model
 
 from .options import model_options
 
@@ -85,7 +85,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         import onnx  # noqa: F401  (torch.onnx needs it; say so before loading a large checkpoint)
     except ImportError:
         raise UsageError("ONNX export needs the 'onnx' package: pip install -e '.[onnx]'") from None
-    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False, winograd=False,
+    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False,
                         sha256=args.model_sha256)
     output = Path(args.output) if args.output else Path(Path(args.model_path).stem + ".onnx")
     export_onnx(loaded.model, output, args.image_size, args.opset)

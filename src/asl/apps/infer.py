@@ -27,10 +27,11 @@ from asl.cli import ArgumentParser, positive_int, probability, run_main, setup_l
 from asl.data.transforms import load_rgb
 from asl.distributed import select_device
 from asl.errors import UsageError
-from asl.inference import default_threshold, detections, load_model, predict
+from asl.evaluation.predictions import default_threshold, detections, predict
+from asl.models.loading import load_model
 from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_images, load_picture
 from asl.precision import resolve_amp_dtype
-from asl.thresholds import load_thresholds
+from asl.evaluation.thresholds import load_thresholds
 
 from .options import inference_options, model_options, runtime_options
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("infer")
 def build_parser() -> ArgumentParser:
     parents = [model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=16, workers=2, amp_dtype="none",
-                               amp_help="opt-in autocast on CUDA; default fp32, as the original"),
+                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, as the original"),
                inference_options()]
     parser = ArgumentParser(prog="infer.py", parents=parents,
                             description="ASL inference on pictures (files or folders).")
@@ -132,7 +133,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     plan = _output_plan(args.output, paths, roots)
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
-                        winograd=args.winograd, sha256=args.model_sha256)
+                        sha256=args.model_sha256)
     if args.thresholds:
         threshold = load_thresholds(args.thresholds, loaded.class_names)
         logger.info("%d picture(s), per-class thresholds of %s, device %s", len(paths), args.thresholds, device)

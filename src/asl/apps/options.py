@@ -38,8 +38,9 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument("--amp-dtype", type=amp_dtype_arg, default=amp_dtype, metavar="{none,float16,bfloat16}",
                    help=amp_help)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout for the model and its inputs (faster on CPU and GPU, same results)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout for the model and its inputs, same results (default: the faster layout "
+                        "for the device and the job)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -57,9 +58,6 @@ def inference_options() -> ArgumentParser:
     p.add_argument("--thresholds", type=_existing_file, default=None, metavar="FILE",
                    help="one threshold per class: the JSON {class: threshold} of validate.py --save-thresholds, "
                         "instead of one threshold for every class")
-    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU, compute the wide 3x3 convolutions as Winograd F(4x4, 3x3) or F(5x5, 3x3): fewer "
-                        "multiplications, outputs equal to fp32 rounding (BENCHMARKS.md)")
     return p
 
 

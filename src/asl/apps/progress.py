@@ -1,5 +1,5 @@
 """What the apps show while they run. :class:`EpochProgress` (train.py): the original's progress lines, a tqdm
-bar on a terminal, the per-epoch mAP lines and optionally TensorBoard scalars, fed by :func:`asl.fit.fit`'s
+bar on a terminal, the per-epoch mAP lines and optionally TensorBoard scalars, fed by :func:`asl.training.loop.fit`'s
 callbacks. :class:`BatchPrinter` (validate.py): the original's per-batch lines, fed by the evaluation callback."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from asl.errors import UsageError
-from asl.metrics import ThresholdMetrics
+from asl.evaluation.metrics import ThresholdMetrics
 
 __all__ = ["EpochProgress", "BatchPrinter"]
 

@@ -1,6 +1,6 @@
 """``train.py``: train a multi-label classifier with the Asymmetric Loss; the defaults are the paper's recipe.
 
-Reads top to bottom: parse, set up (processes, output folder, resume), data, state, :func:`asl.fit.fit`.
+Reads top to bottom: parse, set up (processes, output folder, resume), data, state, :func:`asl.training.loop.fit`.
 Outputs, resume and the recipe (the original's numbers are the defaults): README "Reproducing the paper".
 """
 from __future__ import annotations
@@ -14,17 +14,17 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.checkpoint import load_model_state
-from asl.checkpointer import Checkpointer
+from asl.training.run_folder import RunFolder
 from asl.cli import (ArgumentParser, check_data_dir, image_size, nonnegative_int, parse_key_values, positive_int,
                      run_main, setup_logging)
 from asl.data import canonical_name, create_dataset, create_loader, default_split
-from asl.engine import StepConfig
+from asl.training.step import StepConfig
 from asl.errors import UsageError
-from asl.fit import FitConfig, fit
+from asl.training.loop import FitConfig, fit
 from asl.losses import AsymmetricLoss
 from asl.models import check_model_name, create_model
-from asl.precision import resolve_amp_dtype
-from asl.train_state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
+from asl.precision import amp_dtype_name, resolve_amp_dtype
+from asl.training.state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
                              data_fingerprint)
 
 from .options import data_options, recipe_options, runtime_options
@@ -35,8 +35,9 @@ logger = logging.getLogger("train")
 
 def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
-               runtime_options(batch_size=128, workers=8, amp_dtype="float16",
-                               amp_help="autocast dtype on CUDA (CPU always trains in fp32)"), recipe_options()]
+               runtime_options(batch_size=128, workers=8, amp_dtype="auto",
+                               amp_help="autocast dtype; auto: float16 on CUDA (the original), fp32 on the CPU; an "
+                                        "explicit value applies on any device"), recipe_options()]
     p = ArgumentParser(prog="train.py", parents=parents,
                        description="Train with the Asymmetric Loss (ASL, ICCV 2021).")
     p.add_argument("--train-split", type=str, default=None, help="default: train2014 for coco (see Datasets.md)")
@@ -84,9 +85,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(args, info: dist_utils.DistInfo) -> int:
     output_dir = Path(args.output_dir)
-    Checkpointer.prepare(output_dir, info.is_main)
-    resume_path = Checkpointer.find_resume(args.resume, output_dir)
-    resume = Checkpointer.load_resume(resume_path) if resume_path else None
+    RunFolder.prepare(output_dir, info.is_main)
+    resume_path = RunFolder.find_resume(args.resume, output_dir)
+    resume = RunFolder.load_resume(resume_path) if resume_path else None
     train_ds, val_ds = build_datasets(args)
     fingerprint = data_fingerprint(args.data, args.train_split, train_ds)
     if resume is not None:
@@ -96,12 +97,13 @@ def train(args, info: dist_utils.DistInfo) -> int:
     train_loader, val_loader = build_loaders(args, train_ds, val_ds, local_batch, info)
     steps_per_epoch = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     amp_dtype = resolve_amp_dtype(args.amp_dtype, info.device)
+    args.amp_dtype = amp_dtype_name(amp_dtype)  # the checkpoint's args record what ran, not "auto"
     state = build_state(args, resume, resume_path, train_ds.num_classes, steps_per_epoch, amp_dtype, info)
-    checkpointer = Checkpointer(output_dir, info.is_main, {
+    run_folder = RunFolder(output_dir, info.is_main, {
         "num_classes": train_ds.num_classes, "idx_to_class": train_ds.idx_to_class(), "model_name": args.model_name,
         "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, "args": dict(vars(args)),
         "steps_per_epoch": steps_per_epoch, "data": fingerprint})
-    checkpointer.begin(resumed=resume is not None, args=vars(args))
+    run_folder.begin(resumed=resume is not None, args=vars(args))
     config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, args.save_every_steps,
                        StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch))
     if info.is_main:
@@ -112,10 +114,10 @@ def train(args, info: dist_utils.DistInfo) -> int:
                                disable_torch_grad_focal_loss=True)  # original: summed, fp32
     with EpochProgress(args.epochs, steps_per_epoch, args.print_freq, info.is_main, output_dir,
                        args.tensorboard) as progress:
-        outcome = fit(state, train_loader, val_loader, criterion, checkpointer, config, on_step=progress.step,
+        outcome = fit(state, train_loader, val_loader, criterion, run_folder, config, on_step=progress.step,
                       on_epoch=progress.epoch)
     if outcome == "interrupted" and info.is_main:
-        print(f"interrupted at epoch {state.epoch}, step {state.step}: state saved to {checkpointer.last_path}; "
+        print(f"interrupted at epoch {state.epoch}, step {state.step}: state saved to {run_folder.last_path}; "
               f"continue with --resume auto", flush=True)
     return 0
 
@@ -167,7 +169,9 @@ def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_cl
     elif resume is None and args.dataset != "synthetic" and info.is_main:
         logger.warning("training %s from scratch (no --model-path): the paper's numbers (and the original's "
                        "default) start from ImageNet-pretrained weights, see MODEL_ZOO.md", args.model_name)
-    model = model.to(info.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    # Training keeps channels_last unless --no-channels-last: TResNet's training step is faster in NHWC on both devices.
+    layout = torch.preserve_format if args.channels_last is False else torch.channels_last
+    model = model.to(info.device, memory_format=layout)
     state = create_train_state(model, lr=args.lr, weight_decay=args.weight_decay,
                                ema_decay=args.ema_decay, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                                amp_dtype=amp_dtype, device=info.device)

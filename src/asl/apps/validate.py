@@ -8,9 +8,9 @@ Prints the original's progress lines (``Test: [i/N] ...`` and the cumulative ``P
 ``--thre``), the final `` * P_C ...`` line, the throughput, and last ``mAP score: X``. Datasets whose targets mark
 labels as not annotated (-1: Open Images, VOC "difficult") are scored with the partial-label mAP.
 
-``--save-thresholds FILE`` chooses a threshold per class on the evaluated set (:mod:`asl.thresholds`),
+``--save-thresholds FILE`` chooses a threshold per class on the evaluated set (:mod:`asl.evaluation.thresholds`),
 ``--thresholds FILE`` scores with such a file instead of ``--thre``, and ``--report DIR`` writes an evaluation
-page with pictures (:mod:`asl.report`).
+page with pictures (:mod:`asl.evaluation.report`).
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from asl.atomic import atomic_write_text
 from asl.download import is_url
 from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
-from asl.engine import evaluate
+from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
-from asl.inference import load_model
-from asl.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
+from asl.models.loading import load_model
+from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype
-from asl.report import write_report
-from asl.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
+from asl.evaluation.report import write_report
+from asl.evaluation.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
 
 from .options import data_options, inference_options, model_options, runtime_options
 from .progress import BatchPrinter
@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
                model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=32, workers=8, amp_dtype="none",
-                               amp_help="opt-in autocast on CUDA; default fp32, as the original"),
+                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, as the original"),
                inference_options()]
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
@@ -156,7 +156,7 @@ def _load(args, info):
     if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
     loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
-                        channels_last=args.channels_last, winograd=args.winograd, sha256=args.model_sha256)
+                        channels_last=args.channels_last, sha256=args.model_sha256)
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     if info.is_main:

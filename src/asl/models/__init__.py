@@ -8,18 +8,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .batch_threads import BatchThreads
 from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
-from .packed import PackedConv2d, packing_available, packing_eligible
 from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
-from .winograd import WinogradConv2d, winograd_eligible
 
 __all__ = [
     "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone",
     "normalize_state_dict",
-    "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
+    "default_channels_last", "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
 ]
 
 
@@ -110,39 +107,33 @@ def _fold_sequential(seq: nn.Sequential) -> None:
         seq[1] = act if act is not None else nn.Identity()
 
 
-def _swap_convs(model: nn.Module, eligible, layer) -> None:
-    """Swaps every eligible convolution for ``layer(conv)``, its inference twin (same weights and state-dict
-    keys)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if eligible(child):
-                setattr(module, name, layer(child))
+def default_channels_last(device: torch.device) -> bool:
+    """The memory layout :func:`prepare_for_inference` picks on ``device``.
+
+    channels_last on CUDA, where cuDNN's NHWC kernels (tensor cores under autocast) are the fast ones; NCHW on the
+    CPU, where oneDNN runs TResNet-M at batch 1 about a tenth slower in channels_last and only matches NCHW at batch 8
+    (BENCHMARKS.md, "CPU inference").
+    """
+    return device.type == "cuda"
 
 
 @torch.no_grad()
-def prepare_for_inference(model: nn.Module, channels_last: bool = True,
-                          winograd: Optional[bool] = None, packed: Optional[bool] = None,
-                          batch_threads: Optional[bool] = None) -> nn.Module:
-    """An eval-mode copy with every conv+norm folded into one conv; the same function, fewer kernels.
+def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+    """An eval-mode copy with every conv+norm pair folded into one conv: the same function, fewer kernels.
 
-    ``winograd``: compute the wide 3x3 convolutions with Winograd F(4x4, 3x3) or F(5x5, 3x3) on the CPU (4x to 5x
-    fewer multiplications, the same outputs to fp32 rounding; see :mod:`asl.models.winograd`). ``None``: when the
-    model is on the CPU. The original model is left untouched (its parameters keep training). Inference only: the
-    folded copy has no norm layers to train.
+    ``channels_last``: the memory layout of the weights; ``None`` picks it for the device the model is on
+    (:func:`default_channels_last`). The given model is left untouched, so its parameters can keep training. The
+    copy is for inference only: it has no norm layers left to train.
     """
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
             _fold_sequential(module)
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if winograd if winograd is not None else on_cpu:
-        _swap_convs(model, winograd_eligible, WinogradConv2d)
-    if packed if packed is not None else on_cpu and packing_available():
-        _swap_convs(model, packing_eligible, PackedConv2d)
+    if channels_last is None:
+        first = next(model.parameters(), None)
+        channels_last = default_channels_last(first.device if first is not None else torch.device("cpu"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
-    if batch_threads if batch_threads is not None else on_cpu:
-        model = BatchThreads(model)
     return model

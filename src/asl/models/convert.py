@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import UnknownArchitectureError
 from ..state_dict import clean_state_dict
 from .tresnet import TRESNET_CONFIGS
 
@@ -69,16 +69,20 @@ def convert_timm_tresnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Tells the TResNet variant, the head type and the class count from a state dict's shapes."""
+    """Tells the TResNet variant, the head type and the class count from a state dict's shapes.
+
+    Raises :class:`~asl.errors.UnknownArchitectureError` when the shapes are no TResNet's (a ``timm/<name>``
+    network, say), so that callers can fall back to a name without hiding any other checkpoint problem.
+    """
     sd = strip_prefixes(state_dict)
     if is_timm_tresnet_layout(sd):
         sd = convert_timm_tresnet(sd)
     stem = sd.get("body.conv1.0.weight")
     if stem is None:
-        raise CheckpointError("not a TResNet state dict: it has no 'body.conv1.0.weight'")
+        raise UnknownArchitectureError("not a TResNet state dict: it has no 'body.conv1.0.weight'")
     width = int(stem.shape[0])
     if width not in _STEM_WIDTH:
-        raise CheckpointError(f"unknown TResNet stem width {width}; known: {sorted(_STEM_WIDTH)}")
+        raise UnknownArchitectureError(f"unknown TResNet stem width {width}; known: {sorted(_STEM_WIDTH)}")
     bottleneck = "head.fc.embedding_generator.0.weight" in sd
     head = sd.get("head.fc.FC.weight" if bottleneck else "head.fc.weight")
     return {

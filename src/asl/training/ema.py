@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .distributed import unwrap_model
+from ..distributed import unwrap_model
 
 __all__ = ["ModelEma"]
 

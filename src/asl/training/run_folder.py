@@ -16,13 +16,13 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from . import distributed as dist_utils
-from .atomic import atomic_write_text
-from .checkpoint import load_checkpoint, make_model_checkpoint, save_checkpoint
-from .errors import TrainingDivergedError, UsageError
-from .train_state import TrainState
+from .. import distributed as dist_utils
+from ..atomic import atomic_write_text
+from ..checkpoint import load_checkpoint, make_model_checkpoint, save_checkpoint
+from ..errors import TrainingDivergedError, UsageError
+from .state import TrainState
 
-__all__ = ["Checkpointer", "LAST", "HIGHEST"]
+__all__ = ["RunFolder", "LAST", "HIGHEST"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ HIGHEST = "model-highest.pth"
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "args", "steps_per_epoch")
 
 
-class Checkpointer:
+class RunFolder:
     """Writes the run's files. ``meta`` goes into both checkpoints: ``num_classes``, ``idx_to_class``,
     ``model_name``, ``image_size``, ``bottleneck_head``, ``args`` (a plain dict), ``steps_per_epoch``."""
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from .metrics import precision_recall_curve
 
 __all__ = ["write_report", "save_png", "CURVES_PER_PANEL"]

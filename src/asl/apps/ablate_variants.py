@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .atomic import atomic_write_text
-from .errors import UsageError
-from .report import save_png
+from ..atomic import atomic_write_text
+from ..errors import UsageError
+from ..evaluation.report import save_png
 
 __all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "check_unique",
            "RunStatus", "read_log", "best_epoch", "results_table", "plot_map_vs_gamma_neg"]

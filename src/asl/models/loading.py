@@ -1,10 +1,8 @@
-"""A ready model from a checkpoint, and its predictions: the shared core of validate.py, infer.py and export.py.
+"""A ready model from a checkpoint: the shared start of validate.py, infer.py and export.py.
 
-- :func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
-  architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is
-  told from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree.
-- :func:`predict` runs a batch (fp32 unless asked) and returns probabilities; :func:`detections` applies the
-  threshold. Pictures themselves: :mod:`asl.pictures`.
+:func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
+architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is told
+from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree.
 
 Nothing here prints or exits: errors are exceptions with one clear line (the CLIs print them).
 """
@@ -13,38 +11,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state
-from .engine import images_to_float
-from .models import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
-from .precision import autocast
+from ..checkpoint import CheckpointError, load_checkpoint, load_model_state
+from ..errors import UnknownArchitectureError
+from . import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
 
-__all__ = [
-    "LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "default_threshold",
-    "DATASET_THRESHOLDS", "predict", "detections",
-]
+__all__ = ["LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-# original (infer.py): the threshold defaults to 0.995 for Open Images and to 0.7 for every other dataset type.
-DATASET_THRESHOLDS = {"MS-COCO": 0.7, "OpenImages": 0.995}
-OTHER_DATASET_THRESHOLD = 0.7
-
-def default_threshold(dataset_type: Optional[str]) -> float:
-    """The original's per-dataset default threshold; the name is matched case- and punctuation-insensitively."""
-    def key(name: str) -> str:
-        return "".join(ch for ch in name.lower() if ch.isalnum())
-
-    wanted = key(dataset_type or "")
-    for name, value in DATASET_THRESHOLDS.items():
-        if key(name) == wanted:
-            return value
-    return OTHER_DATASET_THRESHOLD
 
 
 @dataclass
@@ -118,7 +97,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
     stored = _user_name(ckpt.get("model_name")) if isinstance(ckpt.get("model_name"), str) else None
     try:
         shapes: Optional[dict] = detect_architecture(state)
-    except ValueError as exc:
+    except UnknownArchitectureError as exc:
         shapes = None
         shape_problem = str(exc)
     if shapes is not None:
@@ -159,15 +138,12 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
                num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               prepare: bool = True, channels_last: bool = True, winograd: bool = True,
-               sha256: Optional[str] = None) -> LoadedModel:
+               prepare: bool = True, channels_last: Optional[bool] = None, sha256: Optional[str] = None) -> LoadedModel:
     """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
 
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
-    (see :func:`resolve_architecture`). ``channels_last`` (NHWC) is faster on CPU and GPU alike; ONNX export
-    turns it off (it buys nothing in the exported graph). ``winograd``: the wide 3x3 convolutions as Winograd
-    F(4x4, 3x3) or F(5x5, 3x3) when ``device`` is the CPU, where the other convolutions' weights are also reordered
-    once for oneDNN and batches are split between threads (see :func:`~asl.models.prepare_for_inference`).
+    (see :func:`resolve_architecture`). ``channels_last``: the weights' memory layout; ``None`` picks the faster one
+    for ``device`` (see :func:`~asl.models.prepare_for_inference`).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
@@ -176,50 +152,13 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])
     model.eval()
     device = torch.device(device)
-    # Moved first: prepare_for_inference chooses its CPU-only layers (Winograd, packed weights, batch threads) by
-    # where the model is.
+    # Moved first: prepare_for_inference picks the memory layout for the device the model is on.
     model.to(device)
     if prepare:
-        model = prepare_for_inference(model, channels_last=channels_last, winograd=None if winograd else False)
+        model = prepare_for_inference(model, channels_last=channels_last)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
                        bottleneck_head=arch["bottleneck_head"],
                        class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
                        checkpoint_info=info)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.device],
-            amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Probabilities ``sigmoid(model(x))`` as float32 on the CPU, for a uint8 (or float [0,1]) NCHW batch.
-
-    original: inference runs in fp32; ``amp_dtype`` opts in to autocast. The sigmoid is taken in float32.
-    """
-    device = torch.device(device)
-    x = images_to_float(images, device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
-        logits = model(x)
-    return torch.sigmoid(logits.float()).cpu()
-
-
-def detections(probabilities: Union[torch.Tensor, np.ndarray, Sequence[float]], class_names: Sequence[str],
-               threshold: Union[float, np.ndarray], top_k: Optional[int] = None) -> list[dict[str, Any]]:
-    """``[{'class': name, 'score': p}, ...]`` for the classes with ``p > threshold``, highest score first.
-    ``threshold``: one number, or one per class (:mod:`asl.thresholds`).
-
-    original: a class is detected when its probability is strictly above the threshold. ``top_k`` keeps at most
-    the K best of those (use threshold 0 for a plain top-K).
-    """
-    probs = np.asarray(probabilities.cpu() if isinstance(probabilities, torch.Tensor) else probabilities,
-                       dtype=np.float64).reshape(-1)
-    if probs.shape[0] != len(class_names):
-        raise ValueError(f"{probs.shape[0]} scores for {len(class_names)} class names")
-    chosen = np.flatnonzero(probs > threshold)
-    # Stable sort on the negated scores: ties keep the class order, so the output is deterministic.
-    chosen = chosen[np.argsort(-probs[chosen], kind="stable")]
-    if top_k is not None:
-        chosen = chosen[:max(int(top_k), 0)]
-    return [{"class": str(class_names[i]), "score": float(probs[i])} for i in chosen]

@@ -1,15 +1,12 @@
-"""The training step and the evaluation loop, usable from train.py, validate.py and user code.
+"""The training step, usable from train.py and user code.
 
 - :func:`param_groups_weight_decay` / :func:`create_optimizer`: the original's Adam with weight decay on
   conv/linear weights only.
 - :func:`train_one_epoch`: one epoch of the original recipe (AMP forward, fp32 summed loss, GradScaler, a
   scheduler step and an EMA update after every optimizer step), resumable mid-epoch.
-- :func:`evaluate` / :func:`evaluate_many`: sigmoid scores over a loader, gathered from every rank back into
-  dataset order (so the mAP under ``torchrun`` equals the single-process one).
 
-Batches are what :func:`asl.data.collate_skip` returns: ``(images uint8 NCHW, targets float, indices | None,
-skipped)``; plain ``(images, targets)`` or ``(images, targets, indices)`` tuples work too. Images become
-``float / 255`` on the device (the original's ``ToTensor``).
+Batches are unpacked by :mod:`asl.data.batches`; images become ``float / 255`` on the device (the original's
+``ToTensor``).
 
 Nothing here prints: progress goes to the ``on_step`` callback and to ``logging``.
 """
@@ -24,14 +21,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from . import distributed as dist_utils
-from .data.transforms import to_float
-from .errors import NonFiniteScoresError, TrainingDivergedError
-from .precision import autocast
+from .. import distributed as dist_utils
+from ..data.batches import images_to_float, unpack_batch
+from ..errors import TrainingDivergedError
+from ..precision import autocast
 
 __all__ = [
-    "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "StepConfig", "train_one_epoch", "evaluate",
-    "evaluate_many", "unpack_batch", "images_to_float", "UNANNOTATED_MODES",
+    "NonFiniteLossError", "param_groups_weight_decay", "create_optimizer", "StepConfig", "train_one_epoch",
+    "UNANNOTATED_MODES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,27 +76,6 @@ def create_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 1
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
-    """``(images, targets, indices or None, skipped)`` from a Batch, a 2-tuple or a 3-tuple."""
-    if hasattr(batch, "images"):
-        return batch.images, batch.targets, batch.indices, int(batch.skipped)
-    if len(batch) == 2:
-        return batch[0], batch[1], None, 0
-    if len(batch) == 3:
-        return batch[0], batch[1], batch[2], 0
-    return batch[0], batch[1], batch[2], int(batch[3])
-
-
-def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Moves a batch to ``device`` and scales uint8 to [0, 1] there (4x less host-to-device traffic).
-
-    Non-blocking copies only on CUDA (they need pinned memory there and mean nothing elsewhere).
-    """
-    images = images.to(device, non_blocking=device.type == "cuda")
-    # original: ToTensor() divides by 255 on the CPU; the same float32 values, computed on the device.
-    return to_float(images) if images.dtype == torch.uint8 else images.float()
-
-
 def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,
                                                                                   Optional[torch.Tensor]]:
     if unannotated is None:
@@ -138,7 +114,7 @@ class StepConfig:
 def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: StepConfig, *,
                     on_step: Optional[Callable[[dict[str, Any]], None]] = None,
                     stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
-    """Trains ``state`` (a :class:`asl.train_state.TrainState`) for one epoch, from step ``state.step`` of
+    """Trains ``state`` (a :class:`asl.training.state.TrainState`) for one epoch, from step ``state.step`` of
     ``state.epoch``; ``loader`` yields the batches from that step on. ``state.step`` advances with every step.
 
     One step is exactly the original's: ``with autocast: out = model(x).float()``; ``loss = criterion(out, y)``
@@ -243,111 +219,3 @@ def _train_step(state: Any, batch: Any, criterion: nn.Module, config: StepConfig
         # original: ema.update(model) right after scheduler.step(), every step.
         state.ema.update(state.model)
     return loss_value, n_global, skipped, stop
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: torch.device, *,
-                  amp_dtype: Optional[torch.dtype] = None,
-                  on_batch: Optional[Callable[[int, dict[str, torch.Tensor], torch.Tensor], None]] = None
-                  ) -> dict[str, Any]:
-    """Sigmoid scores of several models over one pass of ``loader`` (e.g. the regular and the EMA model).
-
-    ``on_batch(i, {name: scores}, targets)`` is called after each batch (this rank's rows, on the CPU).
-
-    original: validation runs the regular and the EMA model on each batch under autocast and keeps
-    ``sigmoid(output)``. Here the sigmoid is taken of the fp32 logits (under fp16 autocast the original's
-    scores are rounded to fp16, which creates ties between close scores; the fp32 ranking is the exact one).
-
-    Under ``torchrun`` each rank evaluates its share (the loader's ``DistributedSampler``, which pads with
-    repeated items), and the rows are gathered on every rank by dataset index with the padding removed. The
-    batches must then carry dataset indices (``with_index=True`` in :func:`asl.data.create_dataset`); a single
-    process without indices keeps the loader's order.
-
-    Each model is put in eval mode for the pass and restored to its previous mode afterwards. Pass the plain
-    models (not DDP wrappers: their forward would broadcast buffers between ranks).
-
-    Returns a dict: ``scores`` {name: float32 array (N, C)}, ``targets`` (N, C), ``indices`` (N,) dataset
-    indices (or 0..N-1), ``skipped`` (unreadable images, all ranks), ``num_images`` N.
-    """
-    distributed = dist_utils.is_dist()
-    modes = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in models}
-    targets_all: list[torch.Tensor] = []
-    indices_all: list[torch.Tensor] = []
-    skipped = 0
-    seen = 0
-    try:
-        for i, batch in enumerate(loader):
-            images, targets, indices, batch_skipped = unpack_batch(batch)
-            skipped += batch_skipped
-            n = images.shape[0]
-            if n == 0:
-                continue
-            if indices is None:
-                if distributed:
-                    raise ValueError("distributed evaluation needs dataset indices in the batches "
-                                     "(create the dataset with with_index=True)")
-                indices = torch.arange(seen, seen + n)
-            seen += n
-            x = images_to_float(images, device)
-            with autocast(device, amp_dtype):
-                batch_scores = {name: torch.sigmoid(m(x).float()).cpu() for name, m in models.items()}
-            for name, value in batch_scores.items():
-                scores[name].append(value)
-            targets_all.append(targets.float().cpu())
-            indices_all.append(indices.long().cpu())
-            if on_batch is not None:
-                on_batch(i, batch_scores, targets_all[-1])
-    finally:
-        for name, m in models.items():
-            m.train(modes[name])
-
-    num_classes = targets_all[0].shape[1] if targets_all else 0
-    local = {"targets": torch.cat(targets_all) if targets_all else torch.zeros((0, num_classes))}
-    for name in models:
-        local[f"scores/{name}"] = torch.cat(scores[name]) if scores[name] else torch.zeros((0, num_classes))
-    idx = torch.cat(indices_all) if indices_all else torch.zeros(0, dtype=torch.long)
-    if distributed:
-        # A rank may have seen no batch (tiny sets): give its empty tensors the common class count.
-        num_classes = max(int(t[0]) for t in dist_utils.all_gather_varlen(torch.tensor([num_classes])))
-        for key, value in local.items():
-            if value.numel() == 0:
-                local[key] = torch.zeros((0, num_classes))
-        skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
-    idx, gathered = dist_utils.gather_by_index(idx, local)
-    for name in models:
-        _refuse_non_finite(gathered[f"scores/{name}"], name)
-    return {
-        "scores": {name: gathered[f"scores/{name}"].numpy() for name in models},
-        "targets": gathered["targets"].numpy(),
-        "indices": idx.numpy(),
-        "skipped": skipped,
-        "num_images": int(idx.numel()),
-    }
-
-
-def _refuse_non_finite(scores: torch.Tensor, name: str) -> None:
-    """An mAP of NaN scores is meaningless (NaNs sort anywhere): refuse it instead of reporting a number."""
-    broken = int((~torch.isfinite(scores)).any(dim=1).sum())
-    if broken:
-        raise NonFiniteScoresError(f"{broken} of {scores.shape[0]} images got non-finite (NaN/inf) scores from the "
-                                   f"{name} model: its weights are broken")
-
-
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
-             on_batch: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> dict[str, Any]:
-    """Sigmoid scores of one model over ``loader``, in dataset order (see :func:`evaluate_many`);
-    ``on_batch(i, scores, targets)`` after each batch.
-
-    Returns a dict: ``scores`` float32 array (N, C), ``targets`` (N, C), ``indices`` (N,), ``skipped``,
-    ``num_images``. Compute the metrics from it with :mod:`asl.metrics`, e.g.
-    ``asl.metrics.mAP(out['targets'], out['scores'])``.
-    """
-    report = None if on_batch is None else (lambda i, scores, targets: on_batch(i, scores["model"], targets))
-    out = evaluate_many({"model": model}, loader, device, amp_dtype=amp_dtype, on_batch=report)
-    out["scores"] = out["scores"]["model"]
-    return out

@@ -27,8 +27,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .errors import UsageError
+from ..atomic import atomic_write_text
+from ..errors import UsageError
 from .metrics import ranked_cut_points
 
 __all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds"]

@@ -12,12 +12,13 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-from . import distributed as dist_utils
-from .checkpointer import Checkpointer
-from .engine import NonFiniteLossError, StepConfig, evaluate_many, train_one_epoch
-from .errors import NonFiniteScoresError, TrainingDivergedError
-from .metrics import score
-from .train_state import TrainState
+from .. import distributed as dist_utils
+from .run_folder import RunFolder
+from ..evaluation.predictions import evaluate_many
+from .step import NonFiniteLossError, StepConfig, train_one_epoch
+from ..errors import NonFiniteScoresError, TrainingDivergedError
+from ..evaluation.metrics import score
+from .state import TrainState
 
 __all__ = ["FitConfig", "fit", "StopFlag"]
 
@@ -67,19 +68,19 @@ class StopFlag:
         return self.requested
 
 
-def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Module, checkpointer: Checkpointer,
+def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Module, run_folder: RunFolder,
         config: FitConfig, *, on_step: Optional[Callable[[dict[str, Any]], None]] = None,
         on_epoch: Optional[Callable[[dict[str, Any]], None]] = None) -> str:
     """Trains from ``state``'s position to the end of ``config.stop_epoch``. Returns ``'done'``, or
     ``'interrupted'`` when a signal stopped it (``last.pth`` then holds the exact position to resume from).
 
-    ``on_step`` receives each step's dict (see :func:`asl.engine.train_one_epoch`); ``on_epoch`` each epoch's
+    ``on_step`` receives each step's dict (see :func:`asl.training.step.train_one_epoch`); ``on_epoch`` each epoch's
     record (also appended to ``log.txt``): epoch, train_loss, mAP_regular, mAP_ema, mAP, highest_mAP, lr,
     images_per_sec, steps, skipped_images, time.
     """
     sampler, dataset = train_loader.sampler, train_loader.dataset
-    checkpointer.check_space(state)
-    if checkpointer.is_main and (state.epoch >= config.epochs or state.epoch > config.stop_epoch):
+    run_folder.check_space(state)
+    if run_folder.is_main and (state.epoch >= config.epochs or state.epoch > config.stop_epoch):
         logger.warning("nothing to train: the run is at epoch %d (--epochs %d, --stop-epoch %d); raise --stop-epoch "
                        "to continue", state.epoch, config.epochs, config.stop_epoch)
     with StopFlag() as stop_flag:
@@ -95,20 +96,20 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
                     on_step(info)
                 if config.save_every_steps and state.step % config.save_every_steps == 0 \
                         and state.step < config.steps_per_epoch:
-                    checkpointer.save_last(state)
+                    run_folder.save_last(state)
 
             try:
                 stats = train_one_epoch(state, train_loader, criterion, config.step, on_step=step_done,
                                         stop_requested=stop_flag)
             except NonFiniteLossError as exc:
-                raise TrainingDivergedError(f"{exc}; {checkpointer.kept()}") from None
+                raise TrainingDivergedError(f"{exc}; {run_folder.kept()}") from None
             if stats["interrupted"]:
-                checkpointer.save_last(state)
+                run_folder.save_last(state)
                 return "interrupted"
-            record = _evaluate_and_keep_best(state, val_loader, checkpointer, config, stats)
+            record = _evaluate_and_keep_best(state, val_loader, run_folder, config, stats)
             state.epoch, state.step = state.epoch + 1, 0
-            checkpointer.save_last(state, synced=True)
-            checkpointer.log_epoch(record)
+            run_folder.save_last(state, synced=True)
+            run_folder.log_epoch(record)
             if on_epoch is not None:
                 on_epoch(record)
             if stop_flag.requested:
@@ -116,7 +117,7 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     return "done"
 
 
-def _evaluate_and_keep_best(state: TrainState, val_loader: Any, checkpointer: Checkpointer, config: FitConfig,
+def _evaluate_and_keep_best(state: TrainState, val_loader: Any, run_folder: RunFolder, config: FitConfig,
                             stats: dict[str, Any]) -> dict[str, Any]:
     """original (validate_multi): the regular and the EMA model are scored; the epoch's mAP is the higher one."""
     dist_utils.broadcast_module_state(state.model)
@@ -125,7 +126,7 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, checkpointer: Ch
         out = evaluate_many({"regular": state.model, "ema": state.ema.module}, val_loader, config.step.device,
                             amp_dtype=config.step.amp_dtype)
     except NonFiniteScoresError as exc:
-        raise TrainingDivergedError(f"training diverged (try a lower --lr): {exc}; {checkpointer.kept()}") from None
+        raise TrainingDivergedError(f"training diverged (try a lower --lr): {exc}; {run_folder.kept()}") from None
     map_regular = score(out["targets"], out["scores"]["regular"])
     map_ema = score(out["targets"], out["scores"]["ema"])
     current = max(map_regular, map_ema)
@@ -133,7 +134,7 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, checkpointer: Ch
     if current > state.highest:
         state.highest = current
         weights = state.ema.state_dict() if best_is_ema else state.model.state_dict()
-        checkpointer.save_best(weights, "ema" if best_is_ema else "regular", current, state.epoch)
+        run_folder.save_best(weights, "ema" if best_is_ema else "regular", current, state.epoch)
     return {"epoch": state.epoch, "train_loss": stats["loss"], "mAP_regular": map_regular, "mAP_ema": map_ema,
             "mAP": current, "highest_mAP": state.highest, "lr": stats["lr"],
             "images_per_sec": stats["images_per_sec"], "steps": stats["steps"],

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from .ema import ModelEma
-from .engine import create_optimizer
-from .errors import UsageError
+from .step import create_optimizer
+from ..errors import UsageError
 
 __all__ = ["TrainState", "create_train_state", "check_resume_compatible", "SCHEDULE_FLAGS", "rng_state",
            "set_rng_state", "data_fingerprint", "check_same_data"]

@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: install

@@ -9,7 +9,8 @@ import torch.nn as nn
 from asl.data import Batch
 from asl.training.ema import ModelEma
 from asl.evaluation.predictions import evaluate, evaluate_many
-from asl.training.step import NonFiniteLossError, StepConfig, create_optimizer, param_groups_weight_decay, train_one_epoch
+from asl.training.step import (NonFiniteLossError, StepConfig, create_optimizer, param_groups_weight_decay,
+                              train_one_epoch)
 from asl.training.state import TrainState
 from asl.losses import AsymmetricLoss
 

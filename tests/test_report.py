@@ -1,4 +1,5 @@
-"""The evaluation report (asl.evaluation.report, validate.py --report): the page, its pictures, a class without positives."""
+"""The evaluation report (asl.evaluation.report, validate.py --report): the page, its pictures, a class without
+positives."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
-"""Per-class thresholds (asl.evaluation.thresholds) against hand-computed cases and a brute-force search with sklearn's F1."""
+"""Per-class thresholds (asl.evaluation.thresholds) against hand-computed cases and a brute-force search with
+sklearn's F1."""
 from __future__ import annotations
 
 import json

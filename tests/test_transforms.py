@@ -210,17 +210,22 @@ def test_eval_items_equal_torchvision(size):
 def write_modes(folder):
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
-    files = {}
-    Image.fromarray(rgb).convert("L").save(folder / "gray.png"); files["gray.png"] = "L"
-    Image.fromarray(rgb).convert("LA").save(folder / "gray_alpha.png"); files["gray_alpha.png"] = "LA"
     rgba = np.concatenate([rgb, rng.integers(0, 256, (30, 44, 1), dtype=np.uint8)], axis=2)
-    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png"); files["rgba.png"] = "RGBA"
-    Image.fromarray(rgb).quantize(16).save(folder / "palette.png"); files["palette.png"] = "P"
     pal = Image.fromarray(rgb).quantize(16)
     pal.info["transparency"] = 3
-    pal.save(folder / "palette_t.png", transparency=3); files["palette_t.png"] = "P"
-    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg"); files["cmyk.jpg"] = "CMYK"
-    Image.fromarray(rgb).convert("1").save(folder / "bits.png"); files["bits.png"] = "1"
+    pictures = {
+        "gray.png": ("L", Image.fromarray(rgb).convert("L"), {}),
+        "gray_alpha.png": ("LA", Image.fromarray(rgb).convert("LA"), {}),
+        "rgba.png": ("RGBA", Image.fromarray(rgba, "RGBA"), {}),
+        "palette.png": ("P", Image.fromarray(rgb).quantize(16), {}),
+        "palette_t.png": ("P", pal, {"transparency": 3}),
+        "cmyk.jpg": ("CMYK", Image.fromarray(rgb).convert("CMYK"), {}),
+        "bits.png": ("1", Image.fromarray(rgb).convert("1"), {}),
+    }
+    files = {}
+    for name, (mode, picture, options) in pictures.items():
+        picture.save(folder / name, **options)
+        files[name] = mode
     return rgb, files
 
 

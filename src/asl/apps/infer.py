@@ -41,7 +41,8 @@ logger = logging.getLogger("infer")
 def build_parser() -> ArgumentParser:
     parents = [model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=16, workers=2, amp_dtype="none",
-                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, as the original"),
+                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
+                                        "as the original"),
                inference_options()]
     parser = ArgumentParser(prog="infer.py", parents=parents,
                             description="ASL inference on pictures (files or folders).")

@@ -51,7 +51,8 @@ def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
                model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
                runtime_options(batch_size=32, workers=8, amp_dtype="none",
-                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, as the original"),
+                               amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
+                                        "as the original"),
                inference_options()]
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")

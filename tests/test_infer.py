@@ -288,3 +288,17 @@ def test_unreadable_folders_are_named_not_skipped_silently(tmp_path, monkeypatch
     assert "skipped 1 unreadable folder(s)" in caplog.text and "locked (Permission denied)" in caplog.text
     with pytest.raises(UsageError, match=r"cannot read the folder .*locked: Permission denied"):
         find_images([tmp_path / "pics" / "locked"])
+
+
+@pytest.mark.parametrize("ckpt, source, expected", [
+    ({"image_size": 128}, "model-highest.pth", (128, "stored in the checkpoint")),
+    ({}, "MS_COCO_TRresNet_L_448_86.6.pth", (448, "from the file name")),
+    ({}, "https://host/x/MS_COCO_TResNet_xl_640_88.4.pth", (640, "from the file name")),
+    ({}, "MS_COCO_TRresNet_M_224_81.8.pth", (224, "from the file name")),
+    ({}, "my_model.pth", (448, "the default, as the checkpoint does not say")),
+    ({"image_size": True}, "m_86.6.pth", (448, "the default, as the checkpoint does not say")),
+])
+def test_the_input_size_comes_from_the_checkpoint(ckpt, source, expected):
+    from asl.models.loading import stored_image_size
+
+    assert stored_image_size(ckpt, source) == expected

@@ -87,6 +87,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError("ONNX export needs the 'onnx' package: pip install -e '.[onnx]'") from None
     loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False,
                         sha256=args.model_sha256)
+    if args.image_size is None:
+        args.image_size = loaded.image_size
+        logger.info("image size %d (%s)", args.image_size, loaded.image_size_source)
     output = Path(args.output) if args.output else Path(Path(args.model_path).stem + ".onnx")
     export_onnx(loaded.model, output, args.image_size, args.opset)
     _add_metadata(output, {

@@ -135,6 +135,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
                         sha256=args.model_sha256)
+    if args.image_size is None:
+        args.image_size = loaded.image_size
+        logger.info("image size %d (%s)", args.image_size, loaded.image_size_source)
     if args.thresholds:
         threshold = load_thresholds(args.thresholds, loaded.class_names)
         logger.info("%d picture(s), per-class thresholds of %s, device %s", len(paths), args.thresholds, device)

@@ -26,7 +26,9 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
                    help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
     p.add_argument("--model-sha256", type=str, default=None,
                    help="expected SHA-256 of the checkpoint (64 hex digits): checked before it is loaded")
-    p.add_argument("--image-size", "--input-size", type=image_size, default=448, help="square input size")
+    p.add_argument("--image-size", "--input-size", type=image_size, default=None,
+                   help="square input size (default: the checkpoint's own, else the size in an official file's "
+                        "name, else 448)")
     return p
 
 

@@ -160,9 +160,15 @@ def _load(args, info):
                         channels_last=args.channels_last, sha256=args.model_sha256)
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
+    if args.image_size is None:
+        args.image_size = loaded.image_size
+        size_from = loaded.image_size_source
+    else:
+        size_from = "from --image-size"
     if info.is_main:
         print(f"model: {loaded.model_name}{' (bottleneck head)' if loaded.bottleneck_head else ''}, "
               f"{loaded.num_classes} classes, from {args.model_path}")
+        print(f"image size: {args.image_size} ({size_from})")
     return loaded
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -21,9 +23,12 @@ from ..checkpoint import CheckpointError, load_checkpoint, load_model_state
 from ..errors import UnknownArchitectureError
 from . import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
 
-__all__ = ["LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint"]
+__all__ = ["LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "stored_image_size"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = 448
+MAX_IMAGE_SIZE = 4096  # as the command lines' --image-size
 
 
 @dataclass
@@ -37,6 +42,24 @@ class LoadedModel:
     class_names: list[str]
     source: str
     checkpoint_info: dict[str, Any] = field(default_factory=dict)
+    #: the input size the model was trained or published at, and where that figure came from
+    image_size: int = DEFAULT_IMAGE_SIZE
+    image_size_source: str = "the default"
+
+
+def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
+    """The input size a checkpoint was made for, and where it was read.
+
+    Ours store ``image_size``. The official model-zoo files do not, but name it (``..._448_86.6.pth``); a file that
+    says neither gets 448, the size of most of the paper's models.
+    """
+    stored = ckpt.get("image_size")
+    if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= MAX_IMAGE_SIZE:
+        return stored, "stored in the checkpoint"
+    named = re.search(r"_(\d{3,4})(?=[_.]|$)", PurePath(source.split("?")[0]).name)
+    if named and int(named.group(1)) <= MAX_IMAGE_SIZE:
+        return int(named.group(1)), "from the file name"
+    return DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say"
 
 
 def _whole_number(value: Any) -> int:
@@ -161,4 +184,5 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
                        bottleneck_head=arch["bottleneck_head"],
                        class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
-                       checkpoint_info=info)
+                       checkpoint_info=info, **dict(zip(("image_size", "image_size_source"),
+                                                        stored_image_size(ckpt, source))))

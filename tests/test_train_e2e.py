@@ -1,5 +1,6 @@
 """End to end on real COCO images: train TResNet-M on tiny_coco (CPU, 32px), its mAP on its own training images
-rises clearly above the untrained model's, and validate.py gives the saved model-highest.pth the same mAP."""
+rises clearly above the untrained model's, validate.py gives the saved model-highest.pth the same mAP, and CPU bf16
+autocast (validate.py --amp-dtype bfloat16) changes the scores by bf16 rounding only."""
 import contextlib
 import io
 import json
@@ -72,3 +73,25 @@ def test_tresnet_m_learns_tiny_coco_and_validate_agrees(tmp_path):
     assert last.startswith("mAP score:")
     # validate.py folds BatchNorm into the convolutions: the same function up to float rounding
     assert float(last.split(":")[1]) == pytest.approx(best, abs=0.05)
+
+    # CPU bf16: the same mAP within half a point, scores moved by bf16 rounding (not at all would mean the flag was
+    # ignored; more than 0.05 would be more than rounding).
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = validate.main([str(DATA), "--model-path", str(out / "model-highest.pth"), "--val-split", "train2017",
+                              "-b", str(BATCH), "-j", "0", "--device", "cpu", "--amp-dtype", "bfloat16"])
+    assert code == 0, stdout.getvalue()
+    bf16_map = float(stdout.getvalue().strip().splitlines()[-1].split(":")[1])
+    assert bf16_map == pytest.approx(float(last.split(":")[1]), abs=0.5)
+    fp32, bf16 = _scores(out / "model-highest.pth", None), _scores(out / "model-highest.pth", torch.bfloat16)
+    assert 0 < (fp32 - bf16).abs().max().item() <= 0.05
+
+
+def _scores(checkpoint: Path, amp_dtype) -> torch.Tensor:
+    from asl.data import create_dataset, create_loader
+    from asl.evaluation.predictions import evaluate
+    from asl.models.loading import load_model
+
+    ds = create_dataset("coco", DATA, "train2017", SIZE, train=False, with_index=True)
+    model = load_model(checkpoint).model
+    return torch.as_tensor(evaluate(model, create_loader(ds, BATCH), torch.device("cpu"), amp_dtype=amp_dtype)["scores"])

@@ -38,7 +38,7 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
                    help="global batch size (split across the torchrun processes)")
     p.add_argument("-j", "--workers", type=nonnegative_int, default=workers, help="data loading workers per process")
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--amp-dtype", type=amp_dtype_arg, default=amp_dtype, metavar="{none,float16,bfloat16}",
+    p.add_argument("--amp-dtype", type=amp_dtype_arg, default=amp_dtype, metavar="{auto,none,float16,bfloat16}",
                    help=amp_help)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory layout for the model and its inputs, same results (default: the faster layout "

@@ -3,18 +3,22 @@ weights and inputs, interleaved, median of the repeats; also how far the outputs
 
 Rows: timm (the reference), our unprepared model, the prepared model in each memory layout (``default`` is the one
 ``prepare_for_inference`` picks for the device), and the prepared model under bf16 autocast (``--amp-dtype
-bfloat16`` of validate.py and infer.py). The norms get random affine parameters and statistics first, so that the
-comparison covers the folding (a freshly initialised timm model has zero norm scales, which InPlaceABN's ``|w| +
-eps`` cannot express).
+bfloat16`` of validate.py and infer.py). With ``--onnx``, the model exported by export.py's exporter also runs
+in onnxruntime and, when it is installed (``pip install openvino``; neither is a dependency of the package), in
+OpenVINO, both fp32. The norms get random affine parameters and statistics first, so that the comparison covers the
+folding (a freshly initialised timm model has zero norm scales, which InPlaceABN's ``|w| + eps`` cannot express).
 
-    python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 1 --repeats 9
-    python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 8 --repeats 7
+    python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 1 --repeats 9 --onnx
+    python benchmarks/bench_inference.py --model-name tresnet_m --image-size 224 -b 8 --repeats 7 --onnx
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,10 +26,40 @@ from asl.cli import positive_int
 from asl.models import convert_timm_tresnet, create_model, default_channels_last, prepare_for_inference
 
 
-def _seconds(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _torch_runner(model: torch.nn.Module, amp: bool) -> Runner:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(x).float()
+
+    return run
+
+
+def onnx_runners(model: torch.nn.Module, image_size: int, folder: Path) -> dict[str, Runner]:
+    """onnxruntime and, if installed, OpenVINO on the ONNX file export.py writes for ``model``."""
+    import onnxruntime as ort
+
+    from asl.apps.export import export_onnx
+
+    path = folder / "model.onnx"
+    export_onnx(model, path, image_size, opset=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    runners = {"onnxruntime (fp32)": lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])}
+    try:
+        import openvino as ov
+    except ImportError:
+        return runners
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runners["OpenVINO (fp32)"] = lambda x: torch.from_numpy(compiled(x.numpy())[0])
+    return runners
+
+
+def _seconds(run: Runner, x: torch.Tensor) -> float:
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        model(x)
+    run(x)
     return time.perf_counter() - start
 
 
@@ -47,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--onnx", action="store_true", help="also onnxruntime and OpenVINO on the ONNX export")
     args = parser.parse_args(argv)
     import timm
 
@@ -61,24 +96,24 @@ def main(argv=None) -> int:
     plain.load_state_dict(convert_timm_tresnet(reference.state_dict()))
     plain = plain.to(device)
     default = "channels_last" if default_channels_last(device) else "NCHW"
-    models = {"timm (eval)": (reference, False), "ours, unprepared": (plain, False),
-              "prepared, NCHW": (prepare_for_inference(plain, channels_last=False), False),
-              "prepared, channels_last": (prepare_for_inference(plain, channels_last=True), False),
-              "prepared, bf16 autocast": (prepare_for_inference(plain), True)}
+    runners = {"timm (eval)": _torch_runner(reference, False), "ours, unprepared": _torch_runner(plain, False),
+               "prepared, NCHW": _torch_runner(prepare_for_inference(plain, channels_last=False), False),
+               "prepared, channels_last": _torch_runner(prepare_for_inference(plain, channels_last=True), False),
+               "prepared, bf16 autocast": _torch_runner(prepare_for_inference(plain), True)}
+    folder = tempfile.TemporaryDirectory()
+    if args.onnx:
+        runners.update(onnx_runners(prepare_for_inference(plain.cpu(), channels_last=False), args.image_size,
+                                    Path(folder.name)))
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with torch.inference_mode():
         expected = reference(x)
-        err = {}
-        for name, (model, amp) in models.items():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x).float()
-            err[name] = ((out - expected).abs().max() / expected.abs().max()).item()
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, (model, amp) in models.items():
-        _seconds(model, x, amp)  # warm-up: oneDNN primitive creation, first-touch allocation
+    err = {name: ((run(x) - expected).abs().max() / expected.abs().max()).item() for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        _seconds(run, x)  # warm-up: oneDNN primitive creation, first-touch allocation
     for _ in range(args.repeats):
-        for name, (model, amp) in models.items():
-            times[name].append(_seconds(model, x, amp))
+        for name, run in runners.items():
+            times[name].append(_seconds(run, x))
     ref = statistics.median(times["timm (eval)"])
     print(f"{args.model_name} {args.image_size}px batch {args.batch_size} on {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}; prepare_for_inference's default: {default}")
@@ -87,6 +122,7 @@ def main(argv=None) -> int:
     for name, values in times.items():
         med = statistics.median(values)
         print(f"| {name} | {args.batch_size / med:.1f} | {ref / med:.2f}x | {err[name]:.1e} |")
+    folder.cleanup()
     return 0
 
 

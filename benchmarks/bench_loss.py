@@ -1,9 +1,11 @@
-"""ASL forward + backward: `AsymmetricLoss` (closed-form gradient) against the original formulation with autograd.
+"""ASL forward + backward: `AsymmetricLoss` against the original formulation, both differentiated by autograd.
 
 The reference below is the original repository's computation written out (sigmoid, clamp, log, the focal weight
-``(1 - pt) ** (gamma_pos * y + gamma_neg * (1 - y))`` from detached tensors, autograd for the gradient). Both run
-interleaved in one process on the same float32 CPU logits and 0/1 targets; each repeat times enough calls for
-about ``--min-seconds``, and the median over the repeats is reported, with the speed ratio (reference / ours) and the
+``(1 - pt) ** (gamma_pos * y + gamma_neg * (1 - y))`` from detached tensors, autograd for the gradient).
+`AsymmetricLoss` is the same formula in ordinary torch operations, plus the module's own work: the shape checks,
+the float32 promotion, autocast switched off, and ``1 - y`` computed once for its three uses. Both run interleaved
+in one process on the same float32 CPU logits and 0/1 targets; each repeat times enough calls for about
+``--min-seconds``, and the median over the repeats is reported, with the speed ratio (reference / ours) and the
 largest differences of the values and the gradients.
 
     python benchmarks/bench_loss.py --threads 2 --repeats 7

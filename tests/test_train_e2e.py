@@ -94,4 +94,5 @@ def _scores(checkpoint: Path, amp_dtype) -> torch.Tensor:
 
     ds = create_dataset("coco", DATA, "train2017", SIZE, train=False, with_index=True)
     model = load_model(checkpoint).model
-    return torch.as_tensor(evaluate(model, create_loader(ds, BATCH), torch.device("cpu"), amp_dtype=amp_dtype)["scores"])
+    out = evaluate(model, create_loader(ds, BATCH), torch.device("cpu"), amp_dtype=amp_dtype)
+    return torch.as_tensor(out["scores"])

@@ -247,6 +247,95 @@ def test_an_interrupted_download_is_not_cached(tmp_path, monkeypatch):
     assert not folder.exists() or not any(folder.iterdir())
 
 
+def _serve_once(handler_body):
+    """A loopback server whose GET runs ``handler_body(handler)``; returns (server, base URL)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self):
+            handler_body(self)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _good_checkpoint_bytes(tmp_path) -> bytes:
+    torch.save({"model": {"w": torch.arange(2000.0)}, "num_classes": 2, "idx_to_class": {}}, tmp_path / "good.pth")
+    return (tmp_path / "good.pth").read_bytes()
+
+
+def _no_cache_entry() -> bool:
+    folder = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    return not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", ["cut_without_length", "longer_than_length", "html_with_200", "empty"])
+def test_a_broken_download_is_never_cached(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("no_proxy", "*")
+    good = _good_checkpoint_bytes(tmp_path)
+    html = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+
+    def body(h):
+        h.send_response(200)
+        if case == "longer_than_length":
+            h.send_header("Content-Length", str(len(good) // 2))  # the client stops there: a truncated file
+        h.end_headers()
+        h.wfile.write({"cut_without_length": good[: len(good) // 2], "longer_than_length": good,
+                       "html_with_200": html, "empty": b""}[case])
+
+    server, base = _serve_once(body)
+    try:
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(f"{base}/model.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(exc.value)
+    assert "\n" not in message and "nothing was cached" in message and f"{base}/model.pth" in message
+    assert "refusing to unpickle" not in message  # no false alarm of a malicious file
+    if case == "html_with_200":
+        assert "HTML page" in message
+    assert _no_cache_entry()
+
+
+@pytest.mark.faults
+def test_a_silent_server_ends_the_download_with_one_line(tmp_path, monkeypatch):
+    import asl.download
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("no_proxy", "*")
+    release = threading.Event()
+    server, base = _serve_once(lambda h: release.wait(30))  # accepts, then never answers
+    try:
+        with pytest.raises(CheckpointError, match=r"no answer from 127\.0\.0\.1 within 0\.5 s"):
+            asl.download.download(f"{base}/model.pth", timeout=0.5)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert asl.download.DOWNLOAD_TIMEOUT_S <= 60  # the default: a silent server ends a run within 2 minutes
+    assert _no_cache_entry()
+
+
+@pytest.mark.faults
+def test_a_cached_file_that_no_longer_loads_names_the_file_to_delete(http_root):
+    root, base_url, _ = http_root
+    torch.save({"model": {"w": torch.ones(3)}}, root / "m.pth")
+    load_checkpoint(f"{base_url}/m.pth")
+    [cached] = _cached("m")
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged after it was cached (a full disk, a crash)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(f"{base_url}/m.pth")
+    assert f"delete {cached} to fetch it again" in str(exc.value)
+
+
 @pytest.mark.faults
 def test_sha256_is_checked_given_or_from_the_file_name(http_root, tmp_path):
     import hashlib
@@ -275,7 +364,7 @@ def test_plain_http_to_another_machine_warns(caplog, monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
-    def refuse(url):
+    def refuse(url, **kwargs):
         raise OSError("no network in tests")
 
     monkeypatch.setattr(asl.download.urllib.request, "urlopen", refuse)
@@ -293,7 +382,7 @@ def test_url_errors_are_checkpoint_errors(http_root):
     torch.save({"model": {"w": torch.ones(1)}, "extra": Payload(root / "ran")}, root / "evil.pth")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         load_checkpoint(f"{base_url}/evil.pth")
-    assert not (root / "ran").exists()
+    assert not (root / "ran").exists() and _cached("evil") == []
 
 
 # ------------------------------------------------------------------------------------------- checkpoint content

@@ -202,3 +202,16 @@ def test_cuda_matches_cpu_and_autocast():
         torch.testing.assert_close(gpu(x.cuda()).cpu(), expected, rtol=1e-3, atol=1e-3)
         with torch.autocast("cuda", dtype=torch.float16):
             assert torch.isfinite(gpu(x.cuda()).float()).all()
+
+
+def test_the_layout_follows_the_device_and_the_batch():
+    from asl.models import default_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not default_channels_last(cpu) and not default_channels_last(cpu, 1)
+    assert default_channels_last(cpu, 8) and default_channels_last(cpu, 32)
+    assert default_channels_last(cuda) and default_channels_last(cuda, 1)
+    model = create_model("tresnet_m", 3)
+    conv = next(m for m in prepare_for_inference(model, batch_size=32).modules() if isinstance(m, torch.nn.Conv2d)
+                and m.weight.shape[-1] == 3)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -151,3 +151,18 @@ def test_precision_recall_curve_matches_sklearn():
     assert sorted(by_threshold, reverse=True) == thresholds.tolist()
     for p, r, t in zip(precision, recall, thresholds):
         assert (p, r) == pytest.approx(by_threshold[float(t)])
+
+
+def test_a_deeply_nested_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UsageError, match="deep.json is nested too deeply"):
+        load_thresholds(path, ["a"])
+
+
+def test_names_near_the_file_system_limit_can_be_written(tmp_path):
+    """The atomic writer's temporary name must fit wherever the final name fits (255 bytes here)."""
+    for length in (240, 250, 255):
+        path = tmp_path / ("t" * (length - 5) + ".json")
+        save_thresholds(path, ["a"], np.array([0.5]))
+        assert load_thresholds(path, ["a"]).tolist() == [0.5]

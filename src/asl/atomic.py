@@ -8,6 +8,9 @@ from typing import BinaryIO, Callable, Union
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
+#: bytes of the final name kept in the temporary one (255 minus the PID, random part and dots)
+_TMP_NAME_BYTES = 200
+
 
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
     """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
@@ -18,7 +21,10 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # The temporary name adds about 20 characters: a legal name near the file system's limit (255 bytes) is
+    # shortened for it, so that any name the final file can have, the temporary one can too.
+    stem = path.name.encode("utf-8")[:_TMP_NAME_BYTES].decode("utf-8", "ignore")
+    tmp = directory / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         # 'xb' rather than tempfile.mkstemp, so the file gets the usual permissions (umask), not 0600.
         with open(tmp, "xb") as f:

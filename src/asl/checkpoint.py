@@ -190,17 +190,29 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     - A missing or unreadable file raises :class:`CheckpointError` naming the path.
     """
     source = os.fspath(path_or_url)
-    path = download(source, sha256) if is_url(source) else source
+    remote = is_url(source)
+    # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does.
+    path = download(source, sha256, check=lambda p: _read(p, "cpu")) if remote else source
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if sha256 and not is_url(source) and sha256_of(path) != expected_sha256(source, sha256):
+    if sha256 and not remote and sha256_of(path) != expected_sha256(source, sha256):
         raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
+        obj = _read(path, map_location)
+    except CheckpointError as exc:
+        if remote:  # a cached file that no longer loads: say which file to delete so that the next run fetches it
+            raise CheckpointError(f"{exc} (the cached download of {source}: delete {path} to fetch it again)") from None
+        raise
+    return _normalize(obj, path)
+
+
+def _read(path: str, map_location: Any) -> Any:
+    """``torch.load`` with ``weights_only=True`` (NumPy scalars allowed); any failure is a one-line error."""
+    try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...
         raise _explain_unpickling_error(path, exc) from exc
-    return _normalize(obj, path)
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:

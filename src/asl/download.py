@@ -3,8 +3,10 @@
 - The cached name carries a hash of the whole URL (``<name>-<12 hex>.pth``): two URLs ending in the same file name
   are two cache entries, so a file from one server is never served for another.
 - A download goes to a temporary file beside its cache entry, is checked (the ``Content-Length`` the server
-  announced, and the SHA-256 when one is known) and only then renamed into place: an interrupted or wrong
-  download leaves nothing behind.
+  announced; the SHA-256 when one is known, else the caller's ``check`` that it loads as a weights file) and only
+  then renamed into place: an interrupted, overlong, wrong or HTML download leaves nothing behind.
+- Connecting and every read give up after ``timeout`` seconds of silence, so a server that accepts and never
+  answers ends the run with one line instead of hanging it.
 - The expected SHA-256 comes from the caller (``--model-sha256``) or from torch hub's convention of a hash prefix
   in the file name (``name-<first hex digits of the sha256>.pth``). A cached file is checked again on every use
   when a hash is known.
@@ -16,10 +18,12 @@ import hashlib
 import logging
 import os
 import re
+import socket
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -33,6 +37,9 @@ logger = logging.getLogger(__name__)
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _CHUNK = 1 << 20
+#: seconds of silence (connecting, or between two reads) after which a download gives up
+DOWNLOAD_TIMEOUT_S = 60.0
+_OFFLINE_HINT = "without internet, download the file elsewhere and pass its local path"
 
 
 def is_url(source: str) -> bool:
@@ -61,9 +68,14 @@ def _matches(actual: str, expected: Optional[str]) -> bool:
     return expected is None or actual.startswith(expected)
 
 
-def download(url: str, sha256: Optional[str] = None) -> str:
-    """The local path of ``url``'s content: from the cache, or downloaded and checked. Raises
-    :class:`CheckpointError` for a failed, incomplete or mismatching download."""
+def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[str], Any]] = None,
+             timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
+    """The local path of ``url``'s content: from the cache, or downloaded and checked.
+
+    ``check(path)`` is called on the complete download before it enters the cache when no SHA-256 is known; it
+    raises :class:`CheckpointError` for content that is no weights file. Raises :class:`CheckpointError` for a
+    failed, silent, incomplete or mismatching download.
+    """
     parsed = urllib.parse.urlparse(url)
     name = os.path.basename(parsed.path)
     if not name:
@@ -83,17 +95,26 @@ def download(url: str, sha256: Optional[str] = None) -> str:
         logger.warning("cached %s does not match the expected SHA-256: downloading it again", cached)
     logger.info("downloading %s to %s", url, cached)
     try:
-        with urllib.request.urlopen(url) as response:
-            atomic_write(cached, lambda f: _receive(response, f, url, expected))
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            atomic_write(cached, lambda f: _receive(response, f, url, expected, None if expected else check))
     except CheckpointError:
         raise
+    except (socket.timeout, TimeoutError) as exc:
+        raise CheckpointError(f"no answer from {parsed.hostname} within {timeout:g} s while downloading {url}; "
+                              f"nothing was cached ({_OFFLINE_HINT})") from exc
+    except urllib.error.HTTPError as exc:
+        raise CheckpointError(f"could not download {url}: HTTP {exc.code} {exc.reason} (see MODEL_ZOO.md for where "
+                              f"the weights are; {_OFFLINE_HINT})") from exc
     except Exception as exc:
-        raise CheckpointError(f"could not download {url}: {exc}") from exc
+        reason = getattr(exc, "reason", None) or exc
+        raise CheckpointError(f"could not download {url}: {reason} ({_OFFLINE_HINT})") from exc
     return str(cached)
 
 
-def _receive(response, out: BinaryIO, url: str, expected: Optional[str]) -> None:
-    """Streams the body into ``out``, then checks its length and hash (raising leaves no file behind)."""
+def _receive(response, out: BinaryIO, url: str, expected: Optional[str],
+             check: Optional[Callable[[str], Any]]) -> None:
+    """Streams the body into ``out``, then checks its length, its hash and that it loads (raising leaves no file
+    behind)."""
     from tqdm import tqdm
 
     announced = response.headers.get("Content-Length")
@@ -112,3 +133,22 @@ def _receive(response, out: BinaryIO, url: str, expected: Optional[str]) -> None
     if not _matches(digest.hexdigest(), expected):
         raise CheckpointError(f"{url} does not match the expected SHA-256 {expected} (got {digest.hexdigest()}); "
                               f"nothing was cached")
+    if check is not None:
+        out.flush()
+        try:
+            check(out.name)
+        except CheckpointError as exc:
+            raise CheckpointError(f"the download of {url} is not a weights file: {_describe(out.name, received, exc)}"
+                                  f"; nothing was cached") from None
+
+
+def _describe(path: str, size: int, failure: CheckpointError) -> str:
+    """What arrived, in a few words: nothing, an HTML page (a login or error page sent with status 200), or why the
+    bytes did not load, naming the URL's file rather than the temporary one."""
+    if size == 0:
+        return "the server sent an empty body"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return f"the server sent an HTML page ({size} bytes), probably an error or login page"
+    return f"{size} bytes: " + str(failure).replace(path, "the downloaded file")

@@ -56,7 +56,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
                         help="annotated picture: a file (one picture) or a folder (any number)")
-    # Earlier releases had --no-amp; fp32 is now the default, so it is kept as a spelling of --amp-dtype none.
+    # --no-amp stays accepted as a spelling of --amp-dtype none, for command lines written with it.
     parser.add_argument("--no-amp", dest="amp_dtype", action="store_const", const="none", help=argparse.SUPPRESS)
     return parser
 
@@ -134,7 +134,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     plan = _output_plan(args.output, paths, roots)
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
-                        sha256=args.model_sha256)
+                        sha256=args.model_sha256, batch_size=min(args.batch_size, len(paths)))
     if args.image_size is None:
         args.image_size = loaded.image_size
         logger.info("image size %d (%s)", args.image_size, loaded.image_size_source)

@@ -157,7 +157,8 @@ def _load(args, info):
     if info.distributed and remote and not info.is_main:
         dist_utils.barrier()
     loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
-                        channels_last=args.channels_last, sha256=args.model_sha256)
+                        channels_last=args.channels_last, sha256=args.model_sha256,
+                        batch_size=dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False))
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
     if args.image_size is None:

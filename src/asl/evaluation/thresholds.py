@@ -119,6 +119,10 @@ def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarra
         raise UsageError(f"cannot read the thresholds file {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"the thresholds file {path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        # json's decoder recurses once per nesting level; a flat {name: number} object never comes close.
+        raise UsageError(f"the thresholds file {path} is nested too deeply to be a {{class name: threshold}} "
+                         f"object") from None
     if not isinstance(document, dict):
         raise UsageError(f"the thresholds file {path} must hold a JSON object {{class name: threshold}}")
     known = set(classes)

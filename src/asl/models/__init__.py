@@ -107,23 +107,31 @@ def _fold_sequential(seq: nn.Sequential) -> None:
         seq[1] = act if act is not None else nn.Identity()
 
 
-def default_channels_last(device: torch.device) -> bool:
-    """The memory layout :func:`prepare_for_inference` picks on ``device``.
+#: CPU batches from which channels_last weights pay (BENCHMARKS.md, "CPU inference")
+CPU_CHANNELS_LAST_MIN_BATCH = 8
 
-    channels_last on CUDA, where cuDNN's NHWC kernels (tensor cores under autocast) are the fast ones; NCHW on the
-    CPU, where oneDNN runs TResNet-M at batch 1 about a tenth slower in channels_last and only matches NCHW at batch 8
-    (BENCHMARKS.md, "CPU inference").
+
+def default_channels_last(device: torch.device, batch_size: Optional[int] = None) -> bool:
+    """The memory layout :func:`prepare_for_inference` picks on ``device`` for batches of ``batch_size``.
+
+    channels_last on CUDA, where cuDNN's NHWC kernels (tensor cores under autocast) are the fast ones. On the CPU
+    the weights' layout decides oneDNN's kernels: NCHW is the faster at batch 1 (channels_last runs TResNet-M about
+    6% slower than timm there) and channels_last from batch 8 (about 9% faster), so NCHW unless the caller says
+    its batches are that large.
     """
-    return device.type == "cuda"
+    if device.type == "cuda":
+        return True
+    return batch_size is not None and batch_size >= CPU_CHANNELS_LAST_MIN_BATCH
 
 
 @torch.no_grad()
-def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None,
+                          batch_size: Optional[int] = None) -> nn.Module:
     """An eval-mode copy with every conv+norm pair folded into one conv: the same function, fewer kernels.
 
-    ``channels_last``: the memory layout of the weights; ``None`` picks it for the device the model is on
-    (:func:`default_channels_last`). The given model is left untouched, so its parameters can keep training. The
-    copy is for inference only: it has no norm layers left to train.
+    ``channels_last``: the memory layout of the weights; ``None`` picks it for the device the model is on and the
+    ``batch_size`` it will see, if known (:func:`default_channels_last`). The given model is left untouched, so its
+    parameters can keep training. The copy is for inference only: it has no norm layers left to train.
     """
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
@@ -131,7 +139,7 @@ def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None
             _fold_sequential(module)
     if channels_last is None:
         first = next(model.parameters(), None)
-        channels_last = default_channels_last(first.device if first is not None else torch.device("cpu"))
+        channels_last = default_channels_last(first.device if first is not None else torch.device("cpu"), batch_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():

@@ -277,15 +277,20 @@ class BottleneckHead(nn.Module):
 
 
 def fold_conv_abn(conv: nn.Conv2d, abn: ABN) -> tuple[nn.Conv2d, Optional[nn.Module]]:
-    """Fold an eval-mode ABN into the preceding conv; returns the new conv and the activation left over."""
-    scale = abn.effective_scale() / torch.sqrt(abn.running_var + abn.eps)
+    """Fold an eval-mode ABN into the preceding conv; returns the new conv and the activation left over.
+
+    The folded weight and bias are computed in float64 and rounded once, so that folding adds no rounding of its
+    own beyond storing the result.
+    """
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
     fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(abn.running_mean)
-        fused.bias.copy_((conv_bias - abn.running_mean) * scale + abn.bias)
+        wide = torch.float64
+        scale = abn.effective_scale().to(wide) / torch.sqrt(abn.running_var.to(wide) + abn.eps)
+        fused.weight.copy_(conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1))
+        conv_bias = conv.bias.to(wide) if conv.bias is not None else torch.zeros_like(scale)
+        fused.bias.copy_((conv_bias - abn.running_mean.to(wide)) * scale + abn.bias.to(wide))
     act: Optional[nn.Module] = None
     if abn.activation == "leaky_relu":
         act = nn.LeakyReLU(abn.activation_param, inplace=True)

@@ -161,12 +161,13 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
                num_classes: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               prepare: bool = True, channels_last: Optional[bool] = None, sha256: Optional[str] = None) -> LoadedModel:
+               prepare: bool = True, channels_last: Optional[bool] = None, batch_size: Optional[int] = None,
+               sha256: Optional[str] = None) -> LoadedModel:
     """Builds and loads the model a checkpoint holds; ready for inference (eval mode, BN folded) by default.
 
     ``path_or_url``: a file, or an http(s) URL cached in the torch hub directory. ``model_name`` may be omitted
     (see :func:`resolve_architecture`). ``channels_last``: the weights' memory layout; ``None`` picks the faster one
-    for ``device`` (see :func:`~asl.models.prepare_for_inference`).
+    for ``device`` and batches of ``batch_size`` (see :func:`~asl.models.prepare_for_inference`).
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
@@ -178,7 +179,7 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     # Moved first: prepare_for_inference picks the memory layout for the device the model is on.
     model.to(device)
     if prepare:
-        model = prepare_for_inference(model, channels_last=channels_last)
+        model = prepare_for_inference(model, channels_last=channels_last, batch_size=batch_size)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],

@@ -215,3 +215,16 @@ def test_the_layout_follows_the_device_and_the_batch():
     conv = next(m for m in prepare_for_inference(model, batch_size=32).modules() if isinstance(m, torch.nn.Conv2d)
                 and m.weight.shape[-1] == 3)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("size", [(6, 6), (7, 5), (9, 10)])
+def test_blur_gradient_is_autograds_through_pad_and_conv(size):
+    """The blur's hand-written backward (transposed conv, then the reflect padding's adjoint) against autograd
+    through F.pad + F.conv2d, in float64, even and odd sizes."""
+    layer = AntiAliasDownsample(3).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn_like(layer(x))
+    (ours,) = torch.autograd.grad(layer(x), x, grad_out)
+    reference = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), layer.filt, stride=2, groups=3)
+    (expected,) = torch.autograd.grad(reference, x, grad_out)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)

@@ -215,8 +215,10 @@ class _Blur(torch.autograd.Function):
     """The fixed blur, keeping nothing for backward.
 
     Autograd would keep the padded input for the convolution's backward, an extra activation at each
-    downsampling. The blur is linear with a constant filter, so its backward does not depend on the input:
-    it is recomputed as the gradient of the same blur at a zero input of the same shape.
+    downsampling. The blur is linear with a constant filter, so its backward does not depend on the input: it is
+    the transposed convolution of the output gradient, then the adjoint of the reflect padding (each border row
+    and column of the padded gradient is added to the row or column it mirrored). Written out in plain ops, so that
+    ``torch.compile`` traces it into the same graph.
     """
 
     @staticmethod
@@ -228,10 +230,24 @@ class _Blur(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (filt,) = ctx.saved_tensors
-        with torch.enable_grad():
-            probe = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_out.device, requires_grad=True)
-            (grad_x,) = torch.autograd.grad(_blur(probe, filt, ctx.stride), probe, grad_out.to(ctx.dtype))
-        return grad_x, None, None
+        height, width = ctx.shape[-2] + 2, ctx.shape[-1] + 2  # the padded input's size
+        grad_out = grad_out.to(ctx.dtype)
+        # output_padding makes the transposed convolution reach the padded size that the strided one cropped.
+        extra = [size - ((out - 1) * ctx.stride + 3) for size, out in zip((height, width), grad_out.shape[-2:])]
+        padded = F.conv_transpose2d(
+            grad_out, filt.to(ctx.dtype), stride=ctx.stride, groups=grad_out.shape[1], output_padding=tuple(extra))
+        return _reflect_pad_adjoint(padded), None, None
+
+
+def _reflect_pad_adjoint(padded: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``F.pad(x, (1, 1, 1, 1), mode="reflect")`` with respect to ``x``, given the padded one's."""
+    rows = padded[..., 1:-1, :].clone()
+    rows[..., 1, :] += padded[..., 0, :]    # padded row 0 is a copy of x's row 1
+    rows[..., -2, :] += padded[..., -1, :]  # the last padded row is a copy of x's second-to-last
+    grad = rows[..., 1:-1].clone()
+    grad[..., 1] += rows[..., 0]
+    grad[..., -2] += rows[..., -1]
+    return grad
 
 
 class GlobalAvgPool(nn.Module):

@@ -1,0 +1,57 @@
+"""torch.compile: TResNet M/L/XL trace to one graph with no break, in training (forward + ASL loss) and in eval,
+and a compiled training step gives eager's gradients (the memory-saving norm and blur Functions traced)."""
+import pytest
+import torch
+
+from asl.losses import AsymmetricLoss
+from asl.models import create_model
+
+dynamo = pytest.importorskip("torch._dynamo")
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def _batch(num_classes: int):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 3, 64, 64, generator=g), (torch.rand(2, num_classes, generator=g) > 0.5).float()
+
+
+@pytest.mark.parametrize("name", ["tresnet_m", "tresnet_l", "tresnet_xl"])
+def test_one_graph_in_training_and_in_eval(name):
+    torch.manual_seed(0)
+    model = create_model(name, 5).train()
+    criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
+    x, y = _batch(5)
+    dynamo.reset()
+    train = dynamo.explain(lambda a, b: criterion(model(a).float(), b))(x, y)
+    assert (train.graph_count, train.graph_break_count) == (1, 0), [r.reason for r in train.break_reasons]
+    model.eval()
+    dynamo.reset()
+    with torch.no_grad():
+        evaluation = dynamo.explain(model)(x)
+    assert (evaluation.graph_count, evaluation.graph_break_count) == (1, 0)
+
+
+def test_a_compiled_step_gives_eagers_gradients():
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", 5).train()
+    with torch.no_grad():  # non-zero norm scales everywhere, so that every parameter gets a gradient
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.0)
+    criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
+    x, y = _batch(5)
+
+    def gradients(forward):
+        model.zero_grad(set_to_none=True)
+        criterion(forward(x).float(), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = gradients(model)
+    model.load_state_dict(state)  # the same running statistics before the compiled step
+    dynamo.reset()
+    compiled = gradients(torch.compile(model, backend="aot_eager", fullgraph=True))
+    for name, grad in eager.items():
+        scale = grad.abs().max().item()
+        assert (compiled[name] - grad).abs().max().item() <= 1e-3 * scale + 1e-12, name

@@ -1,7 +1,9 @@
 """ablate.py: variants, the default CPU plan and its skewed data, a tiny sweep end to end, resume and skip."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shlex
 
@@ -112,3 +114,149 @@ def test_tiny_sweep_resumes_skips_and_reports(tmp_path, capsys, one_thread):
     changed = ["--output-dir", str(out), "--variants", "ce:0,0,0", "--", data, *TINY, "--epochs", "3"]
     assert run_main(ablate.main, changed) == 2
     assert "was started with other train.py arguments" in capsys.readouterr().err
+
+
+def _plan_command(out, data, name, flags):
+    """The train.py command ablate.py runs for a variant: the recipe, the loss flags, its folder, --resume auto."""
+    return [data, *TINY, "--epochs", "3", "--stop-epoch", "2", *flags, "--output-dir", str(out / "runs" / name),
+            "--resume", "auto"]
+
+
+def _finished_variant(out, data):
+    """A variant finished earlier (as its ablate.json and log.txt say), so that ablate.py trains nothing and goes
+    straight to writing the results."""
+    run_dir = out / "runs" / "ce"
+    run_dir.mkdir(parents=True)
+    command = _plan_command(out, data, "ce", ["--gamma-neg", "0", "--gamma-pos", "0", "--clip", "0"])
+    (run_dir / "ablate.json").write_text(json.dumps({"train_args": command, "seconds": 12.0, "finished": True}))
+    (run_dir / "log.txt").write_text("".join(json.dumps({"epoch": e, "mAP": 40.0 + e, "time": 1e9 + e}) + "\n"
+                                             for e in range(3)))
+    return run_dir, ["--output-dir", str(out), "--variants", "ce:0,0,0", "--", data, *TINY, "--epochs", "3",
+                     "--stop-epoch", "2"]
+
+
+def _no_training(argv):
+    raise AssertionError(f"train.py should not run: {argv}")
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk full"), (errno.EDQUOT, "disk full"),
+                                         (errno.EROFS, "read-only")])
+@pytest.mark.parametrize("target", ["results", "plot"])
+def test_full_or_read_only_disk_while_writing_results_is_one_line(tmp_path, capsys, monkeypatch, code, words,
+                                                                     target):
+    out = tmp_path / "abl"
+    run_dir, argv = _finished_variant(out, str(tmp_path / "data"))
+    kept = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+    def no_room(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    from asl.apps import ablate_variants
+    monkeypatch.setattr(ablate.train_app, "main", _no_training)
+    if target == "results":
+        monkeypatch.setattr(ablate, "atomic_write_text", no_room)
+    else:
+        monkeypatch.setattr(ablate_variants, "save_png", no_room)
+    assert run_main(ablate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert words in err and str(out) in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == kept  # the trained run is intact
+
+
+def test_full_disk_while_recording_a_variant_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "abl"
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    from asl.apps import ablate_variants
+    monkeypatch.setattr(ablate.train_app, "main", _no_training)
+    monkeypatch.setattr(ablate_variants, "atomic_write_text", no_room)
+    argv = ["--output-dir", str(out), "--variants", "ce:0,0,0", "--", str(tmp_path / "data"), *TINY]
+    assert run_main(ablate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "disk full" in err, err
+    assert str(out / "runs" / "ce") in err
+
+
+def test_other_os_errors_while_writing_results_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "abl"
+    _, argv = _finished_variant(out, str(tmp_path / "data"))
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(ablate.train_app, "main", _no_training)
+    monkeypatch.setattr(ablate, "atomic_write_text", broken)
+    assert run_main(ablate.main, argv) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+class _Clock:
+    """ablate.py's view of time: a wall clock and a monotonic one that a fake training advances."""
+
+    def __init__(self, now: float):
+        self.now, self.monotonic = now, 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.monotonic
+
+
+def test_time_column_counts_the_session_killed_before(tmp_path, capsys, monkeypatch):
+    """A variant whose earlier sessions took 30 s, then a session started at T0 was killed outright (SIGKILL: it
+    never recorded its end) after keeping epoch 1 at T0 + 25 s. This session trains epoch 2 in 40 s. The variant's
+    time is 30 + 25 + 40 = 95 s; the epoch before T0 belongs to the 30 s already counted."""
+    out, data = tmp_path / "abl", str(tmp_path / "data")
+    run_dir = out / "runs" / "ce"
+    run_dir.mkdir(parents=True)
+    command = _plan_command(out, data, "ce", ["--gamma-neg", "0", "--gamma-pos", "0", "--clip", "0"])
+    t0 = 1_700_000_000.0
+    (run_dir / "ablate.json").write_text(json.dumps({"train_args": command, "seconds": 30.0, "finished": False,
+                                                     "started": t0}))
+    records = [{"epoch": 0, "mAP": 30.0, "time": t0 - 100.0}, {"epoch": 1, "mAP": 35.0, "time": t0 + 25.0}]
+    (run_dir / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"epoch": 2, "mA')
+    clock = _Clock(t0 + 600.0)
+    seen = {}
+
+    def train_epoch_2(argv):
+        seen["argv"] = list(argv)
+        seen["started on disk"] = json.loads((run_dir / "ablate.json").read_text())["started"]
+        with open(run_dir / "log.txt", "a") as f:
+            f.write("\n" + json.dumps({"epoch": 2, "mAP": 38.0, "time": clock.now + 40.0}) + "\n")
+        clock.monotonic += 40.0
+        clock.now += 40.0
+        return 0
+
+    monkeypatch.setattr(ablate, "time", clock)
+    monkeypatch.setattr(ablate.train_app, "main", train_epoch_2)
+    argv = ["--output-dir", str(out), "--variants", "ce:0,0,0", "--", data, *TINY, "--epochs", "3",
+            "--stop-epoch", "2"]
+    assert run_main(ablate.main, argv) == 0
+    assert seen["argv"] == command
+    assert seen["started on disk"] == t0 + 600.0  # this session's start is on disk while it trains
+    [row] = json.loads((out / "results.json").read_text())
+    assert row["seconds"] == pytest.approx(95.0) and row["best_mAP"] == 38.0
+    assert re.search(r"^\| ce \|.*\| 1 min 35 s \|$", (out / "results.md").read_text(), re.M)
+    status = json.loads((run_dir / "ablate.json").read_text())
+    assert status["finished"] is True and status["started"] is None and status["seconds"] == pytest.approx(95.0)
+
+
+def test_time_column_of_a_killed_session_includes_its_last_mid_epoch_save(tmp_path):
+    """With --save-every-steps a killed session keeps progress within an epoch in last.pth: counted up to its save."""
+    from asl.apps.ablate_variants import RunStatus
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    t0 = 1_700_000_000.0
+    (run_dir / "log.txt").write_text(json.dumps({"epoch": 0, "mAP": 1.0, "time": t0 + 20.0}) + "\n")
+    (run_dir / "last.pth").write_bytes(b"")
+    os.utime(run_dir / "last.pth", (t0 + 33.0, t0 + 33.0))
+    assert RunStatus(["x"], seconds=5.0, started=t0).total_seconds(run_dir) == pytest.approx(38.0)
+    # A session that recorded its end: its seconds alone, whatever the folder holds.
+    assert RunStatus(["x"], seconds=5.0).total_seconds(run_dir) == 5.0
+    # A killed session that kept nothing adds nothing.
+    assert RunStatus(["x"], seconds=5.0, started=t0 + 50.0).total_seconds(run_dir) == 5.0

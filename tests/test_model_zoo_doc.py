@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from asl.checkpoint import is_url
+from asl.models.loading import stored_image_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,12 @@ def test_every_checkpoint_url_is_accepted_by_validate(url, tmp_path):
     assert is_url(args.model_path)
 
 
+def _image_size(args) -> int:
+    """The size a command runs at: its --image-size, else (the original README's spelling leaves it out) the one the
+    scripts take for an official file, which names no size inside."""
+    return args.image_size if args.image_size is not None else stored_image_size({}, args.model_path)[0]
+
+
 def test_every_validate_and_infer_command_parses(tmp_path, monkeypatch):
     validate_commands, infer_commands = _commands("validate.py"), _commands("infer.py")
     assert len(validate_commands) >= 6 and len(infer_commands) >= 5
@@ -55,11 +62,46 @@ def test_every_validate_and_infer_command_parses(tmp_path, monkeypatch):
         args = validate.build_parser().parse_args(argv)
         validate.check_args(args)
         size = re.search(r"_(224|448|640)[_.]", args.model_path)
-        assert size and int(size.group(1)) == args.image_size, argv
+        assert size and int(size.group(1)) == _image_size(args), argv
     for argv in infer_commands:
         args = infer.build_parser().parse_args(argv)
         size = re.search(r"_(224|448|640)[_.]", args.model_path)
-        assert size and int(size.group(1)) == args.image_size, argv
+        assert size and int(size.group(1)) == _image_size(args), argv
         if "Open_Images" in args.model_path:
             assert args.dataset_type == "OpenImages"
             assert infer.default_threshold(args.dataset_type) == 0.995
+
+
+def test_every_pics_path_exists():
+    """A newcomer copies the commands as they are: every picture or folder under pics/ that the page names is in the
+    repository (the original's COCO example picture is not, so the page must not name it as a path)."""
+    paths = re.findall(r"(?<![\w/.])(?:\./)?pics/[^\s`'\")\]]*", TEXT)
+    assert paths
+    for path in paths:
+        assert (REPO / path).exists(), path
+
+
+def test_offline_a_copied_hub_cache_serves_its_urls_without_the_network(tmp_path, monkeypatch):
+    """What the "Without internet" paragraph promises: a cache folder copied from another machine
+    ($TORCH_HOME/hub/checkpoints, entries named <file>-<first 12 hex of the URL's SHA-256>) serves its URLs, and
+    the network is never asked."""
+    import hashlib
+
+    import torch
+
+    from asl import download
+
+    assert "Without internet" in TEXT and "$TORCH_HOME/hub/checkpoints" in TEXT
+    url = ZOO + "MS_COCO_TRresNet_M_224_81.8.pth"
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    copied = tmp_path / "hub" / "checkpoints" / f"MS_COCO_TRresNet_M_224_81.8-{key}.pth"
+    copied.parent.mkdir(parents=True)
+    copied.write_bytes(b"weights")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was asked")
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    assert Path(download.download(url)) == copied

@@ -13,6 +13,8 @@ are rewritten after every variant.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from asl.apps.ablate_variants import (DEFAULT_VARIANTS, RunStatus, Variant, best_epoch, check_unique, parse_variant,
                           plot_map_vs_gamma_neg, read_log, read_variants_file, results_table, sweep)
@@ -158,7 +160,8 @@ def describe(train_args: list[str], generated: bool) -> list[str]:
         data = "Data: as given to train.py below."
     return [data, "", f"Recipe, the same for every variant: `train.py {shlex.join(train_args)}`", "",
             "best mAP: train.py's highest_mAP (the better of the regular and the EMA model, over the epochs run); "
-            "time: training and evaluation of the variant."]
+            "time: training and evaluation of the variant, all its sessions added up (a session killed outright "
+            "counts up to the last progress it kept)."]
 
 
 def run_variant(number: int, total: int, variant: Variant, run_dir: Path, command: list[str],
@@ -173,12 +176,18 @@ def run_variant(number: int, total: int, variant: Variant, run_dir: Path, comman
         return 0, True
     status = status or RunStatus(command)
     print(f"\n=== [{number}/{total}] {variant.name} ({variant.describe()})"
-          + (" (continuing)" if status.seconds else ""), flush=True)
+          + (" (continuing)" if status.seconds or status.started is not None else ""), flush=True)
+    # A session killed outright left its start behind: its time is fixed now, from what it kept, before this one
+    # records its own start, which is written before training so that a kill of this session is counted alike.
+    status.seconds, status.started = status.total_seconds(run_dir), time.time()
+    with _results_disk(run_dir):
+        status.write(run_dir)
     start = time.perf_counter()
     code = train_app.main(command)
-    status.seconds += time.perf_counter() - start
+    status.seconds, status.started = status.seconds + time.perf_counter() - start, None
     status.finished = code == 0 and _finished(run_dir, command)
-    status.write(run_dir)
+    with _results_disk(run_dir):
+        status.write(run_dir)
     if status.finished and not keep_last:
         # The resume state (weights, EMA, optimizer) of a run that will not be resumed; model-highest.pth stays.
         (run_dir / "last.pth").unlink(missing_ok=True)
@@ -198,13 +207,38 @@ def write_results(out: Path, plan, notes: list[str]) -> None:
         status = RunStatus.read(run_dir)
         best = best_epoch(run_dir / "log.txt") if status is not None and status.finished else None
         rows.append({"variant": variant, "mAP": best["mAP"] if best else None,
-                     "epoch": best["epoch"] if best else None, "seconds": status.seconds if status else 0.0})
-    atomic_write_text(out / "results.md", results_table(rows, notes))
-    atomic_write_text(out / "results.json", json.dumps(
-        [{"name": r["variant"].name, "gamma_neg": r["variant"].gamma_neg, "gamma_pos": r["variant"].gamma_pos,
-          "clip": r["variant"].clip, "best_mAP": r["mAP"], "best_epoch": r["epoch"], "seconds": r["seconds"]}
-         for r in rows], indent=1) + "\n")
-    plot_map_vs_gamma_neg(rows, out / "map_vs_gamma_neg.png", "Loss ablation: best mAP against gamma_neg")
+                     "epoch": best["epoch"] if best else None,
+                     "seconds": status.total_seconds(run_dir) if status else 0.0})
+    with _results_disk(out):
+        atomic_write_text(out / "results.md", results_table(rows, notes))
+        atomic_write_text(out / "results.json", json.dumps(
+            [{"name": r["variant"].name, "gamma_neg": r["variant"].gamma_neg, "gamma_pos": r["variant"].gamma_pos,
+              "clip": r["variant"].clip, "best_mAP": r["mAP"], "best_epoch": r["epoch"], "seconds": r["seconds"]}
+             for r in rows], indent=1) + "\n")
+        plot_map_vs_gamma_neg(rows, out / "map_vs_gamma_neg.png", "Loss ablation: best mAP against gamma_neg")
+
+
+#: errno -> what the one-line message says and what to do; any other OSError is unexpected and keeps its traceback.
+_FULL_OR_READ_ONLY = {
+    errno.ENOSPC: ("disk full", "make room and run the same command again"),
+    errno.EDQUOT: ("disk full (quota exceeded)", "make room and run the same command again"),
+    errno.EROFS: ("read-only file system", "make it writable, or copy the folder to a writable place, and run the "
+                                           "same command again"),
+}
+
+
+@contextlib.contextmanager
+def _results_disk(folder: Path) -> Iterator[None]:
+    """A full or read-only disk while ablate writes its own files (results, plot, a run's ablate.json) is bad input,
+    not a bug: every such write is atomic, so the trained runs and the files written before stay intact, and the
+    same command continues once it can write."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL_OR_READ_ONLY:
+            raise
+        what, remedy = _FULL_OR_READ_ONLY[exc.errno]
+        raise UsageError(f"cannot write in {folder}: {what}; the trained runs are intact: {remedy}") from None
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The paper compares losses on one network and one recipe: cross-entropy ``(gamma_neg, gamma_pos, clip) = (0, 0,
 0)``, focal loss ``(2, 2, 0)`` and ASL, whose ``gamma_neg`` it sweeps. A variant is a name and those three
 numbers; each runs ``train.py`` in its own folder ``runs/NAME``. Beside the training's own files, ablate keeps
-``runs/NAME/ablate.json``: the exact ``train.py`` arguments, the seconds spent so far, and whether the run
-finished. A finished run is never trained again; an unfinished one resumes from its ``last.pth``.
+``runs/NAME/ablate.json``: the exact ``train.py`` arguments, the seconds spent so far, when the session in progress
+started, and whether the run finished. A finished run is never trained again; an unfinished one resumes from its
+``last.pth``.
 """
 from __future__ import annotations
 
@@ -97,11 +98,17 @@ def check_unique(variants: Sequence[Variant]) -> None:
 
 @dataclass
 class RunStatus:
-    """``runs/NAME/ablate.json``."""
+    """``runs/NAME/ablate.json``.
+
+    ``seconds`` adds up the sessions that ended (normally, by an error or by an interruption); ``started`` is the
+    wall-clock start (``time.time()``) of a session that has not ended. A session killed outright never records its
+    own end, so its time is taken from what it kept: see :meth:`total_seconds`.
+    """
 
     train_args: list[str]
     seconds: float = 0.0
     finished: bool = False
+    started: Optional[float] = None
 
     @classmethod
     def read(cls, run_dir: Path) -> Optional["RunStatus"]:
@@ -110,14 +117,35 @@ class RunStatus:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(list(data["train_args"]), float(data["seconds"]), bool(data["finished"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            started = data.get("started")
+            return cls(list(data["train_args"]), float(data["seconds"]), bool(data["finished"]),
+                       None if started is None else float(started))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UsageError(f"{path} is damaged; delete the folder {run_dir} to run that variant again") from None
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "ablate.json", json.dumps(
-            {"train_args": self.train_args, "seconds": self.seconds, "finished": self.finished}, indent=1) + "\n")
+            {"train_args": self.train_args, "seconds": self.seconds, "finished": self.finished,
+             "started": self.started}, indent=1) + "\n")
+
+    def total_seconds(self, run_dir: Path) -> float:
+        """The ended sessions plus, for a session that never recorded its end (killed, or still running in another
+        process), the time from its start to the last progress it kept: its last epoch record in ``log.txt`` or its
+        last ``last.pth`` (``--save-every-steps``), whichever is later. Work after that point was lost with the
+        process and is done again, and counted, by the session that resumes."""
+        if self.started is None:
+            return self.seconds
+        kept = [r["time"] for r in read_log(run_dir / "log.txt") if _is_number(r.get("time"))]
+        try:
+            kept.append((run_dir / "last.pth").stat().st_mtime)
+        except OSError:
+            pass
+        return self.seconds + max([0.0, *(t - self.started for t in kept)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_log(log_path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegativ
 from ..data import DATASET_NAMES
 from ..precision import amp_dtype_arg
 
-__all__ = ["model_options", "runtime_options", "inference_options", "data_options", "recipe_options"]
+__all__ = ["cpu_cores", "model_options", "runtime_options", "inference_options", "data_options", "recipe_options"]
 
 
 def _checkpoint_source(text: str) -> str:
@@ -32,11 +32,23 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
     return p
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset, where
+    the platform has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str) -> ArgumentParser:
+    """``workers`` is the app's most loader workers by default; the default is capped at the CPU cores, since more
+    workers than cores only compete for them (and torch's DataLoader warns)."""
+    default_workers = min(workers, cpu_cores())
     p = ArgumentParser(add_help=False)
     p.add_argument("-b", "--batch-size", type=positive_int, default=batch_size,
                    help="global batch size (split across the torchrun processes)")
-    p.add_argument("-j", "--workers", type=nonnegative_int, default=workers, help="data loading workers per process")
+    p.add_argument("-j", "--workers", type=nonnegative_int, default=default_workers,
+                   help=f"data loading workers per process (default: min({workers}, CPU cores) = {default_workers})")
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument("--amp-dtype", type=amp_dtype_arg, default=amp_dtype, metavar="{auto,none,float16,bfloat16}",
                    help=amp_help)
@@ -48,10 +60,17 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
 
 
 def _existing_file(text: str) -> str:
-    # Checked while parsing, before a large checkpoint is loaded.
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return text
+    # Checked while parsing, before a large checkpoint is loaded. A path that exists but is no regular file gets
+    # its own message: "no such file" for a folder that is there would send the user looking for a typo.
+    if os.path.isfile(text):
+        return text
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
+    if os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a regular file (a FIFO, device or socket)")
+    if os.path.lexists(text):
+        raise argparse.ArgumentTypeError(f"{text} is a symbolic link to nothing (broken, or a loop)")
+    raise argparse.ArgumentTypeError(f"no such file: {text}")
 
 
 def inference_options() -> ArgumentParser:

@@ -1,4 +1,5 @@
 """engine: optimizer groups, the training step's contract, and evaluate() order/scores."""
+import errno
 import math
 import pathlib
 
@@ -247,8 +248,8 @@ def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tm
     stale.write_bytes(b"half a checkpoint")
     unrelated = tmp_path / "notes.tmp"
     unrelated.write_text("keep")
-    RunFolder.prepare(tmp_path, is_main=True)
-    assert not stale.exists() and unrelated.exists()
+    with RunFolder.prepare(tmp_path, is_main=True):
+        assert not stale.exists() and unrelated.exists()
 
 
 @pytest.mark.faults
@@ -264,25 +265,196 @@ def test_a_failed_save_on_a_read_only_folder_reports_the_real_error(tmp_path, mo
         atomic_write(tmp_path / "x.bin", fail)
 
 
-@pytest.mark.faults
-def test_a_full_disk_is_found_before_the_first_epoch_and_named_when_a_save_fails(tmp_path, monkeypatch):
-    import shutil
+def _fake_disk_usage(free):
     from collections import namedtuple
 
-    from asl.checkpoint import CheckpointError, save_checkpoint
-    from asl.training.run_folder import RunFolder
+    return lambda path: namedtuple("usage", "total used free")(10**12, 10**12 - free, free)
+
+
+@pytest.mark.faults
+def test_the_space_check_refuses_a_full_disk_with_numbers_that_differ(tmp_path, monkeypatch):
+    import re
+    import shutil
+
     from asl.errors import UsageError
+    from asl.training.run_folder import RunFolder
 
     model, opt, sched, ema, _ = _setup()
     state = TrainState(model, ema, opt, sched, None)
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(UsageError, match="no space left for checkpoints .* 0 MiB free"):
-        RunFolder(tmp_path, True, {}).check_space(state)
+    # The attack's case: a few bytes short of the need, which whole MiB rounded to the same number twice.
+    for free in (1000, 16 * 2**20):
+        monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage(free))
+        with pytest.raises(UsageError, match=f"no space left for checkpoints in {re.escape(str(tmp_path))}") as err:
+            RunFolder(tmp_path, True, {}).check_space(state)
+        needed, shown_free = map(float, re.search(r"about ([\d.]+) MiB needed .*, ([\d.]+) MiB free",
+                                                  str(err.value)).groups())
+        assert needed > shown_free and shown_free <= free / 2**20
 
-    def full(obj, f):
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 453798272 vs 453798160")
+
+@pytest.mark.faults
+def test_the_space_check_counts_the_files_a_run_replaces(tmp_path, monkeypatch):
+    import shutil
+
+    from asl.errors import UsageError
+    from asl.training.run_folder import HIGHEST, RunFolder
+
+    # A model whose tensors outweigh everything else in its files (1 MiB of weights), after one step so that
+    # Adam's moments exist, as in every saved last.pth.
+    model = nn.Linear(512, 512)
+    opt = create_optimizer(model, lr=1e-3, weight_decay=0.0)
+    model(torch.ones(1, 512)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
+    state = TrainState(model, ModelEma(model, 0.9), opt, sched, None)
+    folder = RunFolder(tmp_path, True, {"num_classes": 512, "idx_to_class": {i: str(i) for i in range(512)}})
+    folder.save_last(state)
+    folder.save_best(model.state_dict(), "regular", 1.0, 0)
+    last, best = folder.last_path.stat().st_size, (tmp_path / HIGHEST).stat().st_size
+    assert last > 4 * 2**20 > 4 * best / 1.1  # model, EMA and two moments: four times the weights
+    # With both files there, a save needs room for one new last.pth beside the old one (plus the margin for the
+    # small files); without them, for last.pth twice over and model-highest.pth.
+    monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage(last + 16 * 2**20))
+    folder.check_space(state)
+    fresh = RunFolder(tmp_path / "fresh", True, {})
+    (tmp_path / "fresh").mkdir()
+    with pytest.raises(UsageError, match="no space left for checkpoints"):
+        fresh.check_space(state)
+    monkeypatch.setattr(shutil, "disk_usage", _fake_disk_usage(2 * last + best + 16 * 2**20))
+    fresh.check_space(state)
+
+
+class _DiskFillsUp:
+    """A file on a disk with ``room`` bytes left: a write past that fails as the kernel's does (ENOSPC)."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+        self.name = f.name
+
+    def write(self, data):
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+_FULL_DISK_FAULTS = {
+    # torch.save's own reaction to a file system that fills up part-way through the checkpoint
+    "disk fills up": None,
+    "ENOSPC from a write": OSError(errno.ENOSPC, "No space left on device"),
+    "torch's short write": RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 453798272 vs "
+                                        "453798160"),
+    "torch's failed write": RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),
+    "over quota": OSError(errno.EDQUOT, "Disk quota exceeded"),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", list(_FULL_DISK_FAULTS))
+def test_a_full_disk_during_a_save_says_so_names_the_folder_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                          fault):
+    import asl.atomic
+    from asl.errors import CheckpointError
+    from asl.training.run_folder import RunFolder
+
+    model, opt, sched, ema, _ = _setup()
+    state = TrainState(model, ema, opt, sched, None)
+    folder = RunFolder(tmp_path, True, {"num_classes": 3, "idx_to_class": dict(enumerate("abc"))})
+    folder.save_last(state)
+    good = folder.last_path.read_bytes()
+    state.step = 1  # a later position, so that the file would change
+    if _FULL_DISK_FAULTS[fault] is None:
+        monkeypatch.setattr(asl.atomic, "open", lambda path, mode: _DiskFillsUp(open(path, mode), 4096),
+                            raising=False)
+    else:
+        def failing_save(obj, f, *args, **kwargs):
+            f.write(b"part of a checkpoint")
+            raise _FULL_DISK_FAULTS[fault]
+
+        monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError) as err:
+        folder.save_last(state)
+    message = str(err.value)
+    assert "\n" not in message and "unexpected pos" not in message and "Traceback" not in message
+    assert message.startswith("disk quota exceeded: " if fault == "over quota" else "disk full: ")
+    assert f"could not save last.pth in {tmp_path} (" in message
+    assert f"{folder.last_path} holds the last good state" in message and "--resume auto" in message
+    assert folder.last_path.read_bytes() == good
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.faults
+def test_a_failed_save_for_another_reason_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    from asl.checkpoint import save_checkpoint
+    from asl.errors import CheckpointError
+
+    def failing_save(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 10 vs 5")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint({"x": torch.ones(1)}, tmp_path / "x.pth")
+    assert "disk full" not in str(err.value) and str(err.value).startswith("could not save checkpoint to ")
+
+
+@pytest.mark.faults
+def test_the_first_save_of_a_run_failing_never_claims_an_earlier_runs_checkpoint(tmp_path, monkeypatch):
+    from asl.errors import CheckpointError
+    from asl.training.run_folder import RunFolder
+
+    model, opt, sched, ema, _ = _setup()
+    state = TrainState(model, ema, opt, sched, None)
+    (tmp_path / "last.pth").write_bytes(b"an earlier run's file")
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="no space left on its device"):
-        save_checkpoint({"x": torch.ones(1)}, tmp_path / "last.pth")
+    folder = RunFolder(tmp_path, True, {"num_classes": 3, "idx_to_class": dict(enumerate("abc"))})
+    with pytest.raises(CheckpointError, match="no checkpoint was written yet$"):
+        folder.save_last(state)
+
+
+@pytest.mark.faults
+def test_a_full_disk_when_logging_leaves_the_log_whole_and_says_so(tmp_path, monkeypatch):
+    import json
+    import os
+
+    import asl.training.run_folder as run_folder_module
+    from asl.errors import UsageError
+    from asl.training.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path, True, {})
+    folder.log_epoch({"epoch": 0, "mAP": 50.0})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 4:  # the kernel writes what fits, then refuses the rest
+            return real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", half_then_full)
+        with pytest.raises(UsageError) as err:
+            folder.log_epoch({"epoch": 1, "mAP": 60.0})
+    assert str(err.value) == f"disk full: could not write log.txt in {tmp_path}"
+    assert [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()] == \
+        [{"epoch": 0, "mAP": 50.0}]
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_folder_module, "atomic_write_text", full)
+    with pytest.raises(UsageError, match=f"^disk full: could not write args.json in {tmp_path}$"):
+        folder.write_args({"lr": 1e-4})

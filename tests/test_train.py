@@ -26,6 +26,11 @@ def _flags(data, out, *extra):
             "--output-dir", str(out), *extra]
 
 
+def _cores() -> int:
+    """The cores this process may use (DESIGN: -j defaults to min(8, CPU cores))."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -45,7 +50,7 @@ def test_parser_accepts_both_spellings_and_types_every_flag():
     assert (defaults.lr, defaults.batch_size, defaults.workers, defaults.image_size, defaults.epochs,
             defaults.stop_epoch, defaults.ema_decay, defaults.seed, defaults.output_dir, defaults.dataset,
             defaults.model_name, defaults.gamma_neg, defaults.gamma_pos, defaults.clip, defaults.weight_decay) == \
-        (1e-4, 128, 8, 224, 80, 40, 0.9997, 0, "models", "coco", "tresnet_m", 4.0, 0.0, 0.05, 1e-4)
+        (1e-4, 128, min(8, _cores()), 224, 80, 40, 0.9997, 0, "models", "coco", "tresnet_m", 4.0, 0.0, 0.05, 1e-4)
     for action in parser._actions:
         if action.option_strings and action.nargs != 0:
             assert action.type is not None or action.choices is not None, action.option_strings
@@ -267,3 +272,77 @@ def test_validate_refuses_non_finite_scores(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "4 of 4 images got non-finite (NaN/inf) scores" in err[-1] and "mAP score" not in "".join(err)
+
+
+def _csv_copy(synthetic, folder, val_labels: bool):
+    """The generated set as a csv dataset in ``folder``; the validation rows keep their labels or get none."""
+    import shutil
+
+    rows = ["image,labels,split"]
+    for split in ("train", "val"):
+        coco = json.loads((synthetic / "annotations" / f"instances_{split}.json").read_text())
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        labels = {}
+        for a in coco["annotations"]:
+            labels.setdefault(a["image_id"], set()).add(names[a["category_id"]])
+        (folder / split).mkdir(parents=True)
+        for image in coco["images"]:
+            shutil.copy(synthetic / split / image["file_name"], folder / split / image["file_name"])
+            kept = labels.get(image["id"], set()) if split == "train" or val_labels else set()
+            rows.append(f"{split}/{image['file_name']},{'|'.join(sorted(kept))},{split}")
+    (folder / "classes.txt").write_text("\n".join(sorted(names.values())) + "\n")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_a_validation_set_without_positive_labels_is_named_and_never_gives_a_best_model(tmp_path, synthetic,
+                                                                                       capsys):
+    warning = "the validation set has no positive label in any image: its mAP (0.00) means nothing"
+    data = _csv_copy(synthetic, tmp_path / "blank", val_labels=False)
+    out = tmp_path / "o"
+    flags = _flags(data, out, "--dataset", "csv", "--train-split", "train", "--val-split", "val")
+    assert train.main(flags) == 0
+    err = capsys.readouterr().err
+    assert err.count(warning) == 1  # once per run, not once per epoch
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
+    assert not (out / "model-highest.pth").exists()
+    # The same pictures with their labels: no warning, and a best model.
+    data = _csv_copy(synthetic, tmp_path / "labelled", val_labels=True)
+    assert train.main(_flags(data, tmp_path / "o2", "--dataset", "csv", "--train-split", "train",
+                             "--val-split", "val")) == 0
+    assert "no positive label" not in capsys.readouterr().err
+    assert (tmp_path / "o2" / "model-highest.pth").is_file()
+
+
+def test_which_validation_targets_can_give_a_meaningful_map():
+    import numpy as np
+
+    from asl.training.loop import has_positive_labels
+
+    assert not has_positive_labels(np.zeros((4, 3)))
+    assert not has_positive_labels(np.array([[0, -1], [-1, 0]]))  # only negatives and "not annotated"
+    assert not has_positive_labels(np.zeros((0, 3)))
+    assert has_positive_labels(np.array([[0, 0], [0, 1]]))
+    assert has_positive_labels(torch.tensor([[0.0, 1.0]]))
+
+
+@pytest.mark.faults
+def test_a_full_disk_mid_run_is_one_line_that_names_the_folder_and_keeps_last_pth(tmp_path, synthetic, monkeypatch,
+                                                                                 capsys):
+    out = tmp_path / "o"
+    assert train.main(_flags(synthetic, out, "--stop-epoch", "0")) == 0
+    good = (out / "last.pth").read_bytes()
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 453798272 vs 453798160")
+
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    assert train.main(_flags(synthetic, out, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert line.startswith("train.py: error: disk full: could not save ") and f" in {out} (" in line
+    assert f"{out / 'last.pth'} holds the last good state (once there is room, continue with --resume auto)" in line
+    assert (out / "last.pth").read_bytes() == good and not list(out.glob(".*.tmp"))

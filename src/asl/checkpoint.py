@@ -13,6 +13,7 @@ weights sit under ``'state_dict'``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -53,21 +54,45 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
 
     The data goes to a temporary file in the same directory, is flushed to disk (fsync), and then replaces
     ``path`` with ``os.replace``; a crash or a full disk never leaves a truncated checkpoint behind. The parent
-    directory is created if needed. Any failure raises :class:`CheckpointError` and removes the temporary file.
+    directory is created if needed. Any failure raises :class:`CheckpointError` and removes the temporary file;
+    a full disk is named as such, with the folder.
     """
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except Exception as exc:
-        free = _free_bytes(path)
-        if free is not None and free < _LOW_SPACE:
-            # torch.save reports a full disk as "unexpected pos ...": say what it means.
-            raise CheckpointError(f"could not save checkpoint to {path}: no space left on its device "
-                                  f"({free / 2**20:.0f} MiB free)") from exc
+        full = disk_full_reason(exc)
+        if full:
+            folder = os.path.dirname(os.path.abspath(path))
+            free = _free_bytes(path)
+            # The partial file is gone by now, so this is the space the save had, not 0.
+            room = f" ({free / 2**20:.0f} MiB free once its partial copy was removed)" if free is not None else ""
+            raise CheckpointError(f"{full}: could not save {os.path.basename(path)} in {folder}{room}") from exc
         raise CheckpointError(f"could not save checkpoint to {path}: {type(exc).__name__}: {exc}") from exc
     logger.debug("saved checkpoint %s", path)
 
 
-_LOW_SPACE = 64 * 2**20
+#: torch.save's own words for a write that fell short (it reports a full disk so, without an errno)
+_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|failed writing", re.IGNORECASE)
+
+
+def disk_full_reason(exc: BaseException) -> Optional[str]:
+    """'disk full' (or 'disk quota exceeded') when ``exc``, or an exception it was raised from or during, says the
+    file system ran out of room; None otherwise."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    codes = [e.errno for e in chain if isinstance(e, OSError) and e.errno]
+    if errno.ENOSPC in codes:
+        return "disk full"
+    if getattr(errno, "EDQUOT", None) in codes:
+        return "disk quota exceeded"
+    if codes:  # another system error (EIO, EROFS...): torch's short-write message then follows from that one
+        return None
+    if any(isinstance(e, RuntimeError) and _SHORT_WRITE.search(str(e)) for e in chain):
+        return "disk full"
+    return None
 
 
 def _free_bytes(path: PathLike) -> Optional[int]:

@@ -85,7 +85,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(args, info: dist_utils.DistInfo) -> int:
     output_dir = Path(args.output_dir)
-    RunFolder.prepare(output_dir, info.is_main)
+    # Held until the run ends: a second run into the folder is refused rather than mixing its files with ours.
+    with RunFolder.prepare(output_dir, info.is_main):
+        return _train_in(output_dir, args, info)
+
+
+def _train_in(output_dir: Path, args, info: dist_utils.DistInfo) -> int:
     resume_path = RunFolder.find_resume(args.resume, output_dir)
     resume = RunFolder.load_resume(resume_path) if resume_path else None
     train_ds, val_ds = build_datasets(args)

@@ -10,17 +10,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch.nn as nn
 
 from .. import distributed as dist_utils
-from .run_folder import RunFolder
+from .run_folder import HIGHEST, RunFolder
 from ..evaluation.predictions import evaluate_many
 from .step import NonFiniteLossError, StepConfig, train_one_epoch
 from ..errors import NonFiniteScoresError, TrainingDivergedError
 from ..evaluation.metrics import score
 from .state import TrainState
 
-__all__ = ["FitConfig", "fit", "StopFlag"]
+__all__ = ["FitConfig", "fit", "StopFlag", "has_positive_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     if run_folder.is_main and (state.epoch >= config.epochs or state.epoch > config.stop_epoch):
         logger.warning("nothing to train: the run is at epoch %d (--epochs %d, --stop-epoch %d); raise --stop-epoch "
                        "to continue", state.epoch, config.epochs, config.stop_epoch)
+    warned_no_positives = False
     with StopFlag() as stop_flag:
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
             if state.step == 0:
@@ -106,7 +108,12 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
             if stats["interrupted"]:
                 run_folder.save_last(state)
                 return "interrupted"
-            record = _evaluate_and_keep_best(state, val_loader, run_folder, config, stats)
+            record, meaningful = _evaluate_and_keep_best(state, val_loader, run_folder, config, stats)
+            if not meaningful and not warned_no_positives and run_folder.is_main:
+                logger.warning("the validation set has no positive label in any image: its mAP (%.2f) means "
+                               "nothing, so no epoch is kept as the best model (%s); check the validation labels",
+                               record["mAP"], HIGHEST)
+                warned_no_positives = True
             state.epoch, state.step = state.epoch + 1, 0
             run_folder.save_last(state, synced=True)
             run_folder.log_epoch(record)
@@ -117,9 +124,16 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     return "done"
 
 
+def has_positive_labels(targets: Any) -> bool:
+    """Whether any validation target is positive (1). Without one, every class's AP is 0 whatever the scores, so
+    the mAP says nothing about the model and no epoch can be called the best."""
+    return bool((np.asarray(targets) == 1).any())
+
+
 def _evaluate_and_keep_best(state: TrainState, val_loader: Any, run_folder: RunFolder, config: FitConfig,
-                            stats: dict[str, Any]) -> dict[str, Any]:
-    """original (validate_multi): the regular and the EMA model are scored; the epoch's mAP is the higher one."""
+                            stats: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """original (validate_multi): the regular and the EMA model are scored; the epoch's mAP is the higher one.
+    Returns the epoch's record, and whether its mAP means anything (see :func:`has_positive_labels`)."""
     dist_utils.broadcast_module_state(state.model)
     dist_utils.broadcast_module_state(state.ema.module)
     try:
@@ -131,11 +145,12 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, run_folder: RunF
     map_ema = score(out["targets"], out["scores"]["ema"])
     current = max(map_regular, map_ema)
     best_is_ema = map_ema > map_regular
-    if current > state.highest:
+    meaningful = has_positive_labels(out["targets"])
+    if meaningful and current > state.highest:
         state.highest = current
         weights = state.ema.state_dict() if best_is_ema else state.model.state_dict()
         run_folder.save_best(weights, "ema" if best_is_ema else "regular", current, state.epoch)
     return {"epoch": state.epoch, "train_loss": stats["loss"], "mAP_regular": map_regular, "mAP_ema": map_ema,
             "mAP": current, "highest_mAP": state.highest, "lr": stats["lr"],
             "images_per_sec": stats["images_per_sec"], "steps": stats["steps"],
-            "skipped_images": stats["skipped"] + out["skipped"], "time": time.time()}
+            "skipped_images": stats["skipped"] + out["skipped"], "time": time.time()}, meaningful

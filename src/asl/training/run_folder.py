@@ -6,20 +6,23 @@ which first makes all ranks' weights equal to rank 0's.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ContextManager, Mapping, Optional
 
 import torch
 
 from .. import distributed as dist_utils
 from ..atomic import atomic_write_text
-from ..checkpoint import load_checkpoint, make_model_checkpoint, save_checkpoint
-from ..errors import TrainingDivergedError, UsageError
+from ..checkpoint import disk_full_reason, load_checkpoint, make_model_checkpoint, save_checkpoint
+from ..errors import CheckpointError, TrainingDivergedError, UsageError
+from .run_lock import RunLock
 from .state import TrainState
 
 __all__ = ["RunFolder", "LAST", "HIGHEST"]
@@ -60,23 +63,32 @@ class RunFolder:
         return self.output_dir / LAST
 
     @staticmethod
-    def prepare(output_dir: Path, is_main: bool) -> None:
-        """Creates the folder and checks that it is writable (on the main process; every rank learns the answer)."""
-        problem = None
+    def prepare(output_dir: Path, is_main: bool) -> ContextManager[Any]:
+        """Creates the folder, checks that it is writable and locks it for this run (on the main process; every
+        rank learns the answer). Returns the lock, to be held for the run's life (a ``with`` block); other ranks
+        get an empty one. A folder in use by another run is refused (:class:`UsageError`, naming that run)."""
+        problem, lock = None, None
         if is_main:
             try:
                 output_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
                     pass
+                # Locked before the clean-up below: another run's save in progress looks just like a stale file.
+                lock = RunLock.acquire(output_dir)
                 # Left by a save that was killed (SIGKILL, power loss); each can be as large as last.pth.
                 for stale in [*output_dir.glob(f".{LAST}.*.tmp"), *output_dir.glob(f".{HIGHEST}.*.tmp")]:
                     stale.unlink()
                     logger.info("removed %s, left by an interrupted save", stale)
+            except UsageError as exc:
+                problem = str(exc)
             except OSError as exc:
                 problem = f"output directory is not writable: {output_dir} ({exc.strerror or exc})"
         problem = dist_utils.broadcast_object(problem)
         if problem:
+            if lock is not None:
+                lock.release()
             raise UsageError(problem)
+        return lock if lock is not None else contextlib.nullcontext()
 
     @staticmethod
     def find_resume(resume: str, output_dir: Path) -> Optional[str]:
@@ -106,34 +118,48 @@ class RunFolder:
         return saved
 
     def check_space(self, state: TrainState) -> None:
-        """Refuses to start when the folder cannot hold ``last.pth`` (and its temporary copy while it is
-        replaced): found out now rather than after the first epoch."""
+        """Refuses to start when the folder cannot hold this run's checkpoints: found out now rather than after
+        the first epoch."""
         if not self.is_main:
             return
-        size = 2 * sum(t.numel() * t.element_size() for t in state.model.state_dict().values())  # model + EMA
-        size += 2 * sum(p.numel() * p.element_size() for p in state.model.parameters())  # Adam's two moments
-        needed = 2 * size  # the new file is written beside the old one before it replaces it
+        model = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
+        last = 2 * model + 2 * sum(p.numel() * p.element_size() for p in state.model.parameters())  # EMA, Adam
+        # The peak: model-highest.pth, and last.pth with its new copy beside it until the copy replaces it. Files
+        # already there (an earlier run's, or the one resumed) get replaced, so their space counts as available,
+        # except that a new last.pth is always written beside the old one first.
+        present = sum(path.stat().st_size for path in (self.last_path, self.output_dir / HIGHEST) if path.is_file())
+        needed = max(2 * last + model - present, last) + _SPACE_MARGIN
         free = shutil.disk_usage(self.output_dir).free
         if free < needed:
-            raise UsageError(f"no space left for checkpoints in {self.output_dir}: about {needed / 2**20:.0f} MiB "
-                             f"needed for last.pth while it is replaced, {free / 2**20:.0f} MiB free")
+            need_mib, free_mib = _two_sizes(needed, free)
+            raise UsageError(f"no space left for checkpoints in {self.output_dir}: about {need_mib} MiB needed "
+                             f"(last.pth, its new copy while it replaces it, and model-highest.pth), {free_mib} "
+                             f"MiB free")
 
     def write_args(self, args: Mapping[str, Any]) -> None:
         if self.is_main:
-            atomic_write_text(self.output_dir / "args.json", json.dumps(dict(args), indent=2) + "\n")
+            path = self.output_dir / "args.json"
+            try:
+                atomic_write_text(path, json.dumps(dict(args), indent=2) + "\n")
+            except OSError as exc:
+                raise _write_error(path, exc) from None
 
     def save_last(self, state: TrainState, synced: bool = False) -> None:
         """``last.pth`` at the state's position. ``synced``: the ranks' weights were just made identical (right
         after evaluation), so the broadcast is skipped. Refuses (:class:`TrainingDivergedError`) to replace a good
-        file with non-finite weights."""
+        file with non-finite weights. A failed save (a full disk) leaves the previous file as it was, and says
+        what the user still has."""
         if not synced:
             dist_utils.broadcast_module_state(state.model)
             if state.ema is not None:
                 dist_utils.broadcast_module_state(state.ema.module)
         self.check_finite(state.model.state_dict(), f"epoch {state.epoch}, step {state.step}")
-        self._last_is_ours = True
         if self.is_main:
-            save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
+            try:
+                save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; {self.kept()}{self._resume_hint()}") from exc
+        self._last_is_ours = True
 
     def save_best(self, weights: Mapping[str, Any], which: str, score: float, epoch: int) -> None:
         """``model-highest.pth``: the weights that scored (``which`` is 'ema' or 'regular')."""
@@ -141,9 +167,12 @@ class RunFolder:
         if not self.is_main:
             return
         meta = {k: v for k, v in self.meta.items() if k not in ("num_classes", "idx_to_class", "steps_per_epoch")}
-        save_checkpoint(make_model_checkpoint(weights, self.meta["num_classes"], self.meta["idx_to_class"],
-                                              weights=which, mAP=score, epoch=epoch, **meta),
-                        self.output_dir / HIGHEST)
+        try:
+            save_checkpoint(make_model_checkpoint(weights, self.meta["num_classes"], self.meta["idx_to_class"],
+                                                  weights=which, mAP=score, epoch=epoch, **meta),
+                            self.output_dir / HIGHEST)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {self.kept()}{self._resume_hint()}") from exc
 
     def check_finite(self, weights: Mapping[str, Any], where: str) -> None:
         broken = sum(int((~torch.isfinite(v)).sum()) for v in weights.values()
@@ -153,12 +182,58 @@ class RunFolder:
                                         f"lower --lr); {self.kept()}")
 
     def kept(self) -> str:
-        """What the user still has, for messages about a diverged run."""
+        """What the user still has, for messages about a diverged run or a failed save."""
         if self._last_is_ours and self.last_path.is_file():
             return f"{self.last_path} holds the last good state"
         return "no checkpoint was written yet"
 
+    def _resume_hint(self) -> str:
+        if self._last_is_ours and self.last_path.is_file():
+            return " (once there is room, continue with --resume auto)"
+        return ""
+
     def log_epoch(self, record: Mapping[str, Any]) -> None:
-        if self.is_main:
-            with open(self.output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(dict(record)) + "\n")
+        if not self.is_main:
+            return
+        path = self.output_dir / "log.txt"
+        data = memoryview((json.dumps(dict(record)) + "\n").encode("utf-8"))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    while data:  # a full disk first writes part of the line, then fails
+                        data = data[os.write(fd, data):]
+                except OSError:
+                    # A line cut short would stay in the log: take back what part of it got in.
+                    try:
+                        os.ftruncate(fd, start)
+                    except OSError:
+                        pass
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+
+
+#: beyond the tensors: the checkpoints' other entries and zip records, log.txt and args.json
+_SPACE_MARGIN = 16 * 2**20
+
+
+def _two_sizes(needed: int, free: int) -> tuple[str, str]:
+    """Both sizes in MiB, needed rounded up and free down, with as many decimals as it takes to tell them apart."""
+    for decimals in range(4):
+        scale = 10 ** decimals / 2**20
+        a, b = math.ceil(needed * scale), math.floor(free * scale)
+        if a != b:
+            break
+    return f"{a / 10 ** decimals:.{decimals}f}", f"{b / 10 ** decimals:.{decimals}f}"
+
+
+def _write_error(path: Path, exc: OSError) -> UsageError:
+    """One line for a failed write of a run's small files (log.txt, args.json)."""
+    full = disk_full_reason(exc)
+    if full:
+        return UsageError(f"{full}: could not write {path.name} in {path.parent}")
+    return UsageError(f"could not write {path}: {exc.strerror or exc}")

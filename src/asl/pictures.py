@@ -2,16 +2,19 @@
 classes on them (PIL only: no display, no matplotlib)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square
 from .errors import UsageError
+from .evaluation.report import printable
 
 logger = logging.getLogger(__name__)
 
@@ -19,27 +22,34 @@ __all__ = ["IMAGE_EXTENSIONS", "WRITABLE_EXTENSIONS", "MIN_ANNOTATED_SIDE", "fin
            "annotate", "UnreadableImageError"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-#: the ones an annotated copy is written in; others (GIF frames, PPM...) are written as PNG.
+#: the ones an annotated copy is written in; others (GIF frames, PPM...) are written as PNG (``x.gif.png``).
 WRITABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: skipped entries named in a warning (the count covers them all)
+MAX_NAMED = 5
 
 
 def find_images(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
     """Expands folders (recursively, sorted, picture extensions only) and keeps files as given.
 
     A file given explicitly is kept whatever its extension (it may still be a picture; reading it will tell).
-    A path that does not exist, or a folder given that cannot be listed, raises :class:`~asl.errors.UsageError`;
-    subfolders that cannot be listed are skipped and named in a warning. Symlinked folders are not entered.
+    A path that does not exist (a symbolic link to nothing included), or a folder given that cannot be listed,
+    raises :class:`~asl.errors.UsageError`; subfolders that cannot be listed, and entries with a picture's name
+    that are no regular file (a FIFO, device or socket, a broken symbolic link or a loop of them), are skipped and
+    named in a warning. Symlinked folders are not entered.
     """
     found: list[Path] = []
     seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        # os.path, not Path methods: those raise for a name too long instead of saying it is not there.
+        if os.path.isdir(path):
             candidates = _pictures_in(path)
-        elif path.exists():
+        elif os.path.exists(path):
             candidates = [path]
+        elif os.path.lexists(path):
+            raise UsageError(f"{printable(path)} is a symbolic link to nothing (broken, or a loop)")
         else:
-            raise UsageError(f"no such picture or folder: {path}")
+            raise UsageError(f"no such picture or folder: {printable(path)}")
         for p in candidates:
             key = p.resolve()
             if key not in seen:
@@ -58,12 +68,45 @@ def _pictures_in(folder: Path) -> list[Path]:
     for directory, _, files in os.walk(folder, onerror=failed):
         pictures += [Path(directory) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     if unreadable and Path(unreadable[0][0]) == folder:
-        raise UsageError(f"cannot read the folder {folder}: {unreadable[0][1]}")
-    if unreadable:
-        named = ", ".join(f"{name} ({reason})" for name, reason in unreadable[:5])
-        logger.warning("skipped %d unreadable folder(s) under %s: %s%s", len(unreadable), folder, named,
-                       " ..." if len(unreadable) > 5 else "")
-    return sorted(p for p in pictures if p.is_file())
+        raise UsageError(f"cannot read the folder {printable(folder)}: {unreadable[0][1]}")
+    _warn_skipped("unreadable folder(s)", folder, unreadable)
+    regular, refused = [], []
+    for path in pictures:
+        kind = _not_regular(path)
+        if kind is None:
+            regular.append(path)
+        else:
+            refused.append((str(path), kind))
+    _warn_skipped("entries named like pictures that are not regular files", folder, sorted(refused))
+    return sorted(regular)
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """``None`` for a regular file (through symbolic links), else what the entry is, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return "a broken symbolic link"
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _warn_skipped(what: str, folder: Path, entries: Sequence[tuple[str, str]]) -> None:
+    if entries:
+        named = ", ".join(f"{printable(name)} ({reason})" for name, reason in entries[:MAX_NAMED])
+        logger.warning("skipped %d %s under %s: %s%s", len(entries), what, printable(folder), named,
+                       " ..." if len(entries) > MAX_NAMED else "")
 
 
 def load_picture(path: Union[str, os.PathLike], image_size: int) -> tuple[Image.Image, torch.Tensor]:
@@ -99,7 +142,8 @@ def annotate(picture: Image.Image, found: Sequence[Mapping[str, Any]]) -> Image.
     if min(image.size) < MIN_ANNOTATED_SIDE:
         factor = -(-MIN_ANNOTATED_SIDE // min(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    lines = [f"{d['class']} {float(d['score']):.3f}" for d in found] or ["no class above the threshold"]
+    # printable: a line break in a class name would make the drawn box overlap its own lines.
+    lines = [f"{printable(d['class'])} {float(d['score']):.3f}" for d in found] or ["no class above the threshold"]
     size = max(10, min(image.width, image.height) // 25)
     font = _font(size)
     overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))

@@ -5,9 +5,11 @@
 
 Prints, per picture, the classes whose probability is above ``--th`` (default per ``--dataset_type``: 0.7 for
 MS-COCO, 0.995 for OpenImages, 0.7 otherwise), best first; ``--thresholds FILE`` gives each class its own
-threshold (``validate.py --save-thresholds FILE``). ``--json`` prints one JSON object per picture instead.
-``--output`` writes the picture(s) with the detections drawn on them. Pictures that cannot be read are named on
-stderr and skipped; the exit code is non-zero when none could be read.
+threshold (``validate.py --save-thresholds FILE``). ``--top-k K`` alone lists the K best classes of each picture
+whatever their scores; with ``--th`` or ``--thresholds`` it keeps at most K of the classes above the threshold.
+``--json`` prints one JSON object per picture instead. ``--output`` writes the picture(s) with the detections
+drawn on them; where it goes is checked before the model is loaded. Pictures that cannot be read are named on
+stderr and skipped; when none could be read, that is bad input: one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ from asl.data.transforms import load_rgb
 from asl.distributed import select_device
 from asl.errors import UsageError
 from asl.evaluation.predictions import default_threshold, detections, predict
+from asl.evaluation.report import printable
 from asl.models.loading import load_model
-from asl.pictures import IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, annotate, find_images, load_picture
+from asl.pictures import (IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, UnreadableImageError, annotate, find_images,
+                          load_picture)
 from asl.precision import resolve_amp_dtype
 from asl.evaluation.thresholds import load_thresholds
 
 from .options import inference_options, model_options, runtime_options
+from .validate import check_folder, check_writable
 
 logger = logging.getLogger("infer")
 
@@ -52,7 +57,10 @@ def build_parser() -> ArgumentParser:
                         help="sets the default threshold: MS-COCO 0.7, OpenImages 0.995, others 0.7")
     parser.add_argument("--th", "--thre", "--threshold", type=probability, default=None,
                         help="probability threshold of every class (default: by --dataset-type)")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="report at most K classes per picture")
+    parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                        help="alone: list the K best classes of each picture, whatever their scores (the "
+                             "--dataset-type threshold does not apply); with --th or --thresholds: at most K of the "
+                             "classes above the threshold")
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
                         help="annotated picture: a file (one picture) or a folder (any number)")
@@ -87,15 +95,25 @@ def _collate(items):
 
 
 def _output_plan(output: Optional[str], paths: Sequence[Path], roots: Sequence[Path]) -> dict[int, Path]:
-    """Where each annotated picture goes: a single file, or the same relative layout inside a folder."""
+    """Where each annotated picture goes: a single file, or the same relative layout inside a folder. Every place
+    is checked here, before the model is loaded, so that a read-only or mistyped --output stops the run at once
+    instead of after the whole inference."""
     if output is None:
         return {}
     out = Path(output)
-    as_file = not out.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS
+    # os.path, not Path methods: those raise for a name too long, which check_writable names clearly.
+    as_file = not os.path.isdir(out) and out.suffix.lower() in IMAGE_EXTENSIONS
     if as_file:
         if len(paths) != 1:
             raise UsageError(f"--output {output} is a file but there are {len(paths)} pictures; give a folder")
+        check_writable("--output", out)
+        if _same_file(out, paths[0]):
+            raise UsageError(f"--output {output} is the picture itself; give another name")
         return {0: out}
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output {output} is a file, not a folder; give a folder, or a picture file name "
+                         f"({', '.join(WRITABLE_EXTENSIONS)}) for one picture")
+    check_folder("--output", out)
     plan = {}
     for i, path in enumerate(paths):
         relative = Path(path.name)
@@ -107,13 +125,39 @@ def _output_plan(output: Optional[str], paths: Sequence[Path], roots: Sequence[P
                 continue
         target = out / relative
         if target.suffix.lower() not in WRITABLE_EXTENSIONS:
-            target = target.with_suffix(".png")  # PIL cannot write every format it can read (e.g. GIF frames)
+            # PIL cannot write every format it can read (e.g. GIF frames). The old suffix stays in the name, so
+            # that x.gif and x.png of one folder keep two copies.
+            target = target.with_name(target.name + ".png")
         plan[i] = target
+    folders = set()
+    written: dict[Path, int] = {}
+    for i, target in plan.items():
+        if target in written:
+            raise UsageError(f"--output: {printable(paths[written[target]])} and {printable(paths[i])} would both be "
+                             f"annotated as {printable(target)}; annotate them in separate runs")
+        written[target] = i
+        if os.path.isdir(target):
+            raise UsageError(f"--output: the annotated copy {printable(target)} would replace a folder")
+        if _same_file(target, paths[i]):
+            raise UsageError(f"--output: the annotated copy of {printable(paths[i])} would overwrite the picture "
+                             f"itself; give another folder")
+        folders.add(target.parent)
+    probed: set = set()
+    for folder in sorted(folders):
+        check_folder("--output", folder, probed=probed)
     return plan
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (the usual case for a target) or cannot be examined
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit code: 0, 2 for bad input (one line), 1 for a bug (traceback) or when no picture could be read."""
+    """Exit code: 0, 2 for bad input (one line; no picture could be read is bad input too), 1 for a bug
+    (traceback)."""
     return run_main(run, argv, prog="infer.py")
 
 
@@ -122,7 +166,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     if args.thresholds and args.th is not None:
         raise UsageError("give either --th (one threshold) or --thresholds FILE (one per class), not both")
-    threshold = default_threshold(args.dataset_type) if args.th is None else args.th
     device = select_device(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype, device)
 
@@ -138,11 +181,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.image_size is None:
         args.image_size = loaded.image_size
         logger.info("image size %d (%s)", args.image_size, loaded.image_size_source)
-    if args.thresholds:
-        threshold = load_thresholds(args.thresholds, loaded.class_names)
-        logger.info("%d picture(s), per-class thresholds of %s, device %s", len(paths), args.thresholds, device)
-    else:
-        logger.info("%d picture(s), threshold %.3f, device %s", len(paths), threshold, device)
+    threshold, rule = _threshold(args, loaded.class_names)
+    logger.info("%d picture(s), %s, device %s", len(paths), rule, device)
 
     loader = DataLoader(_Pictures(paths, args.image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=min(args.workers, len(paths) - 1) if len(paths) > 1 else 0,
@@ -151,37 +191,57 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     show_bar = len(paths) > 1
     read = 0
     unreadable = []
+    empty = 0
     with tqdm(total=len(paths), desc="pictures", unit="img", disable=None if show_bar else True, file=sys.stderr,
               leave=False) as bar:
         for images, indices, bad in loader:
             for index, reason in bad:
                 unreadable.append(paths[index])
-                tqdm.write(f"infer.py: cannot read {paths[index]}: {reason}", file=sys.stderr)
+                tqdm.write(f"infer.py: cannot read {printable(paths[index])}: {printable(reason)}", file=sys.stderr)
             if images is not None:
                 probabilities = predict(loaded.model, images, device, amp_dtype=amp_dtype)
                 for row, index in zip(probabilities, indices):
                     found = detections(row, loaded.class_names, threshold, args.top_k)
                     _report(paths[index], found, args.json, bar)
+                    empty += not found
                     if index in plan:
                         _write_annotated(paths[index], found, plan[index])
                     read += 1
             bar.update(len(indices) + len(bad))
     if read == 0:
-        print(f"infer.py: error: none of the {len(paths)} picture(s) could be read", file=sys.stderr)
-        return 1
+        raise UsageError(f"none of the {len(paths)} picture(s) could be read (each is named above)")
     if plan:
         logger.info("annotated picture(s) written to %s", args.output)
     if unreadable:
         logger.warning("%d of %d picture(s) could not be read", len(unreadable), len(paths))
+    if empty:
+        lower = "them in the file" if args.thresholds else "it with --th (e.g. --th 0.3)"
+        logger.warning("%d of %d picture(s) have no class above %s: lower %s, or list each picture's best classes "
+                       "whatever their scores with --top-k K alone", empty, read, rule, lower)
     return 0
+
+
+def _threshold(args, class_names: Sequence[str]):
+    """The threshold(s) a class must exceed, and the rule in words."""
+    if args.thresholds:
+        return load_thresholds(args.thresholds, class_names), f"the per-class thresholds of {args.thresholds}"
+    if args.th is not None:
+        return args.th, f"the threshold {args.th:g}"
+    if args.top_k is not None:
+        # --top-k alone ranks every class: the default threshold is a guess for the dataset type, not the user's.
+        return float("-inf"), f"the {args.top_k} best classes of each picture, whatever their scores"
+    threshold = default_threshold(args.dataset_type)
+    return threshold, f"the threshold {threshold:g} (the {args.dataset_type} default)"
 
 
 def _report(path: Path, found: list, as_json: bool, bar: tqdm) -> None:
     if as_json:
         line = json.dumps({"image": str(path), "detections": found})
     else:
-        classes = ", ".join(f"{d['class']} ({d['score']:.3f})" for d in found) or "(none above the threshold)"
-        line = f"{path}: {classes}"
+        # printable: one line per picture, whatever control characters a class or file name holds.
+        classes = ", ".join(f"{printable(d['class'])} ({d['score']:.3f})" for d in found) \
+            or "(none above the threshold)"
+        line = f"{printable(path)}: {classes}"
     if bar.disable:
         print(line, flush=True)
     else:
@@ -190,10 +250,17 @@ def _report(path: Path, found: list, as_json: bool, bar: tqdm) -> None:
 
 def _write_annotated(path: Path, found: list, target: Path) -> None:
     # The annotation is drawn on the full-resolution picture, so it is decoded again here (the loader worker
-    # only returned the resized tensor).
-    picture = load_rgb(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    annotate(picture, found).save(target, quality=95)  # quality: JPEG only, ignored by the other formats
+    # only returned the resized tensor); a picture changed or removed since then loses its copy, not the run.
+    try:
+        picture = load_rgb(path)
+    except UnreadableImageError as exc:
+        logger.warning("no annotated copy of %s: %s", printable(path), printable(exc.reason))
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        annotate(picture, found).save(target, quality=95)  # quality: JPEG only, ignored by the other formats
+    except OSError as exc:  # checked before the run; a disk that fills up or a folder changed since can remain
+        raise UsageError(f"cannot write the annotated picture {printable(target)}: {exc.strerror or exc}") from None
     logger.debug("wrote %s", target)
 
 

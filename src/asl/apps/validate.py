@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -36,8 +37,9 @@ from asl.errors import UsageError
 from asl.models.loading import load_model
 from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype
-from asl.evaluation.report import write_report
-from asl.evaluation.thresholds import NEVER, load_thresholds, max_f1_thresholds, precision_thresholds, save_thresholds
+from asl.evaluation.report import markdown_text, printable, write_report
+from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
+                                       precision_thresholds, save_thresholds)
 
 from .options import data_options, inference_options, model_options, runtime_options
 from .progress import BatchPrinter
@@ -80,19 +82,53 @@ def check_args(args) -> None:
         if value:
             check_writable(flag, Path(value))
     if args.report:
-        if Path(args.report).exists() and not Path(args.report).is_dir():
+        if os.path.lexists(args.report) and not os.path.isdir(args.report):
             raise UsageError(f"--report {args.report} is a file; give a folder")
         check_writable("--report", Path(args.report) / "README.md")
 
 
 def check_writable(flag: str, target: Path) -> None:
-    """A file that can be created: not a folder, and the nearest existing folder above it writable."""
-    if target.is_dir():
+    """A file that can be created or replaced: not a folder, a name the file system takes, and a folder above it
+    that exists or can be created."""
+    # os.path, not Path methods: they raise for a name too long, which is checked below with a clear message.
+    target = Path(target)
+    if os.path.isdir(target):
         raise UsageError(f"{flag} {target} is a folder; give a file name")
-    folder = target.parent if str(target.parent) else Path(".")
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"{flag} {target}: {existing} is not writable")
+    check_folder(flag, target.parent, shown=target)
+
+
+def check_folder(flag: str, folder: Path, shown: Optional[Path] = None, probed: Optional[set] = None) -> None:
+    """A folder that exists or can be created: the nearest existing path at or above it is a folder this process
+    may write in, and no name on the way is too long. ``shown``: the path the user gave, named in the message
+    (default: ``folder``); ``probed``: folders already found writable, when many are checked."""
+    folder = Path(folder)
+    shown = folder if shown is None else Path(shown)
+    chain = [folder, *folder.parents]
+    existing = next((p for p in chain if os.path.lexists(p)), Path("."))
+    if probed is None or existing not in probed:
+        if not os.path.isdir(existing):
+            what = "a file" if os.path.exists(existing) else "a symbolic link to nothing"
+            raise UsageError(f"{flag} {shown}: {existing} is {what}, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {shown}: {existing} is not writable")
+        # os.access trusts the permission bits, and root passes them everywhere: a file created (and removed at
+        # once) is the only sure test, e.g. of /proc or of a read-only bind mount.
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {shown}: cannot create a file in {existing} ({exc.strerror or exc})") from None
+        if probed is not None:
+            probed.add(existing)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit: the usual one
+        limit = 255
+    created = [p.name for p in chain[:chain.index(existing)]] + ([shown.name] if shown != folder else [])
+    for name in created:
+        if len(os.fsencode(name)) > limit:
+            raise UsageError(f"{flag} {shown}: the name {name[:40]}... is longer than the {limit} bytes that "
+                             f"{existing} allows")
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
@@ -118,11 +154,13 @@ def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarr
 
 
 def print_per_class(rows: Sequence[dict[str, Any]]) -> None:
-    width = max([len("class")] + [len(r["class"]) for r in rows])
+    # printable: one line per class, whatever control characters the dataset's class names hold.
+    names = [printable(r["class"]) for r in rows]
+    width = max([len("class")] + [len(n) for n in names])
     print(f"{'idx':>5}  {'class':<{width}}  {'AP':>7}  {'pos':>6}  {'P':>6}  {'R':>6}  {'F1':>6}")
-    for r in rows:
+    for r, name in zip(rows, names):
         ap = "-" if r["ap"] is None else f"{r['ap']:.2f}"
-        print(f"{r['index']:>5}  {r['class']:<{width}}  {ap:>7}  {r['positives']:>6}  {r['precision']:>6.2f}  "
+        print(f"{r['index']:>5}  {name:<{width}}  {ap:>7}  {r['positives']:>6}  {r['precision']:>6.2f}  "
               f"{r['recall']:>6.2f}  {r['f1']:>6.2f}")
 
 
@@ -141,6 +179,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         check_args(args)
         loaded = _load(args, info)
         dataset = _dataset(args, split, loaded, info)
+        if args.save_thresholds:
+            # Checked now: found at the end, it would cost the whole evaluation and the outputs written after it.
+            check_unique_classes(dataset.classes, f"--save-thresholds {args.save_thresholds}")
         # Read before the long part, so that a file that does not fit this model stops the run at once.
         thresholds = load_thresholds(args.thresholds, dataset.classes) if args.thresholds else args.thre
         out, elapsed = _scores(args, dataset, loaded, info, thresholds)
@@ -226,22 +267,26 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
     print(" * " + meter.format_line(at_threshold))
     if args.thresholds:
         print(f"(at the per-class thresholds of {args.thresholds})")
+    # Each output is written on its own: one that fails (a disk full, a folder removed since the check) is named
+    # at the end, after the others are written and the mAP is printed.
+    failed: list[str] = []
     if args.save_thresholds:
-        save_tuned_thresholds(args, dataset.classes, targets, scores, meter)
+        _write(failed, "--save-thresholds", args.save_thresholds,
+               lambda: save_tuned_thresholds(args, dataset.classes, targets, scores, meter))
     if args.report:
-        page = write_report(args.report, rows, targets, scores,
-                            report_summary(args, split, loaded, out["num_images"], score_value, partial,
-                                           at_threshold))
-        print(f"report written to {page}")
+        summary = report_summary(args, split, loaded, out["num_images"], score_value, partial, at_threshold)
+        _write(failed, "--report", args.report,
+               lambda: print(f"report written to {write_report(args.report, rows, targets, scores, summary)}"))
     if skipped:
-        named = ", ".join(dataset.image_path(i) for i in skipped[:MAX_NAMED_SKIPPED])
+        named = ", ".join(printable(dataset.image_path(i)) for i in skipped[:MAX_NAMED_SKIPPED])
         more = f" (+{len(skipped) - MAX_NAMED_SKIPPED} more)" if len(skipped) > MAX_NAMED_SKIPPED else ""
         print(f"skipped {len(skipped)} unreadable image(s): {named}{more}")
     if args.per_class:
         print_per_class(rows)
     if args.output_json:
-        write_json(args, split, loaded, out["num_images"], skipped, dataset, partial, score_value, at_threshold,
-                   rows, elapsed)
+        _write(failed, "--output-json", args.output_json,
+               lambda: write_json(args, split, loaded, out["num_images"], skipped, dataset, partial, score_value,
+                                  at_threshold, rows, elapsed))
     images_per_s = out["num_images"] / elapsed if elapsed > 0 else float("inf")
     print(f"{out['num_images']} images in {elapsed:.1f} s: {images_per_s:.1f} images/s "
           f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {info.device.type})")
@@ -249,6 +294,15 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
         print("(partial-label mAP: targets of -1 are not annotated and left out of each class's ranking)")
     # original: print("mAP score:", mAP_score) -- the last line, full precision
     print("mAP score:", score_value, flush=True)
+    if failed:
+        raise UsageError(f"the evaluation ran, but {'; '.join(failed)}")
+
+
+def _write(failed: list, flag: str, target: str, write) -> None:
+    try:
+        write()
+    except OSError as exc:
+        failed.append(f"{flag} {target} could not be written: {exc.strerror or exc}")
 
 
 def save_tuned_thresholds(args, classes: Sequence[str], targets, scores, before: ThresholdMetrics) -> None:
@@ -271,10 +325,13 @@ def save_tuned_thresholds(args, classes: Sequence[str], targets, scores, before:
 
 def report_summary(args, split: str, loaded, num_images: int, score_value: float, partial: bool,
                    at_threshold: dict[str, float]) -> list[str]:
-    rule = f"the per-class thresholds of `{args.thresholds}`" if args.thresholds else f"{args.thre} for every class"
+    # Paths and names as Markdown text: a backtick or a '<' in a path must not open code or HTML on the page.
+    rule = (f"the per-class thresholds of {markdown_text(args.thresholds)}" if args.thresholds
+            else f"{args.thre} for every class")
     return [
-        f"- model: {loaded.model_name}, {loaded.num_classes} classes, `{args.model_path}` at {args.image_size} px",
-        f"- data: {args.dataset} `{args.data}`, split {split}, {num_images} images",
+        f"- model: {markdown_text(loaded.model_name)}, {loaded.num_classes} classes, {markdown_text(args.model_path)} "
+        f"at {args.image_size} px",
+        f"- data: {args.dataset} {markdown_text(args.data)}, split {markdown_text(split)}, {num_images} images",
         f"- {'partial-label ' if partial else ''}mAP: **{score_value:.2f}**",
         f"- threshold: {rule}; micro F1 (F_O) {at_threshold['F_O']:.2f}, macro F1 (F_C, mean per-class F1) "
         f"{at_threshold['F_C']:.2f}",

@@ -13,10 +13,15 @@
 A class without positives has no AP and no curve: it is listed last with "n/a" (the plain mAP counts it as 0, as
 the original does). Plots use matplotlib's ``Figure`` directly (the Agg renderer), so no display and no global
 pyplot state are involved.
+
+Class names come from dataset files and checkpoints, which anyone can write: the page shows them as text
+(:func:`markdown_text`), never as Markdown or HTML, and :func:`printable` keeps a name on one line wherever it is
+printed.
 """
 from __future__ import annotations
 
 import io
+import unicodedata
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -25,7 +30,7 @@ import numpy as np
 from ..atomic import atomic_write_bytes, atomic_write_text
 from .metrics import precision_recall_curve
 
-__all__ = ["write_report", "save_png", "CURVES_PER_PANEL"]
+__all__ = ["write_report", "save_png", "printable", "markdown_text", "CURVES_PER_PANEL"]
 
 #: classes drawn in each precision-recall panel (best, worst)
 CURVES_PER_PANEL = 5
@@ -70,9 +75,46 @@ def save_png(figure, path: Union[str, Path]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+# Bidirectional overrides and isolates reorder the text around them on a terminal or a page (a name could make the
+# columns after it read backwards).
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: object) -> str:
+    """``text`` as one line that shows what it holds: control characters (CR, LF, NUL, ESC, ...), line and
+    paragraph separators, bidirectional overrides and lone surrogates (undecodable bytes of a file name, which
+    would make ``print`` fail) become visible escapes such as ``\\r``, ``\\0``, ``\\x1b`` or ``\\u202e``."""
+    text = str(text)
+    if text.isprintable():  # the common case; isprintable() is False for every character escaped below
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI_CONTROLS:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# ASCII punctuation that Markdown (GitHub's included: '$' starts math, '~' strikethrough) may read as syntax; a
+# backslash before any ASCII punctuation makes it a literal character. '&', '<' and '>' become entities instead,
+# so no name can open an HTML tag or spell an entity.
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]|~$")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as literal text inside a Markdown line or table cell: :func:`printable`, then Markdown and HTML
+    syntax escaped. Rendered, it reads exactly as :func:`printable` prints it."""
+    return "".join(_ENTITIES.get(ch) or (f"\\{ch}" if ch in _MARKDOWN_SPECIAL else ch) for ch in printable(text))
+
+
 def _label(name: str) -> str:
-    # A '$' pair would switch matplotlib to math text.
-    return name.replace("$", r"\$")
+    # One line of text in a legend; a '$' pair would switch matplotlib to math text.
+    return printable(name).replace("$", r"\$")
 
 
 def _figure(width: float, height: float, panels: int = 1):
@@ -148,10 +190,6 @@ def _ap_vs_support(rows: Sequence[dict[str, Any]]):
     return figure
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", r"\|").replace("\n", " ")
-
-
 def _table(ranked: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["## Per-class results, by AP", "",
              "| rank | class | AP | positives | threshold | precision | recall | F1 |",
@@ -160,7 +198,7 @@ def _table(ranked: Sequence[dict[str, Any]]) -> list[str]:
         ap = f"{r['ap']:.2f}" if _scored(r) else "n/a"
         threshold = r["threshold"]
         shown = "never" if threshold >= 1.0 else f"{threshold:.4g}"
-        lines.append(f"| {rank} | {_cell(str(r['class']))} | {ap} | {r['positives']} | {shown} | "
+        lines.append(f"| {rank} | {markdown_text(r['class'])} | {ap} | {r['positives']} | {shown} | "
                      f"{r['precision']:.1f} | {r['recall']:.1f} | {r['f1']:.1f} |")
     if not all(_scored(r) for r in ranked):
         lines += ["", "n/a: no positive (or, with unannotated labels, no negative) in the evaluated set, so no AP; "

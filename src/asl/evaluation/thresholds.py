@@ -31,7 +31,8 @@ from ..atomic import atomic_write_text
 from ..errors import UsageError
 from .metrics import ranked_cut_points
 
-__all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds"]
+__all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds",
+           "check_unique_classes"]
 
 #: the threshold of a class that is never predicted (probabilities are at most 1 and the rule is strict).
 NEVER = 1.0
@@ -96,14 +97,22 @@ def save_thresholds(path: Union[str, Path], classes: Sequence[str], thresholds: 
     """Writes ``{class name: threshold}`` atomically (the model's class order)."""
     if len(classes) != len(thresholds):
         raise ValueError(f"{len(thresholds)} thresholds for {len(classes)} classes")
-    if len(set(classes)) != len(classes):
-        repeated = next(c for c in classes if list(classes).count(c) > 1)
-        raise UsageError(f"cannot write {path}: the class name {repeated!r} repeats, so a {{name: threshold}} file "
-                         f"cannot hold every class")
+    check_unique_classes(classes, f"cannot write {path}")
     document = {str(name): float(value) for name, value in zip(classes, thresholds)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+
+
+def check_unique_classes(classes: Sequence[str], context: str) -> None:
+    """Raises :class:`UsageError` (``context: ...``) when two classes share a name: a ``{name: threshold}`` file
+    cannot hold both. validate.py calls it before evaluating, so that the run does not end in it."""
+    first: dict[str, int] = {}
+    for k, name in enumerate(str(c) for c in classes):
+        if name in first:
+            raise UsageError(f"{context}: the class name {name!r} repeats (classes {first[name]} and {k}), so a "
+                             f"{{class name: threshold}} file cannot hold every class")
+        first[name] = k
 
 
 def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarray:

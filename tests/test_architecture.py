@@ -53,7 +53,7 @@ def test_an_empty_model_path_is_one_line_in_every_app(app, extra, capsys):
     assert module.main([*extra, "--model-path", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{app}.py: error: argument --model-path")
-    assert "expected a checkpoint file or an http(s) URL" in err[0]
+    assert "expected a model source: a checkpoint file, a folder, hf-hub:ORG/NAME or an http(s) URL" in err[0]
 
 
 @pytest.mark.parametrize("value", ["2", "nan", "-0.1"])

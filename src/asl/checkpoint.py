@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_write
-from .download import download, expected_sha256, is_url, sha256_of
+from .download import expected_sha256, is_url, sha256_of
 from .errors import CheckpointError
+from .sources import checkpoint_entries, read_safetensors, resolve, weights_suffix
 from .state_dict import clean_state_dict, is_counter
 
 __all__ = [
@@ -204,8 +205,12 @@ def _normalize(obj: Any, source: str) -> Dict:
 
 
 def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Optional[str] = None) -> Dict:
-    """Load a checkpoint file or URL safely, as a dict with at least the key ``'model'`` (the state dict).
+    """Load a model source safely, as a dict with at least the key ``'model'`` (the state dict).
 
+    - Sources (:mod:`asl.sources`): a ``.pth/.pt/.bin`` file, a ``.safetensors`` file, a folder with
+      ``model.safetensors`` (or ``pytorch_model.bin``) and ``config.json``, ``hf-hub:ORG/NAME[@REVISION]``, or an
+      ``http(s)`` URL. A ``config.json`` (ours or timm's) adds ``num_classes``, ``idx_to_class``, ``model_name``,
+      ``image_size``.
     - Always ``torch.load(..., weights_only=True)``: a file that needs arbitrary code to unpickle (a pickled
       object whose reconstruction calls a function) is refused with :class:`CheckpointError`; nothing from it runs.
     - ``http://`` / ``https://`` URLs are downloaded once into ``torch.hub.get_dir()/checkpoints`` (progress bar)
@@ -216,19 +221,33 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     """
     source = os.fspath(path_or_url)
     remote = is_url(source)
+    suffix = weights_suffix(source)
     # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does.
-    path = download(source, sha256, check=lambda p: _read(p, "cpu")) if remote else source
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+    resolved = resolve(source, sha256, check=lambda p: _read_weights(p, suffix, "cpu"))
+    path = resolved.weights
     if sha256 and not remote and sha256_of(path) != expected_sha256(source, sha256):
         raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
-        obj = _read(path, map_location)
+        obj = _read_weights(path, weights_suffix(path) if not remote else suffix, map_location)
     except CheckpointError as exc:
         if remote:  # a cached file that no longer loads: say which file to delete so that the next run fetches it
             raise CheckpointError(f"{exc} (the cached download of {source}: delete {path} to fetch it again)") from None
         raise
-    return _normalize(obj, path)
+    ckpt = _normalize(obj, path)
+    if resolved.config:
+        # The weights file's own entries win over its folder's config.json (ours stores both, alike).
+        ckpt = {**checkpoint_entries(resolved.config), **ckpt}
+    return ckpt
+
+
+def _read_weights(path: str, suffix: str, map_location: Any) -> Any:
+    """A weights file's content: safetensors (with the config stored in its metadata) or a torch file."""
+    if suffix != ".safetensors":
+        return _read(path, map_location)
+    tensors, config = read_safetensors(path)
+    if map_location not in (None, "cpu"):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return {"model": tensors, **checkpoint_entries({"asl": config})} if config else tensors
 
 
 def _read(path: str, map_location: Any) -> Any:

@@ -1,6 +1,9 @@
-"""Export a checkpoint to ONNX with a dynamic batch axis (asked for in the original's issues #73 and #86).
+"""Export a checkpoint to ONNX with a dynamic batch axis (asked for in the original's issues #73 and #86), or to a
+Hugging Face Hub folder (:mod:`asl.apps.export_hf`).
 
     python export.py --model-path MS_COCO_TRresNet_L_448_86.6.pth --format onnx --output tresnet_l_448.onnx
+    python export.py --model-path models/model-highest.pth --format hf --output my-asl-model \
+        --metrics-json val.json --thresholds thresholds.json
 
 The graph takes ``input``: float32 RGB in [0, 1], shape (batch, 3, S, S), no mean/std normalisation (resize the
 picture to S x S first, as validate.py does), and returns ``logits`` (batch, num_classes); apply a sigmoid for
@@ -17,24 +20,35 @@ from typing import Optional, Sequence
 
 import torch
 
-from asl.cli import ArgumentParser, positive_int, run_main, setup_logging
+from asl.cli import ArgumentParser, positive_int, probability, run_main, setup_logging
 from asl.errors import UsageError
+from asl.evaluation.thresholds import load_thresholds
 from asl.models.loading import load_model
 
-from .options import model_options
+from .export_hf import export_hf, read_json_file
+from .options import MODEL_SOURCE_HELP, model_options
 
 logger = logging.getLogger("export")
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "hf")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="export.py", parents=[model_options("checkpoint file or http(s) URL", required=True)],
-                            description="Export an ASL checkpoint (official model-zoo file or ours) to ONNX.")
-    parser.add_argument("--format", type=str, default="onnx", choices=FORMATS)
+    parser = ArgumentParser(prog="export.py", parents=[model_options(MODEL_SOURCE_HELP, required=True)],
+                            description="Export an ASL checkpoint (official model-zoo file or ours) to ONNX, or to a "
+                                        "Hugging Face Hub folder (--format hf).")
+    parser.add_argument("--format", type=str, default="onnx", choices=FORMATS,
+                        help="onnx: one .onnx file; hf: a folder with model.safetensors, config.json and README.md")
     parser.add_argument("--output", type=str, default=None,
-                        help="output file (default: the checkpoint's name with .onnx, in the current folder)")
+                        help="output file or folder (default: the checkpoint's name with .onnx, or the name alone for "
+                             "hf, in the current folder)")
     parser.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
+    parser.add_argument("--metrics-json", type=str, default=None, metavar="FILE",
+                        help="hf: the validate.py --output-json file whose metrics go into the model card")
+    parser.add_argument("--thresholds", type=str, default=None, metavar="FILE",
+                        help="hf: the validate.py --save-thresholds file, stored in config.json")
+    parser.add_argument("--threshold", type=probability, default=None,
+                        help="hf: one default threshold for every class, stored in config.json")
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -81,16 +95,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        import onnx  # noqa: F401  (torch.onnx needs it; say so before loading a large checkpoint)
-    except ImportError:
-        raise UsageError("ONNX export needs the 'onnx' package: pip install -e '.[onnx]'") from None
-    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False,
+    if args.format == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch.onnx needs it; say so before loading a large checkpoint)
+        except ImportError:
+            raise UsageError("ONNX export needs the 'onnx' package: pip install -e '.[onnx]'") from None
+    # Read before the model: a mistyped file fails at once.
+    metrics = read_json_file(args.metrics_json, "--metrics-json")
+    hf = args.format == "hf"
+    # The hf folder keeps the official layout (unfolded) so that it loads strictly into a fresh model.
+    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False, prepare=not hf,
                         sha256=args.model_sha256)
     if args.image_size is None:
         args.image_size = loaded.image_size
         logger.info("image size %d (%s)", args.image_size, loaded.image_size_source)
-    output = Path(args.output) if args.output else Path(Path(args.model_path).stem + ".onnx")
+    stem = Path(args.model_path.rstrip("/").split("@")[0].split(":")[-1]).stem or "model"
+    output = Path(args.output) if args.output else Path(stem if hf else stem + ".onnx")
+    if hf:
+        thresholds = None
+        if args.thresholds:
+            values = load_thresholds(args.thresholds, loaded.class_names)  # checked against the model's classes
+            thresholds = dict(zip(loaded.class_names, values.tolist()))
+        export_hf(loaded, output, args.image_size, metrics, thresholds, args.threshold)
+        print(f"wrote {output}/ (model.safetensors, config.json, README.md: {loaded.model_name}, "
+              f"{loaded.num_classes} classes, {args.image_size} px); publish it with: huggingface-cli upload "
+              f"ORG/NAME {output}")
+        return 0
     export_onnx(loaded.model, output, args.image_size, args.opset)
     _add_metadata(output, {
         "class_names": json.dumps(loaded.class_names),

@@ -37,14 +37,14 @@ from asl.pictures import (IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, UnreadableImage
 from asl.precision import resolve_amp_dtype
 from asl.evaluation.thresholds import load_thresholds
 
-from .options import inference_options, model_options, runtime_options
+from .options import MODEL_SOURCE_HELP, inference_options, model_options, runtime_options
 from .validate import check_folder, check_writable
 
 logger = logging.getLogger("infer")
 
 
 def build_parser() -> ArgumentParser:
-    parents = [model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
+    parents = [model_options(MODEL_SOURCE_HELP, required=True),
                runtime_options(batch_size=16, workers=2, amp_dtype="none",
                                amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
                                         "as the original"),

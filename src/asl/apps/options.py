@@ -9,12 +9,17 @@ from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegativ
 from ..data import DATASET_NAMES
 from ..precision import amp_dtype_arg
 
-__all__ = ["cpu_cores", "model_options", "runtime_options", "inference_options", "data_options", "recipe_options"]
+#: what --model-path takes in every script (asl.sources)
+MODEL_SOURCE_HELP = "model source: a .pth/.safetensors file, a folder, hf-hub:ORG/NAME or an http(s) URL (MODEL_ZOO.md)"
+
+__all__ = ["MODEL_SOURCE_HELP", "cpu_cores", "model_options", "runtime_options", "inference_options", "data_options",
+           "recipe_options"]
 
 
 def _checkpoint_source(text: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError("expected a checkpoint file or an http(s) URL (see MODEL_ZOO.md), got ''")
+        raise argparse.ArgumentTypeError("expected a model source: a checkpoint file, a folder, hf-hub:ORG/NAME or an "
+                                         "http(s) URL (see MODEL_ZOO.md), got ''")
     return text
 
 

@@ -43,7 +43,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--train-split", type=str, default=None, help="default: train2014 for coco (see Datasets.md)")
     p.add_argument("--model-name", type=str, default="tresnet_m", help="tresnet_m|tresnet_l|tresnet_xl|timm/<name>")
     p.add_argument("--model-path", type=str, default="",
-                   help="ImageNet-pretrained backbone to start from (head.fc is skipped); '' = from scratch")
+                   help="ImageNet-pretrained backbone to start from, any model source (a .pth/.safetensors file, a "
+                        "folder, hf-hub:timm/tresnet_m.miil_in21k, a URL; the classifier is skipped); '' = from "
+                        "scratch")
     p.add_argument("--bottleneck-head", action="store_true", help="TResNet head Linear->512->classes (Open Images)")
     p.add_argument("--image-size", type=image_size, default=224)
     p.add_argument("--output-dir", type=str, default="models")

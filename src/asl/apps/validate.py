@@ -41,7 +41,7 @@ from asl.evaluation.report import markdown_text, printable, write_report
 from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
                                        precision_thresholds, save_thresholds)
 
-from .options import data_options, inference_options, model_options, runtime_options
+from .options import MODEL_SOURCE_HELP, data_options, inference_options, model_options, runtime_options
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
@@ -51,7 +51,7 @@ MAX_NAMED_SKIPPED = 20
 
 def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
-               model_options("checkpoint file or http(s) URL (MODEL_ZOO.md)", required=True),
+               model_options(MODEL_SOURCE_HELP, required=True),
                runtime_options(batch_size=32, workers=8, amp_dtype="none",
                                amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
                                         "as the original"),

@@ -12,6 +12,7 @@ Nothing here prints: progress goes to the ``on_step`` callback and to ``logging`
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -76,6 +77,36 @@ def create_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 1
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+def _accumulate_gradients(state: Any, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
+                          config: StepConfig) -> torch.Tensor:
+    """Forward and backward of one batch in ``config.grad_accum_steps`` micro-batches; returns the summed loss.
+
+    The loss is a sum over images, so the micro-batches' gradients add up to the whole batch's. Under DDP only the
+    last micro-batch all-reduces (``no_sync`` for the others): the reduction of a sum of gradients is the sum of
+    their reductions, at one communication per optimizer step.
+    """
+    device, distributed = config.device, config.world_size > 1
+    chunks = max(1, min(config.grad_accum_steps, images.shape[0]))
+    no_sync = getattr(state.forward_model, "no_sync", None) if distributed else None
+    total = torch.zeros((), device=device)
+    for i, (part_images, part_targets) in enumerate(zip(images.tensor_split(chunks), targets.tensor_split(chunks))):
+        last = i == chunks - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            x = images_to_float(part_images, device)
+            y, mask = _split_unannotated(part_targets.to(device, non_blocking=device.type == "cuda").float(),
+                                         config.unannotated)
+            with autocast(device, config.amp_dtype):
+                # original: the loss is computed in fp32 on model(x).float(), outside autocast.
+                output = state.forward_model(x).float()
+            loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
+            scaled = loss * config.world_size if distributed else loss
+            if state.scaler is not None:
+                scaled = state.scaler.scale(scaled)
+            scaled.backward()
+        total = total + loss.detach()
+    return total
+
+
 def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,
                                                                                   Optional[torch.Tensor]]:
     if unannotated is None:
@@ -102,6 +133,9 @@ class StepConfig:
     as one process with batch ``-b`` would have (Adam's epsilon and the L2 weight decay make the scale matter).
     ``unannotated``: ``None`` (targets are 0/1), ``'ignore'`` (targets of -1 are masked out of the loss) or
     ``'negative'`` (-1 counts as 0). ``max_steps``: the epoch ends after this many steps in total.
+    ``grad_accum_steps``: each batch of the loader (one optimizer step) goes through the model in this many
+    micro-batches, their gradients summed; the summed loss is the whole batch's, so the recipe's batch and learning
+    rate keep their meaning on a device that cannot hold the batch. BatchNorm statistics follow the micro-batch.
     """
 
     device: torch.device
@@ -109,6 +143,7 @@ class StepConfig:
     world_size: int = 1
     unannotated: Optional[str] = None
     max_steps: Optional[int] = None
+    grad_accum_steps: int = 1
 
 
 def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: StepConfig, *,
@@ -175,19 +210,8 @@ def _train_step(state: Any, batch: Any, criterion: nn.Module, config: StepConfig
         raise RuntimeError(f"every image of a batch was unreadable (epoch {state.epoch}, step {step}); under "
                            f"DDP every rank must run each step: fix the data or use --strict-data")
     if n_local > 0:
-        x = images_to_float(images, device)
-        y, mask = _split_unannotated(targets.to(device, non_blocking=device.type == "cuda").float(),
-                                     config.unannotated)
-        with autocast(device, config.amp_dtype):
-            # original: the loss is computed in fp32 on model(x).float(), outside autocast.
-            output = state.forward_model(x).float()
-        loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
         state.optimizer.zero_grad(set_to_none=True)
-        scaled = loss * config.world_size if distributed else loss
-        if state.scaler is not None:
-            scaled = state.scaler.scale(scaled)
-        scaled.backward()
-        local_loss = loss.detach()
+        local_loss = _accumulate_gradients(state, images, targets, criterion, config)
     else:
         # Every image of this batch was unreadable (single process): nothing to learn from, but the
         # schedule still advances so the run keeps the recipe's length.

@@ -56,13 +56,15 @@ def _image_size(args) -> int:
 def test_every_validate_and_infer_command_parses(tmp_path, monkeypatch):
     validate_commands, infer_commands = _commands("validate.py"), _commands("infer.py")
     assert len(validate_commands) >= 6 and len(infer_commands) >= 5
+    assert sum(any(name in " ".join(c) for name in ORIGINAL_FILES) for c in validate_commands) >= 6
     monkeypatch.chdir(tmp_path)
     for argv in validate_commands:
         Path(argv[0]).mkdir(exist_ok=True)
         args = validate.build_parser().parse_args(argv)
         validate.check_args(args)
         size = re.search(r"_(224|448|640)[_.]", args.model_path)
-        assert size and int(size.group(1)) == _image_size(args), argv
+        official = any(name in args.model_path for name in ORIGINAL_FILES)
+        assert not official or (size and int(size.group(1)) == _image_size(args)), argv
     for argv in infer_commands:
         args = infer.build_parser().parse_args(argv)
         size = re.search(r"_(224|448|640)[_.]", args.model_path)
@@ -105,3 +107,18 @@ def test_offline_a_copied_hub_cache_serves_its_urls_without_the_network(tmp_path
 
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     assert Path(download.download(url)) == copied
+
+
+def test_the_train_commands_start_from_the_hub_backbones():
+    """The dead bucket is said plainly, and every train.py command starts from a Hub id timm publishes."""
+    assert "403 Forbidden" in TEXT
+    commands = _commands("train.py")
+    assert commands
+    from asl.apps import train
+
+    for argv in commands:
+        args = train.build_parser().parse_args(argv)
+        assert args.model_path.startswith("hf-hub:timm/tresnet_"), argv
+        import timm
+
+        assert args.model_path[len("hf-hub:timm/"):] in timm.list_pretrained("tresnet*"), argv

@@ -45,7 +45,7 @@ logger = logging.getLogger("infer")
 
 def build_parser() -> ArgumentParser:
     parents = [model_options(MODEL_SOURCE_HELP, required=True),
-               runtime_options(batch_size=16, workers=2, amp_dtype="none",
+               runtime_options(batch_size=16, workers=8, amp_dtype="none",
                                amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
                                         "as the original"),
                inference_options()]

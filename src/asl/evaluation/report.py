@@ -3,9 +3,9 @@
 ``DIR/README.md`` (GitHub and most editors render it) holds the summary, three pictures and the per-class table:
 
 - ``pr_curves.png``: precision-recall curves of the best and the worst classes;
-- ``score_histogram.png``: the scores of positive and of negative labels. ASL's asymmetric focusing and its
-  probability margin act on the negatives, and this is where that shows: how many negatives sit near 0, how
-  many leak above the threshold;
+- ``score_histogram.png``: the scores of positive and of negative labels: how far apart the two lie, and how many
+  negatives leak above the threshold. ASL's focusing and margin act on the negatives, so its scores are no
+  calibrated probabilities: a short run can put every score, negatives included, well above 0;
 - ``ap_vs_support.png``: each class's AP against its number of positives (rare classes are where multi-label
   losses differ);
 - the table: AP, positives, threshold, precision, recall and F1 per class, sorted by AP.

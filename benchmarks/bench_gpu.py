@@ -1,16 +1,24 @@
-"""TResNet + ASL against timm's TResNet on one GPU: training images/s and peak memory (AMP fp16 and bf16,
-channels_last on and off, torch.compile on and off) and inference images/s. Run through benchmarks/gpu.sh.
+"""TResNet + ASL on one GPU, against timm's TResNet: one command (benchmarks/gpu.sh) that reports
 
-Each configuration runs ours and timm's with the same settings, interleaved in one process (warm-up, then timed
-steps), and prints one JSON line; a Markdown table closes the run. ``--dry-run`` does the same on the CPU with a
-tiny model, input and step count, to check the script without a GPU.
+- training forward+backward images/s and peak memory, TResNet-M at 224 and TResNet-L at 448, for ours eager, ours
+  under ``torch.compile`` and timm's, each under AMP fp16 (with GradScaler) and bf16;
+- inference images/s of ``prepare_for_inference`` against timm's eval model;
+- the memory-saving norm's gradients on the GPU against plain autograd's, under fp32, fp16 and bf16 autocast
+  (the error of each against the fp32 gradients; tests/test_amp.py states the same criterion on the CPU);
+- a 50-step ``train.py`` smoke run on generated data with the recipe's defaults (AMP on CUDA).
+
+It writes ``OUT/gpu.json`` (every figure) and ``OUT/gpu.md`` (a Markdown table for BENCHMARKS.md). ``--dry-run`` runs
+the same code on the CPU with tiny sizes, to check the script without a GPU (tests/test_benchmarks.py).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import copy
 import json
+import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -20,20 +28,27 @@ from asl.losses import AsymmetricLoss
 from asl.models import create_model, prepare_for_inference
 from asl.precision import AMP_DTYPES, autocast
 
+FULL = {"configs": [("tresnet_m", 224, 128), ("tresnet_l", 448, 64)], "steps": 10, "warmup": 3,
+        "amps": ["float16", "bfloat16"], "compile": True, "smoke_steps": 50, "smoke_size": 224, "smoke_batch": 32}
+DRY = {"configs": [("tresnet_m", 64, 2)], "steps": 1, "warmup": 0, "amps": ["bfloat16"], "compile": False,
+       "smoke_steps": 2, "smoke_size": 64, "smoke_batch": 4}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _models(name: str, device: torch.device, channels_last: bool, compile_: bool) -> dict[str, nn.Module]:
+def _variants(name: str, device: torch.device, compile_: bool) -> dict[str, nn.Module]:
     import timm
 
     torch.manual_seed(0)
-    models = {"asl": create_model(name, 80), "timm": timm.create_model(name, num_classes=80)}
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return {k: (torch.compile(m.to(device, memory_format=fmt)) if compile_ else m.to(device, memory_format=fmt))
-            for k, m in models.items()}
+    ours = create_model(name, 80).to(device, memory_format=torch.channels_last)
+    variants = {"asl": ours, "timm": timm.create_model(name, num_classes=80).to(device,
+                                                                                 memory_format=torch.channels_last)}
+    if compile_:
+        variants["asl compiled"] = torch.compile(copy.deepcopy(ours))
+    return variants
 
 
 def train_throughput(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str, steps: int,
@@ -48,6 +63,7 @@ def train_throughput(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: st
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
@@ -68,6 +84,7 @@ def train_throughput(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: st
 @torch.inference_mode()
 def eval_throughput(model: nn.Module, x: torch.Tensor, amp: str, steps: int, warmup: int) -> float:
     model.eval()
+    start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(x.device)
@@ -78,48 +95,122 @@ def eval_throughput(model: nn.Module, x: torch.Tensor, amp: str, steps: int, war
     return x.shape[0] * steps / (time.perf_counter() - start)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tresnet_l")
-    parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("-b", "--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tresnet_m, 64 px, batch 2, 1 step, no compile")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        device, args.model, args.image_size, args.batch_size, args.steps, args.warmup = "cpu", "tresnet_m", 64, 2, 1, 0
-        grid = list(itertools.product(["bfloat16"], [False, True], [False]))
-    else:
-        device = "cuda"
-        torch.backends.cudnn.benchmark = True
-        # compile only where it is likeliest to be used: each compile costs minutes of the 8-minute budget.
-        grid = list(itertools.product(["float16", "bfloat16"], [False, True], [False])) + [("bfloat16", True, True)]
-    device = torch.device(device)
-    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    y = (torch.rand(args.batch_size, 80, device=device) < 0.05).float()
+def throughput_rows(device: torch.device, plan: dict) -> list[dict]:
     rows = []
-    for amp, channels_last, compile_ in grid:
-        models = _models(args.model, device, channels_last, compile_)
-        xf = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        row = {"model": args.model, "size": args.image_size, "batch": args.batch_size, "amp": amp,
-               "channels_last": channels_last, "compile": compile_, "device": str(device)}
-        for name, model in models.items():
-            ips, peak = train_throughput(model, xf, y, amp, args.steps, args.warmup)
-            row[f"{name}_train_img_s"], row[f"{name}_peak_gib"] = round(ips, 1), peak
-        inference = {"asl": prepare_for_inference(create_model(args.model, 80).to(device)),
-                     "timm": models["timm"]}
-        for name, model in inference.items():
-            row[f"{name}_eval_img_s"] = round(eval_throughput(model, xf, amp, args.steps, args.warmup), 1)
+    for name, size, batch in plan["configs"]:
+        x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        y = (torch.rand(batch, 80, device=device) < 0.05).float()
+        variants = _variants(name, device, plan["compile"])
+        prepared = prepare_for_inference(create_model(name, 80).to(device))
+        for amp in plan["amps"]:
+            row = {"model": name, "size": size, "batch": batch, "amp": amp, "device": str(device)}
+            for label, model in variants.items():
+                ips, peak = train_throughput(model, x, y, amp, plan["steps"], plan["warmup"])
+                row[f"{label} train img/s"], row[f"{label} peak GiB"] = round(ips, 1), peak
+            row["asl eval img/s"] = round(eval_throughput(prepared, x, amp, plan["steps"], plan["warmup"]), 1)
+            row["timm eval img/s"] = round(eval_throughput(variants["timm"], x, amp, plan["steps"], plan["warmup"]),
+                                           1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del variants, prepared
+    return rows
+
+
+def gradient_rows(device: torch.device, size: int) -> list[dict]:
+    """The memory-saving norm against plain autograd under each autocast dtype, both measured against fp32."""
+    torch.manual_seed(0)
+    base = create_model("tresnet_m", 5).to(device).train()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, size, size, generator=g).to(device)
+    y = (torch.rand(4, 5, generator=g) > 0.5).float().to(device)
+
+    def grads(memory_efficient: bool, dtype) -> dict:
+        model = copy.deepcopy(base)
+        for module in model.modules():
+            if hasattr(module, "memory_efficient"):
+                module.memory_efficient = memory_efficient
+        with autocast(device, dtype):
+            out = model(x)
+        AsymmetricLoss(4, 0, 0.05)(out.float(), y).backward()
+        return {n: p.grad.double() for n, p in model.named_parameters()}
+
+    reference = grads(False, None)
+    rows = []
+    for amp in ("none", "float16", "bfloat16"):
+        row = {"amp": amp}
+        for memory_efficient in (False, True):
+            got = grads(memory_efficient, AMP_DTYPES[amp])
+            errors = [((got[n] - r).abs().max() / r.abs().max()).item() for n, r in reference.items()]
+            label = "memory-saving" if memory_efficient else "plain"
+            row[f"{label} median"], row[f"{label} worst"] = statistics.median(errors), max(errors)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del models, inference
-    print("\n| amp | channels_last | compile | train img/s asl / timm | peak GiB asl / timm | eval img/s asl / timm |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['amp']} | {r['channels_last']} | {r['compile']} | {r['asl_train_img_s']} / "
-              f"{r['timm_train_img_s']} | {r['asl_peak_gib']} / {r['timm_peak_gib']} | {r['asl_eval_img_s']} / "
-              f"{r['timm_eval_img_s']} |")
+    return rows
+
+
+def smoke_run(device: torch.device, plan: dict) -> dict:
+    """train.py's defaults on generated data for a few steps: it runs, and how fast."""
+    from asl.apps import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [str(Path(tmp) / "data"), "--dataset", "synthetic", "--dataset-option", "num_train=256",
+                "--dataset-option", "num_val=64", "--image-size", str(plan["smoke_size"]), "-b",
+                str(plan["smoke_batch"]), "-j", "2", "--epochs", "1", "--stop-epoch", "0", "--max-steps-per-epoch",
+                str(plan["smoke_steps"]), "--device", device.type, "--output-dir", str(Path(tmp) / "run")]
+        start = time.perf_counter()
+        code = train.main(argv)
+        elapsed = time.perf_counter() - start
+        log = Path(tmp) / "run" / "log.txt"
+        record = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
+    row = {"exit code": code, "seconds": round(elapsed, 1), "mAP": record.get("mAP"),
+           "images/s": record.get("images_per_sec")}
+    print(json.dumps({"smoke": row}), flush=True)
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = ["| model, size, batch | amp | train img/s: asl / compiled / timm | peak GiB: asl / compiled / timm | "
+             "eval img/s: asl / timm |", "| --- | --- | --- | --- | --- |"]
+    for r in report["throughput"]:
+        lines.append(f"| {r['model']}, {r['size']}, {r['batch']} | {r['amp']} | {r['asl train img/s']} / "
+                     f"{r.get('asl compiled train img/s', '-')} / {r['timm train img/s']} | {r['asl peak GiB']} / "
+                     f"{r.get('asl compiled peak GiB', '-')} / {r['timm peak GiB']} | {r['asl eval img/s']} / "
+                     f"{r['timm eval img/s']} |")
+    lines += ["", "| autocast | gradient error vs fp32, plain: median / worst | memory-saving: median / worst |",
+              "| --- | --- | --- |"]
+    for r in report["gradients"]:
+        lines.append(f"| {r['amp']} | {r['plain median']:.2e} / {r['plain worst']:.2e} | "
+                     f"{r['memory-saving median']:.2e} / {r['memory-saving worst']:.2e} |")
+    smoke = report["smoke"]
+    lines += ["", f"train.py smoke run: exit code {smoke['exit code']}, {smoke['seconds']} s, "
+                  f"{smoke['images/s']} images/s, mAP {smoke['mAP']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/gpu_results"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (each compile costs minutes)")
+    parser.add_argument("--dry-run", action="store_true", help="the CPU, tiny sizes, one step, no compile")
+    args = parser.parse_args(argv)
+    plan = dict(DRY if args.dry_run else FULL)
+    if args.no_compile:
+        plan["compile"] = False
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "throughput": throughput_rows(device, plan),
+              "gradients": gradient_rows(device, 64), "smoke": smoke_run(device, plan)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.output_dir / "gpu.md").write_text(table)
+    print("\n" + table)
     return 0
 
 

@@ -22,6 +22,8 @@ FAMILIES = {
     "tresnet_xl": ["--model-name", "tresnet_xl"],
     "bottleneck_head": ["--model-name", "tresnet_m", "--bottleneck-head"],
     "timm_backbone": ["--model-name", "timm/resnet10t"],
+    "ml_decoder": ["--model-name", "tresnet_m", "--head", "ml-decoder"],
+    "tresnet_v2_l": ["--model-name", "tresnet_v2_l"],
 }
 
 

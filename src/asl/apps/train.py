@@ -22,7 +22,8 @@ from asl.training.step import StepConfig
 from asl.errors import UsageError
 from asl.training.loop import FitConfig, fit
 from asl.losses import AsymmetricLoss
-from asl.models import check_model_name, create_model
+from asl.models import HEADS, check_head, check_model_name, create_model
+from asl.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoder, ml_decoder_sizes
 from asl.precision import amp_dtype_name, resolve_amp_dtype
 from asl.training.state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
                              data_fingerprint)
@@ -41,12 +42,21 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train.py", parents=parents,
                        description="Train with the Asymmetric Loss (ASL, ICCV 2021).")
     p.add_argument("--train-split", type=str, default=None, help="default: train2014 for coco (see Datasets.md)")
-    p.add_argument("--model-name", type=str, default="tresnet_m", help="tresnet_m|tresnet_l|tresnet_xl|timm/<name>")
+    p.add_argument("--model-name", type=str, default="tresnet_m",
+                   help="tresnet_m|tresnet_l|tresnet_xl|tresnet_v2_l|timm/<name>")
     p.add_argument("--model-path", type=str, default="",
                    help="ImageNet-pretrained backbone to start from, any model source (a .pth/.safetensors file, a "
                         "folder, hf-hub:timm/tresnet_m.miil_in21k, a URL; the classifier is skipped); '' = from "
                         "scratch")
     p.add_argument("--bottleneck-head", action="store_true", help="TResNet head Linear->512->classes (Open Images)")
+    p.add_argument("--head", type=str, default=None, choices=list(HEADS),
+                   help="classification head instead of the linear one: ml-decoder (ML-Decoder, on any backbone)")
+    p.add_argument("--use-ml-decoder", type=int, default=None, choices=[0, 1],
+                   help="ML-Decoder's own spelling: 1 is --head ml-decoder")
+    p.add_argument("--num-of-groups", type=int, default=None,
+                   help="ML-Decoder queries, at most the class count; -1: min(100, classes) (default)")
+    p.add_argument("--decoder-embedding", type=int, default=None,
+                   help=f"ML-Decoder width, a multiple of 8 (default {DEFAULT_EMBEDDING})")
     p.add_argument("--image-size", type=image_size, default=224)
     p.add_argument("--output-dir", type=str, default="models")
     p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
@@ -73,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_model_name(args.model_name)
+    resolve_head_args(args)
     args.dataset = canonical_name(args.dataset)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
     args.train_split = args.train_split or default_split(args.dataset, True)
@@ -108,8 +119,8 @@ def _train_in(output_dir: Path, args, info: dist_utils.DistInfo) -> int:
     state = build_state(args, resume, resume_path, train_ds.num_classes, steps_per_epoch, amp_dtype, info)
     run_folder = RunFolder(output_dir, info.is_main, {
         "num_classes": train_ds.num_classes, "idx_to_class": train_ds.idx_to_class(), "model_name": args.model_name,
-        "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, "args": dict(vars(args)),
-        "steps_per_epoch": steps_per_epoch, "data": fingerprint})
+        "image_size": args.image_size, "bottleneck_head": args.bottleneck_head, **head_meta(state.model),
+        "args": dict(vars(args)), "steps_per_epoch": steps_per_epoch, "data": fingerprint})
     run_folder.begin(resumed=resume is not None, args=vars(args))
     config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, args.save_every_steps,
                        StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch))
@@ -127,6 +138,36 @@ def _train_in(output_dir: Path, args, info: dist_utils.DistInfo) -> int:
         print(f"interrupted at epoch {state.epoch}, step {state.step}: state saved to {run_folder.last_path}; "
               f"continue with --resume auto", flush=True)
     return 0
+
+
+def resolve_head_args(args) -> None:
+    """One head choice in ``args.head`` (``--use-ml-decoder`` folded in), ML-Decoder's sizes filled in; conflicting
+    or stray head flags are one-line errors before any data is read."""
+    if args.use_ml_decoder is not None:
+        chosen = "ml-decoder" if args.use_ml_decoder else None
+        if args.head is not None and args.head != chosen:
+            raise UsageError(f"--use-ml-decoder {args.use_ml_decoder} contradicts --head {args.head}")
+        args.head = chosen
+    args.head = check_head(args.head, args.bottleneck_head)
+    if args.head != "ml-decoder":
+        stray = [flag for flag, value in (("--num-of-groups", args.num_of_groups),
+                                          ("--decoder-embedding", args.decoder_embedding)) if value is not None]
+        if stray:
+            raise UsageError(f"{' and '.join(stray)} apply to the ML-Decoder head only (--head ml-decoder)")
+        return
+    # original (ML-Decoder's train.py): --num-of-groups -1 ("full decoding"), --decoder-embedding 768
+    args.num_of_groups = -1 if args.num_of_groups is None else args.num_of_groups
+    args.decoder_embedding = DEFAULT_EMBEDDING if args.decoder_embedding is None else args.decoder_embedding
+    ml_decoder_sizes(args.num_classes or 1, args.num_of_groups, args.decoder_embedding)  # bad values fail here
+
+
+def head_meta(model: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint's record of the head: ``head`` and the ML-Decoder's actual sizes (queries after the cap at
+    the class count), or None for the linear classifier. validate.py reads the head from the weights themselves."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, MLDecoder):
+        return {"head": None, "num_of_groups": None, "decoder_embedding": None}
+    return {"head": "ml-decoder", "num_of_groups": head.num_of_groups, "decoder_embedding": head.decoder_embedding}
 
 
 def build_datasets(args) -> tuple[Any, Any]:
@@ -170,7 +211,10 @@ def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_cl
     torch.manual_seed(args.seed)
     # A resumed run takes every weight from last.pth, so the pretrained file is only read for a new run.
     pretrained = args.model_path if args.model_path and resume is None else None
-    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, pretrained=pretrained)
+    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, head=args.head,
+                         num_of_groups=args.num_of_groups if args.head else -1,
+                         decoder_embedding=args.decoder_embedding if args.head else DEFAULT_EMBEDDING,
+                         pretrained=pretrained)
     if pretrained:
         logger.info("backbone initialised from %s", pretrained)
     elif resume is None and args.dataset != "synthetic" and info.is_main:

@@ -1,4 +1,5 @@
-"""Model factory: TResNet-M/L/XL (official checkpoint layout) and any timm backbone as ``timm/<name>``."""
+"""Model factory: TResNet-M/L/XL and TResNet-L v2 (official checkpoint layout) and any timm backbone as
+``timm/<name>``, each with the linear classifier, or the ML-Decoder head (``head="ml-decoder"``)."""
 from __future__ import annotations
 
 import copy
@@ -8,20 +9,37 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .convert import convert_timm_tresnet, detect_architecture, is_timm_tresnet_layout, strip_prefixes
+from .convert import convert_timm_tresnet, detect_architecture, detect_head, is_timm_tresnet_layout, strip_prefixes
 from .layers import ABN, fold_conv_abn
+from .ml_decoder import DEFAULT_EMBEDDING, MLDecoder
 from .timm_backbone import TimmClassifier
 from .tresnet import TRESNET_CONFIGS, TResNet
 
 __all__ = [
     "MODEL_NAMES", "check_model_name", "create_model", "prepare_for_inference", "load_pretrained_backbone",
     "normalize_state_dict",
-    "default_channels_last", "detect_architecture", "convert_timm_tresnet", "head_prefix", "TResNet", "TimmClassifier",
+    "default_channels_last", "detect_architecture", "detect_head", "convert_timm_tresnet", "head_prefix", "TResNet",
+    "TimmClassifier", "MLDecoder", "HEADS", "check_head",
 ]
 
 
 MODEL_NAMES = tuple(TRESNET_CONFIGS)
 TIMM_PREFIX = "timm/"
+#: the heads besides the default linear classifier (``head=None``)
+HEADS = ("ml-decoder",)
+
+
+def check_head(head: Optional[str], bottleneck_head: bool = False) -> Optional[str]:
+    """The canonical head name (``None`` for the linear classifier); :class:`~asl.errors.ModelError` listing the
+    known ones otherwise."""
+    if head is None:
+        return None
+    key = str(head).strip().lower().replace("_", "-")
+    if key not in HEADS:
+        raise ModelError(f"unknown head {head!r}; known: {', '.join(HEADS)} (or none: the linear classifier)")
+    if bottleneck_head:
+        raise ModelError(f"bottleneck_head and head={key!r} are two different heads: choose one")
+    return key
 
 
 def check_model_name(name: str) -> None:
@@ -39,22 +57,27 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, or timm/<timm model name>")
 
 
-def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
+def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False, head: Optional[str] = None,
+                 num_of_groups: int = -1, decoder_embedding: int = DEFAULT_EMBEDDING,
                  pretrained: Optional[str] = None, memory_efficient: bool = True) -> nn.Module:
-    """Builds ``tresnet_m``, ``tresnet_l``, ``tresnet_xl`` or ``timm/<any timm model>``.
+    """Builds ``tresnet_m``, ``tresnet_l``, ``tresnet_xl``, ``tresnet_v2_l`` or ``timm/<any timm model>``.
 
+    ``head``: ``None`` for the linear classifier (``bottleneck_head=True``: the Open Images one, TResNet only), or
+    ``"ml-decoder"`` for ML-Decoder (:class:`~asl.models.ml_decoder.MLDecoder`) with ``num_of_groups`` queries
+    (-1: min(100, classes)) of width ``decoder_embedding``, reading the unpooled feature map; keys ``head.decoder.*``.
     ``pretrained`` is a local file (or URL) of ImageNet weights for the backbone; the classifier is skipped.
     ``memory_efficient`` (TResNet only) makes the norm layers keep only their output for backward, as InPlaceABN
     did; ``False`` lets autograd keep the plain ops' tensors. Outputs and gradients are the same either way.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
     check_model_name(name)
+    head = check_head(head, bottleneck_head)
     key = name.lower()
     if key in TRESNET_CONFIGS:
-        layers, width = TRESNET_CONFIGS[key]
-        model: nn.Module = TResNet(layers, num_classes=num_classes, width_factor=width,
-                                   bottleneck_head=bottleneck_head)
+        config = TRESNET_CONFIGS[key]
+        model: nn.Module = TResNet(config.layers, num_classes=num_classes, width_factor=config.width,
+                                   bottleneck_head=bottleneck_head, v2=config.v2)
         for module in model.modules():
             if isinstance(module, ABN):
                 module.memory_efficient = memory_efficient
@@ -62,6 +85,9 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
         if bottleneck_head:
             raise ModelError("bottleneck_head is only available for the TResNet models")
         model = TimmClassifier(name[len(TIMM_PREFIX):], num_classes)
+    if head == "ml-decoder":
+        # Built after the backbone, so that it keeps its own initialisation (original: add_ml_decoder_head).
+        model.attach_spatial_head(MLDecoder(num_classes, model.num_features, num_of_groups, decoder_embedding))
     if pretrained:
         from ..checkpoint import load_checkpoint
 
@@ -70,10 +96,14 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False,
 
 
 def head_prefix(model: nn.Module) -> str:
-    """State-dict prefix of the classifier, which a pretrained start replaces (original: skip head.fc)."""
-    if isinstance(model, TimmClassifier):
+    """State-dict prefix of the classifier, which a pretrained start replaces (original: skip head.fc).
+
+    ``head.`` holds a TResNet's classifier of any kind, and a timm backbone's ML-Decoder; a timm backbone's own
+    classifier sits where timm puts it.
+    """
+    if isinstance(model, TimmClassifier) and model.head is None:
         return model.classifier_prefix
-    return "head.fc."
+    return "head."
 
 
 def normalize_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,8 +125,11 @@ def load_pretrained_backbone(model: nn.Module, state_dict: Mapping[str, torch.Te
     from ..checkpoint import load_model_state
 
     name = getattr(model, "timm_name", None) or type(model).__name__
-    load_model_state(model, normalize_state_dict(model, state_dict), f"the backbone of {name}",
-                     skip_prefix=head_prefix(model))
+    # The donor's classifier, of whatever kind (a linear one, ML-Decoder, timm's own), is left out: the model may
+    # have none of its keys (ML-Decoder replaces timm's classifier), and keeps its own head either way.
+    foreign = ("head.", model.classifier_prefix) if isinstance(model, TimmClassifier) else ("head.",)
+    state = {k: v for k, v in normalize_state_dict(model, state_dict).items() if not k.startswith(foreign)}
+    load_model_state(model, state, f"the backbone of {name}", skip_prefix=head_prefix(model))
 
 
 def _fold_sequential(seq: nn.Sequential) -> None:

@@ -1,25 +1,24 @@
-"""Weight-layout conversions: timm's TResNet <-> the official layout, and architecture detection."""
+"""Weight-layout conversions: timm's TResNet <-> the official layout, and architecture and head detection."""
 from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
-from ..errors import UnknownArchitectureError
+from ..errors import CheckpointError, UnknownArchitectureError
 from ..state_dict import clean_state_dict
 from .tresnet import TRESNET_CONFIGS
 
-__all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "strip_prefixes"]
+__all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "detect_head", "strip_prefixes"]
 
 logger = logging.getLogger(__name__)
 
 # timm stores the scale that InPlaceABN actually applies, |w| + eps; the official files store w itself.
 _ABN_EPS = 1e-5
 
-# Stem width (output channels of body.conv1) identifies the model: int(64 * width_factor).
-_STEM_WIDTH = {int(64 * width): name for name, (_, width) in TRESNET_CONFIGS.items()}
+ML_DECODER_PREFIX = "head.decoder."
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,12 +30,12 @@ def is_timm_tresnet_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return "body.conv1.conv.weight" in state_dict
 
 
-def _has_blur(layer: int, block: int, conv: int) -> bool:
-    # The blur-downsample sits in the first block of stages 2-4: in conv1 of the BasicBlock (stage 2),
-    # in conv2 of the Bottlenecks (stages 3 and 4).
+def _has_blur(layer: int, block: int, conv: int, v2: bool) -> bool:
+    # The blur-downsample sits in the first block of stages 2-4: in conv1 of a BasicBlock (stage 2 of TResNet
+    # M/L/XL), in conv2 of a Bottleneck (stages 3 and 4, and stage 2 of the v2, whose first stages are Bottlenecks).
     if block != 0 or layer < 2:
         return False
-    return conv == (1 if layer == 2 else 2)
+    return conv == (1 if layer == 2 and not v2 else 2)
 
 
 def convert_timm_tresnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -48,17 +47,21 @@ def convert_timm_tresnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """
     out: dict[str, torch.Tensor] = {}
     clamped = 0
-    for key, value in strip_prefixes(state_dict).items():
+    source = strip_prefixes(state_dict)
+    v2 = "body.layer1.0.conv3.conv.weight" in source
+    for key, value in source.items():
         new_key = key
         block = re.match(r"body\.layer(\d)\.(\d+)\.conv(\d)\.(conv|bn)\.(.+)$", key)
         if block:
             layer, index, conv, kind, rest = block.groups()
             slot = "0" if kind == "conv" else "1"
-            nest = "0." if _has_blur(int(layer), int(index), int(conv)) else ""
+            nest = "0." if _has_blur(int(layer), int(index), int(conv), v2) else ""
             new_key = f"body.layer{layer}.{index}.conv{conv}.{nest}{slot}.{rest}"
         else:
-            new_key = re.sub(r"\.(conv1|downsample\.1)\.conv\.", r".\1.0.", new_key)
-            new_key = re.sub(r"\.(conv1|downsample\.1)\.bn\.", r".\1.1.", new_key)
+            # downsample.0 in a stride-1 stage whose width changes (stage 1 of the v2), downsample.1 after the
+            # average pool otherwise
+            new_key = re.sub(r"\.(conv1|downsample\.\d)\.conv\.", r".\1.0.", new_key)
+            new_key = re.sub(r"\.(conv1|downsample\.\d)\.bn\.", r".\1.1.", new_key)
         if key.endswith("bn.weight"):
             clamped += int((value < _ABN_EPS).sum())
             value = (value - _ABN_EPS).clamp(min=0)
@@ -68,25 +71,70 @@ def convert_timm_tresnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def _stage_depths(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    depths = []
+    for layer in range(1, 5):
+        found = {int(m.group(1)) for k in sd if (m := re.match(rf"body\.layer{layer}\.(\d+)\.", k))}
+        depths.append(max(found) + 1 if found else 0)
+    return tuple(depths)
+
+
+def _tresnet_name(sd: Mapping[str, torch.Tensor]) -> str:
+    """The TResNet config whose stem width and block type fit; the stage depths decide between those alike (the v2
+    L's stem is 64 wide, as TResNet-M's)."""
+    width = int(sd["body.conv1.0.weight"].shape[0])
+    v2 = "body.layer1.0.conv3.0.weight" in sd
+    alike = [name for name, c in TRESNET_CONFIGS.items() if int(64 * c.width) == width and c.v2 == v2]
+    if len(alike) > 1:
+        depths = _stage_depths(sd)
+        alike = [name for name in alike if tuple(TRESNET_CONFIGS[name].layers) == depths] or alike
+    if len(alike) != 1:
+        kind = "bottleneck blocks in every stage" if v2 else "basic blocks in the first stages"
+        known = ", ".join(f"{n} ({int(64 * c.width)})" for n, c in TRESNET_CONFIGS.items())
+        raise UnknownArchitectureError(f"unknown TResNet: stem width {width} with {kind}, stage depths "
+                                       f"{_stage_depths(sd)}; known: {known}")
+    return alike[0]
+
+
+def detect_head(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, Any]]:
+    """The ML-Decoder head's sizes from its tensors (keys ``head.decoder.*``), or ``None`` for any other head.
+
+    ``num_of_groups`` is the rows of ``query_embed``, ``decoder_embedding`` its columns, ``num_classes`` the length
+    of ``duplicate_pooling_bias``: creating the model with these gives the same shapes.
+    """
+    sd = strip_prefixes(state_dict)
+    if not any(k.startswith(ML_DECODER_PREFIX) for k in sd):
+        return None
+    queries = sd.get(ML_DECODER_PREFIX + "query_embed.weight")
+    bias = sd.get(ML_DECODER_PREFIX + "duplicate_pooling_bias")
+    if queries is None or bias is None or len(queries.shape) != 2 or len(bias.shape) != 1:
+        raise CheckpointError("the checkpoint has an ML-Decoder head without query_embed.weight (G, D) and "
+                              "duplicate_pooling_bias (C): the zero-shot variant is not supported")
+    return {"head": "ml-decoder", "num_of_groups": int(queries.shape[0]), "decoder_embedding": int(queries.shape[1]),
+            "num_classes": int(bias.shape[0])}
+
+
 def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Tells the TResNet variant, the head type and the class count from a state dict's shapes.
 
+    Returns ``model_name``, ``bottleneck_head`` and ``num_classes``, and for an ML-Decoder head also ``head``
+    (``"ml-decoder"``), ``num_of_groups`` and ``decoder_embedding`` (:func:`detect_head`).
     Raises :class:`~asl.errors.UnknownArchitectureError` when the shapes are no TResNet's (a ``timm/<name>``
     network, say), so that callers can fall back to a name without hiding any other checkpoint problem.
     """
     sd = strip_prefixes(state_dict)
     if is_timm_tresnet_layout(sd):
         sd = convert_timm_tresnet(sd)
-    stem = sd.get("body.conv1.0.weight")
-    if stem is None:
+    if "body.conv1.0.weight" not in sd:
         raise UnknownArchitectureError("not a TResNet state dict: it has no 'body.conv1.0.weight'")
-    width = int(stem.shape[0])
-    if width not in _STEM_WIDTH:
-        raise UnknownArchitectureError(f"unknown TResNet stem width {width}; known: {sorted(_STEM_WIDTH)}")
+    name = _tresnet_name(sd)
+    decoder = detect_head(sd)
+    if decoder is not None:
+        return {"model_name": name, "bottleneck_head": False, **decoder}
     bottleneck = "head.fc.embedding_generator.0.weight" in sd
     head = sd.get("head.fc.FC.weight" if bottleneck else "head.fc.weight")
     return {
-        "model_name": _STEM_WIDTH[width],
+        "model_name": name,
         "bottleneck_head": bottleneck,
         "num_classes": int(head.shape[0]) if head is not None else None,
     }

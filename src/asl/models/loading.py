@@ -2,7 +2,9 @@
 
 :func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
 architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is told
-from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree.
+from the tensor shapes (:func:`asl.models.detect_architecture`). A name given by the user must agree. The head comes
+from the shapes alone: an ML-Decoder (``head.decoder.*``, official or ours, on any backbone) and its sizes are read
+from its tensors (:func:`asl.models.detect_head`), so no command line needs a head flag.
 
 Nothing here prints or exits: errors are exceptions with one clear line (the CLIs print them).
 """
@@ -21,7 +23,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_model_state
 from ..errors import UnknownArchitectureError
-from . import MODEL_NAMES, create_model, detect_architecture, normalize_state_dict, prepare_for_inference
+from . import MODEL_NAMES, create_model, detect_architecture, detect_head, normalize_state_dict, prepare_for_inference
 
 __all__ = ["LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "stored_image_size"]
 
@@ -45,6 +47,10 @@ class LoadedModel:
     #: the input size the model was trained or published at, and where that figure came from
     image_size: int = DEFAULT_IMAGE_SIZE
     image_size_source: str = "the default"
+    #: ``None`` (the linear classifier) or ``"ml-decoder"``, with its sizes (``create_model``'s arguments)
+    head: Optional[str] = None
+    num_of_groups: int = -1
+    decoder_embedding: int = 768
 
 
 def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
@@ -56,7 +62,8 @@ def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
     stored = ckpt.get("image_size")
     if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= MAX_IMAGE_SIZE:
         return stored, "stored in the checkpoint"
-    named = re.search(r"_(\d{3,4})(?=[_.]|$)", PurePath(source.split("?")[0]).name)
+    # "_200_groups" in an ML-Decoder file name (tresnet_m_open_images_200_groups_86_8.pth) is a query count
+    named = re.search(r"_(\d{3,4})(?=[_.]|$)(?!_groups)", PurePath(source.split("?")[0]).name)
     if named and int(named.group(1)) <= MAX_IMAGE_SIZE:
         return int(named.group(1)), "from the file name"
     return DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say"
@@ -108,12 +115,13 @@ def _user_name(name: Optional[str]) -> Optional[str]:
 
 def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = None,
                          num_classes: Optional[int] = None) -> dict[str, Any]:
-    """Decides ``model_name``, ``bottleneck_head`` and ``num_classes`` for a checkpoint.
+    """Decides ``model_name``, ``bottleneck_head``, ``num_classes`` and the head (``head``, ``num_of_groups``,
+    ``decoder_embedding``: :func:`~asl.models.create_model`'s arguments) for a checkpoint.
 
-    Sources, in order of trust: the tensor shapes (always, for TResNets), the checkpoint's own ``model_name`` /
-    ``bottleneck_head`` entries (ours), then the user's ``model_name`` / ``num_classes``. Any disagreement is a
-    :class:`CheckpointError`: loading a TResNet-L file into a TResNet-M cannot work, and a silently different
-    class count would make every metric meaningless.
+    Sources, in order of trust: the tensor shapes (always, for TResNets; the ML-Decoder head on any backbone), the
+    checkpoint's own ``model_name`` / ``bottleneck_head`` entries (ours), then the user's ``model_name`` /
+    ``num_classes``. Any disagreement is a :class:`CheckpointError`: loading a TResNet-L file into a TResNet-M
+    cannot work, and a silently different class count would make every metric meaningless.
     """
     state = ckpt["model"]
     wanted = _user_name(model_name)
@@ -141,6 +149,9 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
     if wanted is not None and wanted != name:
         raise CheckpointError(f"--model-name {model_name} contradicts the checkpoint, which holds a {name} "
                               f"({how})")
+    decoder = _decoder_head(ckpt, state)
+    if decoder is not None:
+        bottleneck, classes = False, decoder["num_classes"]
     stored_classes = ckpt.get("num_classes")
     if stored_classes is not None:
         stored_classes = _whole_number(stored_classes)
@@ -155,8 +166,28 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
     if num_classes is not None and int(num_classes) != classes:
         raise CheckpointError(f"--num-classes {num_classes} contradicts the checkpoint, which has {classes} classes")
     logger.info("architecture %s (%s), %d classes%s", name, how, classes,
-                ", bottleneck head" if bottleneck else "")
-    return {"model_name": name, "bottleneck_head": bottleneck, "num_classes": int(classes)}
+                ", bottleneck head" if bottleneck else _describe(decoder))
+    head = {"head": None, "num_of_groups": -1, "decoder_embedding": 768}
+    if decoder is not None:
+        head = {k: decoder[k] for k in head}
+    return {"model_name": name, "bottleneck_head": bottleneck, "num_classes": int(classes), **head}
+
+
+def _decoder_head(ckpt: Mapping[str, Any], state: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The ML-Decoder head the weights hold (:func:`~asl.models.detect_head`), checked against what the file
+    says of its head (ours store ``head``)."""
+    decoder = detect_head(state)
+    stored = ckpt.get("head")
+    if isinstance(stored, str) and stored and decoder is None:
+        raise CheckpointError(f"the checkpoint says head={stored!r} but its weights hold no such head "
+                              f"(no head.decoder.* tensors)")
+    return decoder
+
+
+def _describe(decoder: Optional[Mapping[str, Any]]) -> str:
+    if decoder is None:
+        return ""
+    return f", ML-Decoder head ({decoder['num_of_groups']} queries of width {decoder['decoder_embedding']})"
 
 
 def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] = None, *,
@@ -172,7 +203,9 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
     arch = resolve_architecture(ckpt, model_name, num_classes)
-    model = create_model(arch["model_name"], arch["num_classes"], bottleneck_head=arch["bottleneck_head"])
+    model = create_model(arch["model_name"], arch["num_classes"], bottleneck_head=arch["bottleneck_head"],
+                         head=arch["head"], num_of_groups=arch["num_of_groups"],
+                         decoder_embedding=arch["decoder_embedding"])
     load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])
     model.eval()
     device = torch.device(device)
@@ -183,7 +216,8 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
-                       bottleneck_head=arch["bottleneck_head"],
+                       bottleneck_head=arch["bottleneck_head"], head=arch["head"],
+                       num_of_groups=arch["num_of_groups"], decoder_embedding=arch["decoder_embedding"],
                        class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
                        checkpoint_info=info, **dict(zip(("image_size", "image_size_source"),
                                                         stored_image_size(ckpt, source))))

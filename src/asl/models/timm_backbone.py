@@ -3,10 +3,13 @@
 The ASL pipeline feeds raw [0, 1] RGB, as TResNet was trained on. timm's ImageNet weights expect their own
 mean/std normalisation, so the wrapper applies it (as non-persistent buffers) before the network. The wrapped
 network's state-dict keys stay timm's own, so a timm checkpoint loads without renaming.
+
+With a spatial head (ML-Decoder, :meth:`TimmClassifier.attach_spatial_head`) timm's pool and classifier are removed
+and the head, under ``head.``, reads the unpooled features.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -32,11 +35,28 @@ class TimmClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.timm_name = timm_name
         self.num_classes = num_classes
-        self.num_features = int(getattr(self.net, "num_features", 0))
+        # The width of what the classifier reads: timm's pre-logits size, which differs from num_features where a
+        # conv or MLP sits between the pool and the classifier (MobileNetV3's conv_head: 576 -> 1024).
+        self.num_features = int(getattr(self.net, "head_hidden_size", 0) or getattr(self.net, "num_features", 0))
         classifier = cfg.get("classifier", "fc")
         if isinstance(classifier, (list, tuple)):
             classifier = classifier[0]
         self.classifier_prefix = f"net.{classifier}."
+        self.head: Optional[nn.Module] = None
+
+    def attach_spatial_head(self, head: nn.Module) -> None:
+        """Replaces timm's pool and classifier by ``head``, which reads the unpooled features.
+
+        original (ML-Decoder on a ResNet): the global pool becomes an identity and the classifier is replaced.
+        ``reset_classifier(0, '')`` does both in timm's own way for every architecture, keeping any norm that timm
+        applies before its classifier; the network then returns its (N, C, H, W) map (or (N, L, C) tokens).
+        """
+        try:
+            self.net.reset_classifier(0, "")
+        except (AssertionError, TypeError, ValueError, NotImplementedError) as exc:
+            raise ModelError(f"timm model {self.timm_name!r} cannot drop its global pool for a spatial head "
+                             f"({exc or type(exc).__name__})") from None
+        self.head = head
 
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A bare timm state dict (keys without ``net.``) is moved under ``net.``."""
@@ -45,4 +65,5 @@ class TimmClassifier(nn.Module):
         return {f"net.{k}": v for k, v in state_dict.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        features = self.net((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        return features if self.head is None else self.head(features)

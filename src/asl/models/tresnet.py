@@ -1,21 +1,34 @@
-"""TResNet-M/L/XL (Ridnik et al., WACV 2021) as used by ASL, with the official checkpoints' key layout."""
+"""TResNet-M/L/XL (Ridnik et al., WACV 2021) as used by ASL, and ML-Decoder's TResNet-L v2, with the official
+checkpoints' key layout."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Type, Union
+from typing import NamedTuple, Optional, Type, Union
 
 import torch
 import torch.nn as nn
 
 from .layers import ABN, AntiAliasDownsample, BottleneckHead, GlobalAvgPool, SEModule, SpaceToDepth, conv_abn
 
-__all__ = ["TResNet", "BasicBlock", "Bottleneck", "TRESNET_CONFIGS"]
+__all__ = ["TResNet", "BasicBlock", "Bottleneck", "TResNetConfig", "TRESNET_CONFIGS"]
 
-# name -> (blocks per stage, width factor); original: TResnetM / TResnetL / TResnetXL.
+
+class TResNetConfig(NamedTuple):
+    layers: tuple[int, int, int, int]
+    """blocks per stage"""
+    width: float
+    """width factor: the stem has int(64 * width) channels"""
+    v2: bool = False
+    """bottleneck blocks in the first two stages too (BasicBlocks otherwise)"""
+
+
+# original: TResnetM / TResnetL / TResnetXL of ASL; tresnet_v2_l is ML-Decoder's TResnetL (timm's tresnet_v2_l),
+# a different network from ASL's tresnet_l that the ML-Decoder COCO "TResNet-L" models are built on.
 TRESNET_CONFIGS = {
-    "tresnet_m": ((3, 4, 11, 3), 1.0),
-    "tresnet_l": ((4, 5, 18, 3), 1.2),
-    "tresnet_xl": ((4, 5, 24, 3), 1.3),
+    "tresnet_m": TResNetConfig((3, 4, 11, 3), 1.0),
+    "tresnet_l": TResNetConfig((4, 5, 18, 3), 1.2),
+    "tresnet_xl": TResNetConfig((4, 5, 24, 3), 1.3),
+    "tresnet_v2_l": TResNetConfig((3, 4, 23, 3), 1.0, v2=True),
 }
 
 # Slopes of the leaky ReLUs: 1e-2 in the stem, 1e-3 inside the residual blocks (original).
@@ -81,16 +94,22 @@ Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
 class TResNet(nn.Module):
-    """TResNet backbone + linear (or bottleneck) head. Input: RGB in [0, 1], no mean/std normalisation."""
+    """TResNet backbone + linear (or bottleneck) head. Input: RGB in [0, 1], no mean/std normalisation.
+
+    ``v2``: bottleneck blocks in all four stages (ML-Decoder's TResNet-L, timm's ``tresnet_v2_l``); the stem, the
+    blocks and their key names are otherwise the same.
+    """
 
     def __init__(self, layers: tuple[int, int, int, int], num_classes: int = 1000, in_chans: int = 3,
-                 width_factor: float = 1.0, bottleneck_head: bool = False, bottleneck_features: int = 512) -> None:
+                 width_factor: float = 1.0, bottleneck_head: bool = False, bottleneck_features: int = 512,
+                 v2: bool = False) -> None:
         super().__init__()
         planes = int(64 * width_factor)
         self._inplanes = planes
+        first: Block = Bottleneck if v2 else BasicBlock
         stages = [
-            ("layer1", BasicBlock, planes, layers[0], 1, True),
-            ("layer2", BasicBlock, planes * 2, layers[1], 2, True),
+            ("layer1", first, planes, layers[0], 1, True),
+            ("layer2", first, planes * 2, layers[1], 2, True),
             ("layer3", Bottleneck, planes * 4, layers[2], 2, True),
             ("layer4", Bottleneck, planes * 8, layers[3], 2, False),
         ]
@@ -139,6 +158,16 @@ class TResNet(nn.Module):
                 nn.init.zeros_(m.conv2[1].weight)
             elif isinstance(m, Bottleneck):
                 nn.init.zeros_(m.conv3[1].weight)
+
+    def attach_spatial_head(self, head: nn.Module) -> None:
+        """Replaces the global pool and the classifier by ``head``, which reads the (N, C, H, W) feature map.
+
+        original (ML-Decoder's add_ml_decoder_head): ``global_pool`` becomes an identity and ``head`` is the new
+        module itself, so its keys sit directly under ``head.`` (``head.decoder.*``). Attached after construction,
+        the head keeps its own initialisation rather than the backbone's ``normal(0, 0.01)`` for linear layers.
+        """
+        self.global_pool = nn.Identity()
+        self.head = head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.global_pool(self.body(x))

@@ -85,3 +85,17 @@ def test_under_ddp_only_the_last_micro_batch_all_reduces():
     _accumulate_gradients(state, batch.images, batch.targets, AsymmetricLoss(), StepConfig(CPU, world_size=2,
                                                                                            grad_accum_steps=4))
     assert synced == [False, False, False, True]
+
+
+@pytest.mark.slow
+def test_train_py_takes_the_flag_and_records_it(tmp_path, make_synthetic, capsys):
+    from asl.apps import train
+    from asl.cli import run_main
+
+    data = make_synthetic(8, 8, 32)
+    code = run_main(train.main, [str(data), "--dataset", "synthetic", "--image-size", "32", "-b", "4", "-j", "0",
+                                 "--epochs", "1", "--stop-epoch", "0", "--device", "cpu", "--grad-accum-steps", "2",
+                                 "--output-dir", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    last = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert last["args"]["grad_accum_steps"] == 2 and last["step"] == 0 and last["epoch"] == 1

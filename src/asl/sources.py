@@ -184,7 +184,8 @@ def checkpoint_entries(config: Mapping[str, Any]) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     if "asl" in config and isinstance(config["asl"], Mapping):
         ours = config["asl"]
-        for key in ("model_name", "bottleneck_head", "num_classes", "image_size", "thresholds", "threshold"):
+        for key in ("model_name", "bottleneck_head", "head", "num_of_groups", "decoder_embedding", "num_classes",
+                    "image_size", "thresholds", "threshold"):
             if key in ours:
                 entries[key] = ours[key]
         names = ours.get("class_names")
@@ -217,6 +218,7 @@ def config_from_checkpoint(ckpt: Mapping[str, Any], class_names: list, image_siz
     asl: dict[str, Any] = {
         "model_name": model_name,
         "bottleneck_head": bool(ckpt.get("bottleneck_head", False)),
+        **{key: ckpt[key] for key in ("head", "num_of_groups", "decoder_embedding") if ckpt.get(key) is not None},
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "image_size": int(image_size),

@@ -40,7 +40,9 @@ def export_hf(loaded: LoadedModel, output: Path, image_size: int, metrics: Optio
     """Writes ``output/model.safetensors``, ``config.json`` and ``README.md`` (each file atomically)."""
     from safetensors.torch import save
 
-    ckpt = {"model_name": loaded.model_name, "bottleneck_head": loaded.bottleneck_head}
+    ckpt = {"model_name": loaded.model_name, "bottleneck_head": loaded.bottleneck_head, "head": loaded.head}
+    if loaded.head == "ml-decoder":
+        ckpt.update(num_of_groups=loaded.num_of_groups, decoder_embedding=loaded.decoder_embedding)
     config = config_from_checkpoint(ckpt, loaded.class_names, image_size, thresholds, threshold)
     # Contiguous copies: safetensors stores plain row-major tensors and refuses shared storage.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.model.state_dict().items()}

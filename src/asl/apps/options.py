@@ -28,7 +28,8 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
     p.add_argument("--model-path", type=_checkpoint_source if required else str, required=required,
                    default=None if required else "", help=model_path_help)
     p.add_argument("--model-name", type=str, default=None,
-                   help="tresnet_m|tresnet_l|tresnet_xl; detected from the checkpoint when omitted")
+                   help="tresnet_m|tresnet_l|tresnet_xl|tresnet_v2_l|timm/<name>; detected from the checkpoint when "
+                        "omitted")
     p.add_argument("--model-sha256", type=str, default=None,
                    help="expected SHA-256 of the checkpoint (64 hex digits): checked before it is loaded")
     p.add_argument("--image-size", "--input-size", type=image_size, default=None,

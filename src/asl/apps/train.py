@@ -62,6 +62,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", type=str, default="", help="PATH of a last.pth, or 'auto' (OUTPUT_DIR/last.pth if any)")
     p.add_argument("--force-resume", action="store_true", help="resume even if the training data differs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-accum-steps", type=positive_int, default=1,
+                   help="run each batch of -b images in N micro-batches with one optimizer step: the same batch and "
+                        "learning rate on a device that cannot hold the batch (BatchNorm statistics follow the "
+                        "micro-batch)")
     p.add_argument("--save-every-steps", type=nonnegative_int, default=0,
                    help="also write last.pth every N steps within an epoch (0: at epoch ends only)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
@@ -123,7 +127,8 @@ def _train_in(output_dir: Path, args, info: dist_utils.DistInfo) -> int:
         "args": dict(vars(args)), "steps_per_epoch": steps_per_epoch, "data": fingerprint})
     run_folder.begin(resumed=resume is not None, args=vars(args))
     config = FitConfig(args.epochs, args.stop_epoch, steps_per_epoch, local_batch, args.save_every_steps,
-                       StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch))
+                       StepConfig(info.device, amp_dtype, info.world_size, _loss_mask_mode(args), steps_per_epoch,
+                                  args.grad_accum_steps))
     if info.is_main:
         logger.info("%s: %d training / %d validation images, %d classes; %s on %s x%d, %d steps per epoch",
                     args.dataset, len(train_ds), len(val_ds), train_ds.num_classes, args.model_name, info.device,

@@ -208,7 +208,10 @@ def _load(args, info):
     else:
         size_from = "from --image-size"
     if info.is_main:
-        print(f"model: {loaded.model_name}{' (bottleneck head)' if loaded.bottleneck_head else ''}, "
+        head = (" (bottleneck head)" if loaded.bottleneck_head else
+                f" (ML-Decoder head, {loaded.num_of_groups} groups, {loaded.decoder_embedding} wide)"
+                if loaded.head == "ml-decoder" else "")
+        print(f"model: {loaded.model_name}{head}, "
               f"{loaded.num_classes} classes, from {args.model_path}")
         print(f"image size: {args.image_size} ({size_from})")
     return loaded

@@ -26,7 +26,7 @@ __all__ = ["TrainState", "create_train_state", "check_resume_compatible", "SCHED
 #: flags that define the model or the learning-rate schedule: a resumed run must use the checkpoint's values.
 SCHEDULE_FLAGS = ("dataset", "train_split", "model_name", "bottleneck_head", "num_classes", "image_size",
                   "batch_size", "lr", "epochs", "max_steps_per_epoch", "weight_decay", "ema_decay", "gamma_neg",
-                  "gamma_pos", "clip", "unannotated", "difficult", "seed")
+                  "gamma_pos", "clip", "unannotated", "difficult", "seed", "head", "num_of_groups", "decoder_embedding")
 
 
 @dataclass

@@ -375,7 +375,7 @@ def test_plain_http_to_another_machine_warns(caplog, monkeypatch, tmp_path):
 
 def test_url_errors_are_checkpoint_errors(http_root):
     root, base_url, _ = http_root
-    with pytest.raises(CheckpointError, match="could not download"):
+    with pytest.raises(CheckpointError, match="could not download .*: HTTP 404 .*MODEL_ZOO.md"):
         load_checkpoint(f"{base_url}/absent.pth")
     assert _cached("absent") == []
 
@@ -467,3 +467,25 @@ def test_old_checkpoints_with_numpy_scalars_load_as_plain_python(tmp_path):
     assert type(ckpt["mAP"]) is float and ckpt["idx_to_class"] == {0: "a", 1: "b", 2: "c"}
     assert all(type(v) is str for v in ckpt["idx_to_class"].values())
     assert_state_equal(ckpt["model"], model.state_dict())
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_download_names_its_status_and_the_model_zoo(status, tmp_path, monkeypatch):
+    """The authors' bucket answers 403 Forbidden: the line says so and where the weights are now."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("no_proxy", "*")
+
+    def refuse(h):
+        h.send_response(status)
+        h.end_headers()
+
+    server, base = _serve_once(refuse)
+    try:
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(f"{base}/MS_COCO_TRresNet_L_448_86.6.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"HTTP {status}" in str(exc.value) and "MODEL_ZOO.md" in str(exc.value)
+    assert _no_cache_entry()

@@ -17,7 +17,7 @@ def _gradients(model: torch.nn.Module, memory_efficient: bool, dtype, x, y) -> d
     for module in model.modules():
         if hasattr(module, "memory_efficient"):
             module.memory_efficient = memory_efficient
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         logits = model(x)
     AsymmetricLoss(4, 0, 0.05)(logits.float(), y).backward()
     return {name: p.grad.double() for name, p in model.named_parameters()}

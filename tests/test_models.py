@@ -199,9 +199,9 @@ def test_cuda_matches_cpu_and_autocast():
     with torch.no_grad():
         expected = model(x)
         gpu = model.to("cuda")
-        torch.testing.assert_close(gpu(x.cuda()).cpu(), expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(gpu(x.to("cuda")).cpu(), expected, rtol=1e-3, atol=1e-3)
         with torch.autocast("cuda", dtype=torch.float16):
-            assert torch.isfinite(gpu(x.cuda()).float()).all()
+            assert torch.isfinite(gpu(x.to("cuda")).float()).all()
 
 
 def test_the_layout_follows_the_device_and_the_batch():

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .aten_ops import batch_norm_backward, batch_norm_with_invstd, leaky_relu_backward
 
 __all__ = ["ABN", "conv_abn", "SpaceToDepth", "AntiAliasDownsample", "SEModule", "GlobalAvgPool", "BottleneckHead"]
 
@@ -50,9 +51,7 @@ class _ABNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float,
                 slope: Optional[float]):
         scale = weight.abs() + eps
-        # F.batch_norm returns only the output of this op; its saved batch statistics give the inverse std.
-        out, _, save_invstd, _, _ = torch.ops.aten._batch_norm_impl_index(
-            x, scale, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+        out, save_invstd = batch_norm_with_invstd(x, scale, bias, running_mean, running_var, training, momentum, eps)
         if slope is not None:
             F.leaky_relu(out, slope, inplace=True)
         invstd = save_invstd if training else torch.rsqrt(running_var + eps)
@@ -65,19 +64,19 @@ class _ABNFunction(torch.autograd.Function):
         y, weight, bias, invstd = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=_memory_format(y))
         if ctx.slope is not None:
-            # Undo the activation on the output and on its gradient (fused kernels: where y <= 0, divide y by the
-            # slope / multiply the gradient by it).
-            grad_out = torch.ops.aten.leaky_relu_backward(grad_out, y, ctx.slope, True)
-            y = torch.ops.aten.leaky_relu_backward(y, y, 1.0 / ctx.slope, True)
+            # Undo the activation on the output and on its gradient: where y <= 0, y was multiplied by the slope
+            # (positive, so the sign tells the side).
+            grad_out = leaky_relu_backward(grad_out, y, ctx.slope)
+            y = leaky_relu_backward(y, y, 1.0 / ctx.slope)
         stats_dtype = invstd.dtype
         scale = weight.detach().to(stats_dtype).abs() + ctx.eps
         if ctx.training:
             # PyTorch's fused batch-norm backward, fed the *output* as its input: with mean = bias and
             # invstd = 1 / scale it recovers xhat = (y - bias) / scale, and the weight scale^2 * invstd turns its
             # input gradient into scale * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), InPlaceABN's.
-            grad_x, sum_xhat_dy, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, y, scale * scale * invstd, None, None, bias.detach().to(stats_dtype), scale.reciprocal(),
-                True, 0.0, [ctx.needs_input_grad[0], True, True])
+            grad_x, sum_xhat_dy, sum_dy = batch_norm_backward(
+                grad_out, y, scale * scale * invstd, bias.detach().to(stats_dtype), scale.reciprocal(),
+                ctx.needs_input_grad[0])
         else:
             view = (1, -1) + (1,) * (y.dim() - 2)
             dims = [0, *range(2, y.dim())]

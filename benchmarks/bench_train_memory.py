@@ -7,10 +7,15 @@ Speed: forward + backward + SGD step, the three models interleaved in one proces
 
     python benchmarks/bench_train_memory.py --model-name tresnet_m -b 4 --image-size 224
     python benchmarks/bench_train_memory.py --speed -b 8 --image-size 160 --repeats 7
+    python benchmarks/bench_train_memory.py --speed --compile -b 8 --image-size 160 --repeats 7
+
+``--compile`` adds train.py's default under ``torch.compile`` (``train.py --compile``) to the timed rows, and prints
+its step time against the same model eager, as a ratio; the compile itself (minutes on a small CPU) is left out.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=4)
     parser.add_argument("--speed", action="store_true", help="also time training steps")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="with --speed: also the compiled default")
     args = parser.parse_args(argv)
 
     import timm
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
         print(f"{name:<22} {total / 2**20:9.1f} {total / ref_total:6.3f} {act / 2**20:16.1f} {act / ref_act:6.3f}")
 
     if args.speed:
+        if args.compile:
+            models["asl default, compiled"] = torch.compile(copy.deepcopy(models["asl train.py default"]))
         optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-6) for n, m in models.items()}
         times: dict[str, list[float]] = {n: [] for n in models}
         for n, m in models.items():
@@ -88,6 +96,9 @@ def main(argv=None) -> int:
         for n in models:
             med = statistics.median(times[n])
             print(f"{n:<22} {args.batch_size / med:7.2f} img/s  speed vs timm {ref / med:5.3f}x")
+        if args.compile:
+            ratio = statistics.median(times["asl train.py default"]) / statistics.median(times["asl default, compiled"])
+            print(f"compiled against eager (train.py's default): {ratio:.3f}x")
     return 0
 
 

@@ -87,6 +87,14 @@ def test_hf_hub_ids_read_huggingface_hubs_cache_offline(tmp_path, run_script):
     from PIL import Image
 
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    trained = run_script(["train.py", str(tmp_path / "syn"), "--dataset", "synthetic", "--dataset-option",
+                          "num_train=8", "--dataset-option", "num_val=8", "--image-size", "32", "-b", "4", "-j", "0",
+                          "--epochs", "1", "--stop-epoch", "0", "--device", "cpu", "--output-dir",
+                          str(tmp_path / "run"), "--model-path", "hf-hub:timm/tresnet_m.miil_in21k"],
+                         env=env, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "backbone initialised from hf-hub:timm/tresnet_m.miil_in21k" in trained.stderr
+
     missing = run_script(["infer.py", "--model-path", "hf-hub:someone/absent", "--pic-path", str(tmp_path / "red.png")],
                          env=env, timeout=120)
     assert missing.returncode == 2

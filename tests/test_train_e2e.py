@@ -96,3 +96,43 @@ def _scores(checkpoint: Path, amp_dtype) -> torch.Tensor:
     model = load_model(checkpoint).model
     out = evaluate(model, create_loader(ds, BATCH), torch.device("cpu"), amp_dtype=amp_dtype)
     return torch.as_tensor(out["scores"])
+
+
+def test_pth_to_hub_folder_to_cache_to_hub_id_keeps_the_map_on_real_photos(tmp_path, run_script):
+    """export.py --format hf, the folder placed in huggingface_hub's cache layout, then validate.py with the
+    hf-hub: id offline: the same mAP on the real tiny_coco photos as the .pth file (fresh weights: only the round
+    trip matters here)."""
+    import shutil
+
+    from asl.checkpoint import make_model_checkpoint, save_checkpoint
+    from asl.data import create_dataset
+    from asl.models import create_model
+
+    ds = create_dataset("coco", DATA, "val2017", SIZE, train=False)
+    torch.manual_seed(0)
+    model = create_model("tresnet_m", ds.num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.0)
+    pth = tmp_path / "model.pth"
+    save_checkpoint(make_model_checkpoint(model.state_dict(), ds.num_classes, ds.idx_to_class(),
+                                          model_name="tresnet_m", image_size=SIZE), pth)
+    folder = tmp_path / "published"
+    assert run_script(["export.py", "--model-path", str(pth), "--format", "hf", "--output", str(folder)],
+                      timeout=300).returncode == 0
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf-home" / "hub" / "models--you--asl-tiny-coco"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+
+    scores = []
+    for source in (str(pth), str(folder), "hf-hub:you/asl-tiny-coco"):
+        proc = run_script(["validate.py", str(DATA), "--val-split", "val2017", "--model-path", source, "-b", "10",
+                           "-j", "0", "--device", "cpu"], env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"image size: {SIZE} (stored in the checkpoint)" in proc.stdout
+        scores.append(float(proc.stdout.strip().splitlines()[-1].split(":")[1]))
+    assert scores[0] == scores[1] == scores[2]

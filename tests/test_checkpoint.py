@@ -264,6 +264,18 @@ def _serve_once(handler_body):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def _load_served(handler_body, name: str) -> tuple[str, CheckpointError]:
+    """(base URL, the CheckpointError) of loading ``name`` from a loopback server answering with ``handler_body``."""
+    server, base = _serve_once(handler_body)
+    try:
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(f"{base}/{name}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    return base, exc.value
+
+
 def _good_checkpoint_bytes(tmp_path) -> bytes:
     torch.save({"model": {"w": torch.arange(2000.0)}, "num_classes": 2, "idx_to_class": {}}, tmp_path / "good.pth")
     return (tmp_path / "good.pth").read_bytes()
@@ -290,14 +302,8 @@ def test_a_broken_download_is_never_cached(case, tmp_path, monkeypatch):
         h.wfile.write({"cut_without_length": good[: len(good) // 2], "longer_than_length": good,
                        "html_with_200": html, "empty": b""}[case])
 
-    server, base = _serve_once(body)
-    try:
-        with pytest.raises(CheckpointError) as exc:
-            load_checkpoint(f"{base}/model.pth")
-    finally:
-        server.shutdown()
-        server.server_close()
-    message = str(exc.value)
+    base, exc = _load_served(body, "model.pth")
+    message = str(exc)
     assert "\n" not in message and "nothing was cached" in message and f"{base}/model.pth" in message
     assert "refusing to unpickle" not in message  # no false alarm of a malicious file
     if case == "html_with_200":
@@ -480,12 +486,6 @@ def test_a_refused_download_names_its_status_and_the_model_zoo(status, tmp_path,
         h.send_response(status)
         h.end_headers()
 
-    server, base = _serve_once(refuse)
-    try:
-        with pytest.raises(CheckpointError) as exc:
-            load_checkpoint(f"{base}/MS_COCO_TRresNet_L_448_86.6.pth")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert f"HTTP {status}" in str(exc.value) and "MODEL_ZOO.md" in str(exc.value)
+    _, exc = _load_served(refuse, "MS_COCO_TRresNet_L_448_86.6.pth")
+    assert f"HTTP {status}" in str(exc) and "MODEL_ZOO.md" in str(exc)
     assert _no_cache_entry()

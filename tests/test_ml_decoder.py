@@ -17,8 +17,8 @@ from timm.models.tresnet import checkpoint_filter_fn  # noqa: E402
 from asl.cli import run_main  # noqa: E402
 from asl.errors import ModelError  # noqa: E402
 from asl.models import convert_timm_tresnet, create_model, detect_architecture, detect_head  # noqa: E402
-from asl.models.layers import ABN  # noqa: E402
 from asl.models.ml_decoder import MLDecoder  # noqa: E402
+from test_models import _randomize_norms  # noqa: E402  (random norm statistics and scales, shared)
 
 HEADS, FEEDFORWARD = 8, 2048  # the official layer: 8 attention heads, feed-forward width 2048
 
@@ -43,17 +43,6 @@ def _randomize_head(model, seed=3):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
-def _randomize_norms(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, ABN)):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
 def reference_head(features, state, num_classes, prefix="head.decoder."):

@@ -100,10 +100,15 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
     finally:
         for name, m in models.items():
             m.train(modes[name])
+    return _gather(list(models), scores, targets_all, indices_all, skipped, distributed)
 
+
+def _gather(names: list[str], scores: Mapping[str, list[torch.Tensor]], targets_all: list[torch.Tensor],
+            indices_all: list[torch.Tensor], skipped: int, distributed: bool) -> dict[str, Any]:
+    """This rank's rows joined, then every rank's rows in dataset order (see :func:`evaluate_many`)."""
     num_classes = targets_all[0].shape[1] if targets_all else 0
     local = {"targets": torch.cat(targets_all) if targets_all else torch.zeros((0, num_classes))}
-    for name in models:
+    for name in names:
         local[f"scores/{name}"] = torch.cat(scores[name]) if scores[name] else torch.zeros((0, num_classes))
     idx = torch.cat(indices_all) if indices_all else torch.zeros(0, dtype=torch.long)
     if distributed:
@@ -114,10 +119,10 @@ def evaluate_many(models: Mapping[str, nn.Module], loader: Iterable, device: tor
                 local[key] = torch.zeros((0, num_classes))
         skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
     idx, gathered = dist_utils.gather_by_index(idx, local)
-    for name in models:
+    for name in names:
         _refuse_non_finite(gathered[f"scores/{name}"], name)
     return {
-        "scores": {name: gathered[f"scores/{name}"].numpy() for name in models},
+        "scores": {name: gathered[f"scores/{name}"].numpy() for name in names},
         "targets": gathered["targets"].numpy(),
         "indices": idx.numpy(),
         "skipped": skipped,

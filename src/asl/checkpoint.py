@@ -221,14 +221,15 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     """
     source = os.fspath(path_or_url)
     remote = is_url(source)
-    suffix = weights_suffix(source)
-    # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does.
-    resolved = resolve(source, sha256, check=lambda p: _read_weights(p, suffix, "cpu"))
+    # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does. The
+    # temporary file's name ends in .tmp, so the check reads it by the URL's file ending.
+    resolved = resolve(source, sha256, check=lambda p: _read_weights(p, weights_suffix(source), "cpu"))
     path = resolved.weights
     if sha256 and not remote and sha256_of(path) != expected_sha256(source, sha256):
         raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
-        obj = _read_weights(path, weights_suffix(path) if not remote else suffix, map_location)
+        # A cached download keeps its URL's file ending, so the local path tells the format in every case.
+        obj = _read_weights(path, weights_suffix(path), map_location)
     except CheckpointError as exc:
         if remote:  # a cached file that no longer loads: say which file to delete so that the next run fetches it
             raise CheckpointError(f"{exc} (the cached download of {source}: delete {path} to fetch it again)") from None

@@ -36,11 +36,10 @@ _OFFLINE_HINT = ("the Hub is offline (HF_HUB_OFFLINE) or unreachable and the fil
 
 @dataclass(frozen=True)
 class Resolved:
-    """A source made local: the weights file, the config beside it (or None) and the name to show the user."""
+    """A source made local: the weights file and the config beside it (or None)."""
 
     weights: str
     config: Optional[dict]
-    origin: str
 
 
 def is_hub_id(source: str) -> bool:
@@ -61,13 +60,13 @@ def resolve(source: str, sha256: Optional[str] = None, check: Optional[Callable[
     if is_hub_id(source):
         return _resolve_hub(source)
     if is_url(source):
-        return Resolved(download(source, sha256, check=check), None, source)
+        return Resolved(download(source, sha256, check=check), None)
     path = Path(source)
     if path.is_dir():
         return _resolve_folder(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {source}")
-    return Resolved(source, None, source)
+    return Resolved(source, None)
 
 
 def _read_config(path: Path, origin: str) -> dict:
@@ -87,7 +86,7 @@ def _resolve_folder(folder: Path) -> Resolved:
                               f"{CONFIG_FILE}), as export.py --format hf writes")
     config_path = folder / CONFIG_FILE
     config = _read_config(config_path, str(folder)) if config_path.is_file() else None
-    return Resolved(str(weights), config, str(folder))
+    return Resolved(str(weights), config)
 
 
 def _resolve_hub(source: str) -> Resolved:
@@ -99,36 +98,28 @@ def _resolve_hub(source: str) -> Resolved:
         raise CheckpointError(f"{source}: Hub ids need the huggingface_hub package (pip install huggingface_hub)"
                               ) from None
 
-    def fetch(filename: str) -> str:
-        return huggingface_hub.hf_hub_download(repo, filename, revision=revision, library_name="asl")
-
     # The Hub says a file is absent with EntryNotFoundError; its offline "not in the cache" error is a subclass of
     # it, and must not be read as "this repository has no such file".
     absent = (hub_errors.RemoteEntryNotFoundError if hasattr(hub_errors, "RemoteEntryNotFoundError")
               else hub_errors.EntryNotFoundError)
-    try:
-        config_file: Optional[str] = fetch(CONFIG_FILE)
-    except hub_errors.LocalEntryNotFoundError as exc:
-        raise _hub_error(source, exc) from None
-    except absent:
-        config_file = None
-    except Exception as exc:  # every failure of the Hub client is the user's source or network, named in one line
-        raise _hub_error(source, exc) from None
-    weights = None
-    for name in WEIGHT_FILES:
+
+    def fetch(filename: str) -> Optional[str]:
+        """The local path of the repository's file, None when the repository has no such file."""
         try:
-            weights = fetch(name)
-            break
+            return huggingface_hub.hf_hub_download(repo, filename, revision=revision, library_name="asl")
         except hub_errors.LocalEntryNotFoundError as exc:
             raise _hub_error(source, exc) from None
         except absent:
-            continue
-        except Exception as exc:
+            return None
+        except Exception as exc:  # every failure of the Hub client is the user's source or network, in one line
             raise _hub_error(source, exc) from None
+
+    config_file = fetch(CONFIG_FILE)
+    weights = next((path for path in map(fetch, WEIGHT_FILES) if path is not None), None)
     if weights is None:
         raise CheckpointError(f"{source} holds no weights file ({' or '.join(WEIGHT_FILES)})")
     config = _read_config(Path(config_file), source) if config_file else None
-    return Resolved(weights, config, source)
+    return Resolved(weights, config)
 
 
 def _hub_error(source: str, exc: Exception) -> CheckpointError:

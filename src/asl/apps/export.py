@@ -106,8 +106,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     # The hf folder keeps the official layout (unfolded) so that it loads strictly into a fresh model.
     loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False, prepare=not hf,
                         sha256=args.model_sha256)
-    size_from = "from --image-size" if args.image_size is not None else loaded.image_size_source
-    args.image_size = args.image_size or loaded.image_size
+    args.image_size, size_from = loaded.input_size(args.image_size)
     logger.info("image size %d (%s)", args.image_size, size_from)
     stem = Path(args.model_path.rstrip("/").split("@")[0].split(":")[-1]).stem or "model"
     output = Path(args.output) if args.output else Path(stem if hf else stem + ".onnx")

@@ -178,8 +178,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
                         sha256=args.model_sha256, batch_size=min(args.batch_size, len(paths)))
-    size_from = "from --image-size" if args.image_size is not None else loaded.image_size_source
-    args.image_size = args.image_size or loaded.image_size
+    args.image_size, size_from = loaded.input_size(args.image_size)
     logger.info("image size %d (%s)", args.image_size, size_from)
     threshold, rule = _threshold(args, loaded.class_names)
     logger.info("%d picture(s), %s, device %s", len(paths), rule, device)

@@ -202,11 +202,7 @@ def _load(args, info):
                         batch_size=dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False))
     if info.distributed and remote and info.is_main:
         dist_utils.barrier()
-    if args.image_size is None:
-        args.image_size = loaded.image_size
-        size_from = loaded.image_size_source
-    else:
-        size_from = "from --image-size"
+    args.image_size, size_from = loaded.input_size(args.image_size)
     if info.is_main:
         head = (" (bottleneck head)" if loaded.bottleneck_head else
                 f" (ML-Decoder head, {loaded.num_of_groups} groups, {loaded.decoder_embedding} wide)"

@@ -52,6 +52,13 @@ class LoadedModel:
     num_of_groups: int = -1
     decoder_embedding: int = 768
 
+    def input_size(self, requested: Optional[int]) -> tuple[int, str]:
+        """The size to run at, and where it came from: ``requested`` (``--image-size``) when given, else the
+        checkpoint's."""
+        if requested is not None:
+            return requested, "from --image-size"
+        return self.image_size, self.image_size_source
+
 
 def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
     """The input size a checkpoint was made for, and where it was read.
@@ -215,9 +222,9 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
         model = prepare_for_inference(model, channels_last=channels_last, batch_size=batch_size)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
+    image_size, image_size_source = stored_image_size(ckpt, source)
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
                        bottleneck_head=arch["bottleneck_head"], head=arch["head"],
                        num_of_groups=arch["num_of_groups"], decoder_embedding=arch["decoder_embedding"],
                        class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
-                       checkpoint_info=info, **dict(zip(("image_size", "image_size_source"),
-                                                        stored_image_size(ckpt, source))))
+                       checkpoint_info=info, image_size=image_size, image_size_source=image_size_source)

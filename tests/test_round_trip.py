@@ -1,6 +1,6 @@
 """Every model family through every script a user runs on it: train.py, then validate.py on the saved
 model-highest.pth (the mAP train.py printed), infer.py on a picture, export.py to ONNX (onnxruntime agrees with
-PyTorch). Tiny generated data, tiny pictures, one epoch of a few steps."""
+PyTorch). Tiny generated data, tiny pictures, one epoch of a few steps. ``compiled`` trains under torch.compile."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +24,9 @@ FAMILIES = {
     "timm_backbone": ["--model-name", "timm/resnet10t"],
     "ml_decoder": ["--model-name", "tresnet_m", "--head", "ml-decoder"],
     "tresnet_v2_l": ["--model-name", "tresnet_v2_l"],
+    # train.py --compile with inductor, the default backend: timm's smallest model, because compiling a TResNet
+    # takes over a minute on 2 cores (its layers under inductor: tests/test_compile.py).
+    "compiled": ["--model-name", "timm/test_resnet", "--compile"],
 }
 
 
@@ -38,6 +41,7 @@ def _run(main, argv) -> tuple[int, str]:
 def test_train_validate_infer_export(family, tmp_path, make_synthetic, capsys):
     from asl.apps import export, infer, train, validate
 
+    torch._dynamo.reset()
     data = make_synthetic(8, 8, SIZE)
     run = tmp_path / "run"
     code, text = _run(train.main, [str(data), "--dataset", "synthetic", *FAMILIES[family], "--image-size", str(SIZE),

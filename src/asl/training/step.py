@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -238,7 +239,13 @@ def _train_step(state: Any, batch: Any, criterion: nn.Module, config: StepConfig
         else:
             state.optimizer.step()
     if state.scheduler is not None:
-        state.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule advances on every step, as the original's does, also when GradScaler skipped the optimizer
+            # step (an fp16 overflow, typically the first step) or no image was readable; torch's warning that the
+            # first learning rate is then skipped describes exactly that, and is not a mistake here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                    category=UserWarning)
+            state.scheduler.step()
     if state.ema is not None and n_local > 0:
         # original: ema.update(model) right after scheduler.step(), every step.
         state.ema.update(state.model)

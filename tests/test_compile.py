@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from asl.losses import AsymmetricLoss
 from asl.models import create_model
+from asl.models.layers import ABN
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -73,6 +74,9 @@ def test_inductor_runs_the_custom_layers_to_float64_rounding():
         for p in net.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.0)
+        for module in net.modules():  # InPlaceABN's sign rule: a weight of exactly 0, and a negative one
+            if isinstance(module, ABN):
+                module.weight[:2] = torch.tensor([0.0, -0.7])
     criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
     x, y = _batch(5)
     x = x.double().contiguous(memory_format=torch.channels_last)

@@ -1,12 +1,17 @@
-"""Shared fixtures: one intra-op thread, generated datasets, a runner for the repository's scripts, and the
-source of a train.py that kills itself (fault injection)."""
+"""Shared fixtures: one intra-op thread, generated datasets, small NUS-WIDE / Open Images / CSV sets in their
+native formats, a runner for the repository's scripts, and the source of a train.py that kills itself (fault
+injection)."""
+import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +42,96 @@ def make_synthetic(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def write_image():
+    """``write_image(path, colour=(200, 30, 30), size=(40, 30))``: a plain RGB picture, folders created."""
+    return _write_image
+
+
+@pytest.fixture(scope="session")
+def write_csv():
+    """``write_csv(path, rows)``: rows (lists of cells) as a CSV file."""
+    return _write_csv
+
+
+def _colour(k: int) -> tuple[int, int, int]:
+    # A different picture for each image, so that a model's scores rank them rather than tie.
+    return (40 * k, 200 - 30 * k, 90 + 25 * k)
+
+
+@pytest.fixture
+def nus_root(tmp_path):
+    """NUS-WIDE as MIIL's CSV: 4 training rows (one image missing), 2 validation rows."""
+    root = tmp_path / "nus"
+    for k, name in enumerate(["a.jpg", "b.jpg", "d.jpg", "v1.jpg", "v2.jpg"]):
+        _write_image(root / "images" / name, _colour(k))
+    _write_csv(root / "nus_wid_data.csv", [
+        ["filepath", "label", "split_name"],
+        ["images/a.jpg", "['clouds', 'sky']", "train"],
+        ["images/b.jpg", "['water']", "train"],
+        ["images/c_missing.jpg", "['sky', 'animal']", "train"],
+        ["images/d.jpg", "[]", "train"],
+        ["images/v1.jpg", "['animal', 'water', 'sky']", "val"],
+        ["images/v2.jpg", "['zebra']", "val"],
+    ])
+    return root
+
+
+@pytest.fixture
+def oi_root(tmp_path):
+    """Open Images as MIIL released it: classes.csv (MID, display name) and data.csv (positive and verified
+    negative MIDs); 3 training and 2 test images."""
+    root = tmp_path / "oi"
+    for k, name in enumerate(["train/t1.jpg", "train/t2.jpg", "train/t3.jpg", "test/e1.jpg", "test/e2.jpg"]):
+        _write_image(root / name, _colour(k))
+    _write_csv(root / "classes.csv", [["LabelName", "DisplayName"], ["/m/01", "Cat"], ["/m/02", "Dog"],
+                                      ["/m/03", "Car"], ["/m/04", "Tree"]])
+    _write_csv(root / "data.csv", [
+        ["ImageID", "positive", "negative", "split"],
+        ["t1.jpg", "['/m/01', '/m/03']", "['/m/02']", "train"],
+        ["t2", "['/m/04']", "[]", "train"],                      # no extension: .jpg is appended
+        ["t3.jpg", "[]", "['/m/01', '/m/99']", "train"],        # /m/99 is not a class: ignored
+        ["e1.jpg", "['/m/02']", "['/m/04', '/m/03']", "test"],
+        ["e2.jpg", "['/m/01', '/m/02']", "[]", "test"],
+    ])
+    return root
+
+
+def _csv_copy(synthetic: Path, folder: Path, val_labels: bool) -> Path:
+    rows = ["image,labels,split"]
+    for split in ("train", "val"):
+        coco = json.loads((synthetic / "annotations" / f"instances_{split}.json").read_text())
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        labels = {}
+        for a in coco["annotations"]:
+            labels.setdefault(a["image_id"], set()).add(names[a["category_id"]])
+        (folder / split).mkdir(parents=True)
+        for image in coco["images"]:
+            shutil.copy(synthetic / split / image["file_name"], folder / split / image["file_name"])
+            kept = labels.get(image["id"], set()) if split == "train" or val_labels else set()
+            rows.append(f"{split}/{image['file_name']},{'|'.join(sorted(kept))},{split}")
+    (folder / "classes.txt").write_text("\n".join(sorted(names.values())) + "\n")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def csv_copy():
+    """``csv_copy(synthetic, folder, val_labels)``: a generated COCO-layout set (``make_synthetic``) as a csv
+    dataset in ``folder`` (labels.csv, classes.txt); the validation rows keep their labels or get none."""
+    return _csv_copy
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""NUS-WIDE (MIIL CSV), Open Images (MIIL release) and custom CSV loaders on small fixtures written here in
-their native formats; targets are written out by hand."""
+"""NUS-WIDE (MIIL CSV), Open Images (MIIL release) and custom CSV loaders on small fixtures in their native
+formats (nus_root and oi_root: tests/conftest.py); targets are written out by hand."""
 
 import csv
 import logging
@@ -8,19 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from asl.data import DatasetError, create_dataset
-
-
-def write_image(path, colour=(200, 30, 30), size=(40, 30)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
 
 
 def names(ds):
@@ -28,23 +17,6 @@ def names(ds):
 
 
 # ---------------------------------------------------------------- NUS-WIDE
-@pytest.fixture
-def nus_root(tmp_path):
-    root = tmp_path / "nus"
-    for name in ["a.jpg", "b.jpg", "d.jpg", "v1.jpg", "v2.jpg"]:
-        write_image(root / "images" / name)
-    write_csv(root / "nus_wid_data.csv", [
-        ["filepath", "label", "split_name"],
-        ["images/a.jpg", "['clouds', 'sky']", "train"],
-        ["images/b.jpg", "['water']", "train"],
-        ["images/c_missing.jpg", "['sky', 'animal']", "train"],
-        ["images/d.jpg", "[]", "train"],
-        ["images/v1.jpg", "['animal', 'water', 'sky']", "val"],
-        ["images/v2.jpg", "['zebra']", "val"],
-    ])
-    return root
-
-
 def test_nus_wide_targets_and_missing_images(nus_root, caplog):
     caplog.set_level(logging.WARNING, logger="asl.data")
     train = create_dataset("nus-wide", nus_root, "train", 32, train=True)
@@ -59,7 +31,7 @@ def test_nus_wide_targets_and_missing_images(nus_root, caplog):
     np.testing.assert_array_equal(val.targets(), [[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
 
 
-def test_nus_wide_headerless_and_errors(tmp_path, nus_root):
+def test_nus_wide_headerless_and_errors(tmp_path, nus_root, write_csv):
     rows = list(csv.reader(open(nus_root / "nus_wid_data.csv")))[1:]
     write_csv(nus_root / "other.csv", rows)
     ds = create_dataset("nus-wide", nus_root, "val", 32, train=False, csv_file="other.csv")
@@ -71,27 +43,9 @@ def test_nus_wide_headerless_and_errors(tmp_path, nus_root):
 
 
 # ---------------------------------------------------------------- Open Images
+# the classes.csv that oi_root writes
 MIDS = ["/m/01", "/m/02", "/m/03", "/m/04"]
 MID_NAMES = ["Cat", "Dog", "Car", "Tree"]
-
-
-@pytest.fixture
-def oi_root(tmp_path):
-    root = tmp_path / "oi"
-    for name in ["t1.jpg", "t2.jpg", "t3.jpg"]:
-        write_image(root / "train" / name)
-    write_image(root / "test" / "e1.jpg")
-    write_image(root / "test" / "e2.jpg")
-    write_csv(root / "classes.csv", [["LabelName", "DisplayName"]] + [[m, n] for m, n in zip(MIDS, MID_NAMES)])
-    write_csv(root / "data.csv", [
-        ["ImageID", "positive", "negative", "split"],
-        ["t1.jpg", "['/m/01', '/m/03']", "['/m/02']", "train"],
-        ["t2", "['/m/04']", "[]", "train"],                      # no extension: .jpg is appended
-        ["t3.jpg", "[]", "['/m/01', '/m/99']", "train"],        # /m/99 is not a class: ignored
-        ["e1.jpg", "['/m/02']", "['/m/04', '/m/03']", "test"],
-        ["e2.jpg", "['/m/01', '/m/02']", "[]", "test"],
-    ])
-    return root
 
 
 def test_open_images_eval_keeps_unannotated(oi_root):
@@ -129,6 +83,16 @@ def test_open_images_class_order_from_checkpoint(oi_root, tmp_path):
         create_dataset("openimages", oi_root, "test", 32, train=False, idx_to_class={0: "Lion"})
 
 
+def test_open_images_display_name_of_two_mids(oi_root, write_csv):
+    # Open Images names some MIDs alike ("Jaguar": the animal and the car). A checkpoint naming its classes in
+    # the table's order keeps them apart: the second "Jaguar" is /m/03, not the first one's /m/01 again.
+    write_csv(oi_root / "classes.csv", [["/m/01", "Jaguar"], ["/m/02", "Dog"], ["/m/03", "Jaguar"], ["/m/04", "Tree"]])
+    ds = create_dataset("openimages", oi_root, "test", 32, train=False,
+                        idx_to_class={0: "Jaguar", 1: "Dog", 2: "Jaguar", 3: "Tree"})
+    assert ds.mids == MIDS and ds.classes == ["Jaguar", "Dog", "Jaguar", "Tree"]
+    np.testing.assert_array_equal(ds.targets(), [[-1, 1, 0, 0], [1, 1, -1, -1]])
+
+
 def test_open_images_missing_files(tmp_path, oi_root):
     (oi_root / "data.csv").rename(oi_root / "elsewhere.csv")
     with pytest.raises(DatasetError, match="data.csv"):
@@ -139,7 +103,7 @@ def test_open_images_missing_files(tmp_path, oi_root):
 
 # ---------------------------------------------------------------- custom CSV
 @pytest.fixture
-def csv_root(tmp_path):
+def csv_root(tmp_path, write_image):
     root = tmp_path / "mydata"
     for name in ["p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg"]:
         write_image(root / "photos" / name)
@@ -177,7 +141,7 @@ def test_csv_classes_file_and_errors(csv_root, tmp_path):
         create_dataset("csv", tmp_path / "nope", "train", 32, train=False)
 
 
-def test_csv_without_split_column(tmp_path):
+def test_csv_without_split_column(tmp_path, write_image):
     write_image(tmp_path / "x.png")
     (tmp_path / "train.csv").write_text(f"image,labels\n{tmp_path / 'x.png'},a;b\n")
     with pytest.raises(DatasetError, match="outside .* allow_outside_root=1"):

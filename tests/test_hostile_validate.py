@@ -1,5 +1,5 @@
 """validate.py against hostile input: class names with markup and control characters, repeated class names,
-output places that cannot be written, an output that fails at the end.
+output places that cannot be written, an output that fails at the end, dataset options that validate.py sets.
 
 The data is a generated COCO layout of three pictures whose categories carry the names under test; the model is
 a 4-class TResNet-M at 32 pixels (what is checked here does not depend on its scores).
@@ -162,3 +162,17 @@ def test_an_output_that_fails_at_the_end_loses_neither_the_others_nor_the_map(tm
     assert json.loads(metrics.read_text())["num_images"] == 3
     assert captured.err.strip().splitlines()[-1] == (
         f"validate.py: error: the evaluation ran, but --report {report} could not be written: No space left on device")
+
+
+@pytest.mark.parametrize("option, words", [
+    # validate.py passes these itself: given again they reached create_dataset twice (a TypeError, exit 1) or
+    # silently replaced validate.py's own value.
+    ("image_size=16", "--dataset-option image_size: validate.py sets it itself; give --image-size instead"),
+    ("strict=1", "--dataset-option strict: validate.py sets it itself; give --strict-data instead"),
+    ("train=1", "--dataset-option train: validate.py sets it itself"),
+])
+def test_an_option_validate_sets_itself_is_one_line(tmp_path, checkpoint, option, words, capsys):
+    root = coco_layout(tmp_path / "data", ["a", "b", "c", "d"])
+    code = run_main(validate.main, args(root, checkpoint, "--dataset-option", option), prog="validate.py")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.strip().splitlines() == [f"validate.py: error: {words}"]

@@ -274,31 +274,10 @@ def test_validate_refuses_non_finite_scores(tmp_path, capsys):
     assert "4 of 4 images got non-finite (NaN/inf) scores" in err[-1] and "mAP score" not in "".join(err)
 
 
-def _csv_copy(synthetic, folder, val_labels: bool):
-    """The generated set as a csv dataset in ``folder``; the validation rows keep their labels or get none."""
-    import shutil
-
-    rows = ["image,labels,split"]
-    for split in ("train", "val"):
-        coco = json.loads((synthetic / "annotations" / f"instances_{split}.json").read_text())
-        names = {c["id"]: c["name"] for c in coco["categories"]}
-        labels = {}
-        for a in coco["annotations"]:
-            labels.setdefault(a["image_id"], set()).add(names[a["category_id"]])
-        (folder / split).mkdir(parents=True)
-        for image in coco["images"]:
-            shutil.copy(synthetic / split / image["file_name"], folder / split / image["file_name"])
-            kept = labels.get(image["id"], set()) if split == "train" or val_labels else set()
-            rows.append(f"{split}/{image['file_name']},{'|'.join(sorted(kept))},{split}")
-    (folder / "classes.txt").write_text("\n".join(sorted(names.values())) + "\n")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_a_validation_set_without_positive_labels_is_named_and_never_gives_a_best_model(tmp_path, synthetic,
-                                                                                       capsys):
+                                                                                       csv_copy, capsys):
     warning = "the validation set has no positive label in any image: its mAP (0.00) means nothing"
-    data = _csv_copy(synthetic, tmp_path / "blank", val_labels=False)
+    data = csv_copy(synthetic, tmp_path / "blank", val_labels=False)
     out = tmp_path / "o"
     flags = _flags(data, out, "--dataset", "csv", "--train-split", "train", "--val-split", "val")
     assert train.main(flags) == 0
@@ -307,11 +286,24 @@ def test_a_validation_set_without_positive_labels_is_named_and_never_gives_a_bes
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
     assert not (out / "model-highest.pth").exists()
     # The same pictures with their labels: no warning, and a best model.
-    data = _csv_copy(synthetic, tmp_path / "labelled", val_labels=True)
+    data = csv_copy(synthetic, tmp_path / "labelled", val_labels=True)
     assert train.main(_flags(data, tmp_path / "o2", "--dataset", "csv", "--train-split", "train",
                              "--val-split", "val")) == 0
     assert "no positive label" not in capsys.readouterr().err
     assert (tmp_path / "o2" / "model-highest.pth").is_file()
+
+
+def test_splits_with_as_many_classes_under_other_names_are_refused(tmp_path, write_image, capsys):
+    """One csv per split and no classes.txt: each split lists its own classes. Two of them each way would have
+    trained with the validation's 'c' scored as the training's 'b'."""
+    for k in range(4):
+        write_image(tmp_path / f"{k}.jpg", (60 * k, 20, 200 - 40 * k))
+    (tmp_path / "train.csv").write_text("image,labels\n0.jpg,a\n1.jpg,b\n")
+    (tmp_path / "val.csv").write_text("image,labels\n2.jpg,a\n3.jpg,c\n")
+    assert train.main(_flags(tmp_path, tmp_path / "o", "--dataset", "csv")) == 2
+    assert _one_error_line(capsys).endswith("the train and val splits disagree on the classes (2 vs 2, first "
+                                            "difference 'b' vs 'c'); give both one class list (csv: classes.txt, "
+                                            "see Datasets.md)")
 
 
 def test_which_validation_targets_can_give_a_meaningful_map():

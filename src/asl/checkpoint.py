@@ -16,6 +16,7 @@ import argparse
 import errno
 import logging
 import os
+import pickletools
 import re
 import shutil
 from collections import OrderedDict
@@ -149,6 +150,10 @@ def make_model_checkpoint(model_state: Mapping, num_classes: int, idx_to_class: 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
+#: the one-character codes of pickle's instructions
+_PICKLE_OPCODES = {op.code for op in pickletools.opcodes}
+
+
 def _explain_unpickling_error(path: str, exc: Exception) -> CheckpointError:
     message = str(exc)
     found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", message)
@@ -156,12 +161,25 @@ def _explain_unpickling_error(path: str, exc: Exception) -> CheckpointError:
         return CheckpointError(
             f"refusing to unpickle {path}: it is not a plain weights file (loading it would call "
             f"{found.group(1)}, i.e. run code from the file); re-save only its tensors from a trusted source")
+    operand = re.search(r"Unsupported operand (\d+)", message)
+    if operand and chr(int(operand.group(1))) not in _PICKLE_OPCODES:
+        # Not a refused pickle instruction but a byte that is none: the file is no pickle at all (text, JSON...).
+        return CheckpointError(f"could not read checkpoint {path}: not a torch checkpoint, or a damaged one (byte "
+                               f"{int(operand.group(1))} is no pickle instruction)")
     if "Weights only load failed" in message:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
         reason = detail.group(1).strip() if detail else "unsupported content"
         return CheckpointError(f"refusing to unpickle {path}: it is not a plain weights file ({reason})")
-    first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-    return CheckpointError(f"could not read checkpoint {path}: {first_line}")
+    if isinstance(exc, OSError):
+        return CheckpointError(f"could not read checkpoint {path}: {exc.strerror or exc}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return CheckpointError(f"could not read checkpoint {path}: the file is empty")
+    # torch's own words stop at their first sentence: the rest can be long, or advise weights_only=False (unsafe, and
+    # no cure for a damaged file); the unpickler may give a bare number (a KeyError of an unknown opcode).
+    first = re.split(r"(?<=\.)\s", message.strip().splitlines()[0])[0] if message.strip() else ""
+    detail = first if first and not first.isdigit() else f"{type(exc).__name__} {first}".strip()
+    return CheckpointError(f"could not read checkpoint {path}: not a torch checkpoint, or a damaged (truncated) one "
+                           f"({detail})")
 
 
 def _numpy_safe_globals() -> list:

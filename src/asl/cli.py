@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by the apps: the argument parser, typed flag values, logging and exit codes.
+"""Command-line plumbing shared by the apps: the argument parser, typed flag values, checks of the paths given
+(read before any work, written before any long work), logging and exit codes.
 
 Contract: every long flag works with dashes and with underscores (``--model-path`` and ``--model_path``: the
 original used both), every option has a type, and :func:`run_main` maps bad input (:class:`~asl.errors.AslError`)
@@ -11,7 +12,9 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import AslError, UsageError
@@ -134,6 +137,8 @@ def parse_key_values(items: Sequence[str], flag: str = "--dataset-option") -> di
         if "=" not in item:
             raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r} (no key)")
         options[key.strip().replace("-", "_")] = _number_or_text(value.strip())
     return options
 
@@ -147,24 +152,85 @@ def _number_or_text(text: str) -> Any:
     return text
 
 
+# ------------------------------------------------------------------------------------------ paths given
+
 def check_data_dir(path: str, generated: bool = False) -> None:
     """A missing or unreadable dataset root is bad input; ``generated`` data (synthetic) may not exist yet."""
     if generated and not os.path.exists(path):
         return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"data directory {path} is a file; give the dataset's folder (layouts: Datasets.md)")
     if not os.path.isdir(path):
         raise UsageError(f"data directory not found: {path}")
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError(f"data directory is not readable: {path}")
 
 
+def check_writable(flag: str, target: Path) -> None:
+    """A file that can be created or replaced: not a folder, a name the file system takes, and a folder above it
+    that exists or can be created."""
+    # os.path, not Path methods: they raise for a name too long, which is checked below with a clear message.
+    target = Path(target)
+    if os.path.isdir(target):
+        raise UsageError(f"{flag} {target} is a folder; give a file name")
+    check_folder(flag, target.parent, shown=target)
+
+
+def check_folder(flag: str, folder: Path, shown: Optional[Path] = None, probed: Optional[set] = None) -> None:
+    """A folder that exists or can be created: the nearest existing path at or above it is a folder this process
+    may write in, and no name on the way is too long. ``shown``: the path the user gave, named in the message
+    (default: ``folder``); ``probed``: folders already found writable, when many are checked."""
+    folder = Path(folder)
+    shown = folder if shown is None else Path(shown)
+    chain = [folder, *folder.parents]
+    existing = next((p for p in chain if os.path.lexists(p)), Path("."))
+    if probed is None or existing not in probed:
+        if not os.path.isdir(existing):
+            what = "a file" if os.path.exists(existing) else "a symbolic link to nothing"
+            raise UsageError(f"{flag} {shown}: {existing} is {what}, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {shown}: {existing} is not writable")
+        # os.access trusts the permission bits, and root passes them everywhere: a file created (and removed at
+        # once) is the only sure test, e.g. of /proc or of a read-only bind mount.
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {shown}: cannot create a file in {existing} ({exc.strerror or exc})") from None
+        if probed is not None:
+            probed.add(existing)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit: the usual one
+        limit = 255
+    created = [p.name for p in chain[:chain.index(existing)]] + ([shown.name] if shown != folder else [])
+    for name in created:
+        if len(os.fsencode(name)) > limit:
+            raise UsageError(f"{flag} {shown}: the name {name[:40]}... is longer than the {limit} bytes that "
+                             f"{existing} allows")
+
+
 # ------------------------------------------------------------------------------------ logging, exit codes
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not as it was at setup: an app called in-process (a
+    notebook, a test) may run under a stderr that is replaced, and closed, once it returns."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
 
 def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     """Plain ``message`` logging on stderr for the main process; warnings only on the other ranks."""
     level = logging.DEBUG if verbose else logging.INFO
     if not main_process:
         level = logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_CurrentStderr()], force=True)
 
 
 def format_error(exc: BaseException, prog: Optional[str] = None) -> str:

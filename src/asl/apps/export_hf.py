@@ -17,7 +17,10 @@ from asl.errors import UsageError
 from asl.models.loading import LoadedModel
 from asl.sources import CONFIG_FILE, config_from_checkpoint
 
-__all__ = ["export_hf", "read_json_file"]
+__all__ = ["FILES", "export_hf", "read_json_file"]
+
+#: what export_hf writes in its folder
+FILES = ("model.safetensors", CONFIG_FILE, "README.md")
 
 
 def read_json_file(path: Optional[str], flag: str) -> Optional[dict]:
@@ -47,10 +50,10 @@ def export_hf(loaded: LoadedModel, output: Path, image_size: int, metrics: Optio
     # Contiguous copies: safetensors stores plain row-major tensors and refuses shared storage.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.model.state_dict().items()}
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output / "model.safetensors",
-                       save(state, metadata={"format": "pt", "asl": json.dumps(config["asl"])}))
-    atomic_write_text(output / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    atomic_write_text(output / "README.md", model_card(config, metrics))
+    weights, config_file, card = (output / name for name in FILES)
+    atomic_write_bytes(weights, save(state, metadata={"format": "pt", "asl": json.dumps(config["asl"])}))
+    atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(card, model_card(config, metrics))
 
 
 def _number(value: Any) -> Optional[float]:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from asl.cli import ArgumentParser, positive_int, probability, run_main, setup_logging
+from asl.cli import ArgumentParser, check_folder, check_writable, positive_int, probability, run_main, setup_logging
 from asl.data.transforms import load_rgb
 from asl.distributed import select_device
 from asl.errors import UsageError
@@ -38,7 +38,6 @@ from asl.precision import resolve_amp_dtype
 from asl.evaluation.thresholds import load_thresholds
 
 from .options import MODEL_SOURCE_HELP, inference_options, model_options, runtime_options
-from .validate import check_folder, check_writable
 
 logger = logging.getLogger("infer")
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, Mapping, Optional, Sequence
 
 from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegative_float, nonnegative_int,
-                   positive_int, probability)
+                   parse_key_values, positive_int, probability)
 from ..data import DATASET_NAMES
+from ..errors import UsageError
 from ..precision import amp_dtype_arg
 
 #: what --model-path takes in every script (asl.sources)
@@ -103,6 +105,37 @@ def data_options(split_flag: str, split_help: str) -> ArgumentParser:
     return p
 
 
+#: create_dataset's arguments that every script sets itself, and the flag that sets each (None: no flag). Given again
+#: with --dataset-option they would reach create_dataset twice (a TypeError), or silently override the flag.
+_SET_BY_EVERY_SCRIPT = {"name": "--dataset", "root": "DATA", "split": "the split flag", "image_size": "--image-size",
+                        "train": None, "cache_dir": "--cache-dir", "strict": "--strict-data", "with_index": None}
+
+
+def dataset_options(items: Sequence[str], prog: str,
+                    set_by_script: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, Any]:
+    """``--dataset-option`` as a dict; malformed ones, and those the script sets itself (``set_by_script``: more of
+    them, with their flags), are one-line errors."""
+    options = parse_key_values(items)
+    taken = {**_SET_BY_EVERY_SCRIPT, **(set_by_script or {})}
+    for key in options:
+        if key in taken:
+            flag = taken[key]
+            raise UsageError(f"--dataset-option {key}: {prog} sets it itself"
+                             + (f"; give {flag} instead" if flag else ""))
+    return options
+
+
+#: the largest --seed: torch's generators take 64 bits, and the data order seeds one with --seed + epoch.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    value = nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SEED}, got {value}")
+    return value
+
+
 def recipe_options() -> ArgumentParser:
     """The training recipe's numbers; the defaults are the original's."""
     p = ArgumentParser(add_help=False)
@@ -116,5 +149,5 @@ def recipe_options() -> ArgumentParser:
     p.add_argument("--gamma-neg", type=nonnegative_float, default=4.0)
     p.add_argument("--gamma-pos", type=nonnegative_float, default=0.0)
     p.add_argument("--clip", type=margin, default=0.05, help="probability margin of the negatives (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds initialisation, data order and augmentation")
     return p

@@ -15,7 +15,7 @@ import torch
 from asl import distributed as dist_utils
 from asl.checkpoint import load_model_state
 from asl.training.run_folder import RunFolder
-from asl.cli import (ArgumentParser, check_data_dir, image_size, nonnegative_int, parse_key_values, positive_int,
+from asl.cli import (ArgumentParser, check_data_dir, image_size, nonnegative_int, positive_int,
                      run_main, setup_logging)
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.training.step import StepConfig
@@ -28,7 +28,7 @@ from asl.precision import amp_dtype_name, resolve_amp_dtype
 from asl.training.state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
                              data_fingerprint)
 
-from .options import data_options, recipe_options, runtime_options
+from .options import data_options, dataset_options, recipe_options, runtime_options
 from .progress import EpochProgress
 
 logger = logging.getLogger("train")
@@ -90,6 +90,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     resolve_head_args(args)
     args.dataset = canonical_name(args.dataset)
     check_data_dir(args.data, generated=args.dataset == "synthetic")
+    dataset_options(args.dataset_option, "train.py", _SET_BY_TRAIN)  # checked before the output folder is made
     args.train_split = args.train_split or default_split(args.dataset, True)
     args.val_split = args.val_split or default_split(args.dataset, False)
     info = dist_utils.init_distributed(args.device)
@@ -175,8 +176,12 @@ def head_meta(model: torch.nn.Module) -> dict[str, Any]:
     return {"head": "ml-decoder", "num_of_groups": head.num_of_groups, "decoder_embedding": head.decoder_embedding}
 
 
+#: dataset options that train.py sets from its own flags, beyond those every script sets
+_SET_BY_TRAIN = {"seed": "--seed", "unannotated": "--unannotated", "difficult": "--difficult"}
+
+
 def build_datasets(args) -> tuple[Any, Any]:
-    options = parse_key_values(args.dataset_option)
+    options = dataset_options(args.dataset_option, "train.py", _SET_BY_TRAIN)
     common = {"seed": args.seed, "strict": args.strict_data, "with_index": True, "cache_dir": args.cache_dir}
     train_options = dict(common)
     if args.dataset == "openimages":
@@ -192,9 +197,14 @@ def build_datasets(args) -> tuple[Any, Any]:
     if args.num_classes is not None and args.num_classes != train_ds.num_classes:
         raise UsageError(f"--num-classes {args.num_classes} contradicts the dataset, which has "
                          f"{train_ds.num_classes} classes")
-    if val_ds.num_classes != train_ds.num_classes:
+    # The names, not only their count: the validation mAP scores column k as the k-th training class, and a csv
+    # set with one file per split and no classes.txt can list as many classes under other names.
+    if list(val_ds.classes) != list(train_ds.classes):
+        first = next((f", first difference {a!r} vs {b!r}" for a, b in zip(train_ds.classes, val_ds.classes)
+                      if a != b), "")
         raise UsageError(f"the {args.train_split} and {args.val_split} splits disagree on the classes "
-                         f"({train_ds.num_classes} vs {val_ds.num_classes})")
+                         f"({train_ds.num_classes} vs {val_ds.num_classes}{first}); give both one class list "
+                         f"(csv: classes.txt, see Datasets.md)")
     args.num_classes = train_ds.num_classes
     return train_ds, val_ds
 

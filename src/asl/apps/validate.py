@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,7 +29,7 @@ import torch
 from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
 from asl.download import is_url
-from asl.cli import ArgumentParser, check_data_dir, parse_key_values, probability, run_main, setup_logging
+from asl.cli import ArgumentParser, check_data_dir, check_writable, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
@@ -41,7 +40,7 @@ from asl.evaluation.report import markdown_text, printable, write_report
 from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
                                        precision_thresholds, save_thresholds)
 
-from .options import MODEL_SOURCE_HELP, data_options, inference_options, model_options, runtime_options
+from .options import MODEL_SOURCE_HELP, data_options, dataset_options, inference_options, model_options, runtime_options
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
@@ -71,7 +70,7 @@ def build_parser() -> ArgumentParser:
 
 
 def check_args(args) -> None:
-    parse_key_values(args.dataset_option)
+    dataset_options(args.dataset_option, "validate.py")
     check_data_dir(args.data, generated=args.dataset == "synthetic")
     if args.threshold_precision is not None and not args.save_thresholds:
         raise UsageError("--threshold-precision chooses the thresholds of --save-thresholds FILE; give that too")
@@ -85,50 +84,6 @@ def check_args(args) -> None:
         if os.path.lexists(args.report) and not os.path.isdir(args.report):
             raise UsageError(f"--report {args.report} is a file; give a folder")
         check_writable("--report", Path(args.report) / "README.md")
-
-
-def check_writable(flag: str, target: Path) -> None:
-    """A file that can be created or replaced: not a folder, a name the file system takes, and a folder above it
-    that exists or can be created."""
-    # os.path, not Path methods: they raise for a name too long, which is checked below with a clear message.
-    target = Path(target)
-    if os.path.isdir(target):
-        raise UsageError(f"{flag} {target} is a folder; give a file name")
-    check_folder(flag, target.parent, shown=target)
-
-
-def check_folder(flag: str, folder: Path, shown: Optional[Path] = None, probed: Optional[set] = None) -> None:
-    """A folder that exists or can be created: the nearest existing path at or above it is a folder this process
-    may write in, and no name on the way is too long. ``shown``: the path the user gave, named in the message
-    (default: ``folder``); ``probed``: folders already found writable, when many are checked."""
-    folder = Path(folder)
-    shown = folder if shown is None else Path(shown)
-    chain = [folder, *folder.parents]
-    existing = next((p for p in chain if os.path.lexists(p)), Path("."))
-    if probed is None or existing not in probed:
-        if not os.path.isdir(existing):
-            what = "a file" if os.path.exists(existing) else "a symbolic link to nothing"
-            raise UsageError(f"{flag} {shown}: {existing} is {what}, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {shown}: {existing} is not writable")
-        # os.access trusts the permission bits, and root passes them everywhere: a file created (and removed at
-        # once) is the only sure test, e.g. of /proc or of a read-only bind mount.
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as exc:
-            raise UsageError(f"{flag} {shown}: cannot create a file in {existing} ({exc.strerror or exc})") from None
-        if probed is not None:
-            probed.add(existing)
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit: the usual one
-        limit = 255
-    created = [p.name for p in chain[:chain.index(existing)]] + ([shown.name] if shown != folder else [])
-    for name in created:
-        if len(os.fsencode(name)) > limit:
-            raise UsageError(f"{flag} {shown}: the name {name[:40]}... is longer than the {limit} bytes that "
-                             f"{existing} allows")
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
@@ -215,7 +170,7 @@ def _load(args, info):
 
 def _dataset(args, split: str, loaded, info):
     options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
-    options.update(parse_key_values(args.dataset_option))
+    options.update(dataset_options(args.dataset_option, "validate.py"))
     if (args.dataset == "openimages" and not {"idx_to_class", "classes_file"} & set(options)
             and not loaded.class_names[0].startswith("class_")):
         # A 9605-class model only scores right in its own class order, which its file carries.

@@ -84,6 +84,8 @@ random augmentation is still drawn every epoch. See :mod:`asl.data.cache`.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 from .base import Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader, seed_worker
@@ -189,14 +191,35 @@ def create_dataset(name: str, root, split: str | None, image_size: int, train: b
     from .synthetic import SYNTHETIC_SPLITS, ensure_synthetic_coco
     if split not in SYNTHETIC_SPLITS:
         raise DatasetError(f"synthetic splits are {SYNTHETIC_SPLITS}, not {split!r}")
-    names = {"num_train": "num_train", "num_val": "num_val", "synthetic_size": "image_size",
-             "generate_seed": "seed", "synthetic_classes": "num_classes", "skew": "skew"}
     gen = {"num_train": 512, "num_val": 128, "image_size": 64, "seed": 0}
-    gen.update({names[k]: v for k, v in options.items() if k in names})
-    ensure_synthetic_coco(Path(root), checked=tuple(names[k] for k in options if k in names), **gen)
+    given = _synthetic_options(options)
+    gen.update(given)
+    ensure_synthetic_coco(Path(root), checked=tuple(given), **gen)
     dataset = load_coco(root, split, train=train, **common)
     dataset.name = "synthetic"
     return dataset
+
+
+#: synthetic options: (the generator's argument, whole number or not, the lowest value it draws pictures with)
+_SYNTHETIC_OPTIONS = {"num_train": ("num_train", True, 0), "num_val": ("num_val", True, 0),
+                      "synthetic_size": ("image_size", True, 3), "generate_seed": ("seed", True, 0),
+                      "synthetic_classes": ("num_classes", True, 1), "skew": ("skew", False, 0.0)}
+
+
+def _synthetic_options(options: dict) -> dict:
+    """The generator's arguments given among ``options``, each checked (a one-line error, not the generator's
+    traceback, for ``num_train=abc`` or ``synthetic_size=1``)."""
+    given = {}
+    for key, value in options.items():
+        if key not in _SYNTHETIC_OPTIONS:
+            continue
+        name, whole, lowest = _SYNTHETIC_OPTIONS[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < lowest or (whole and value != int(value)):
+            kind = "a whole number" if whole else "a number"
+            raise DatasetError(f"synthetic option {key}={value!r}: expected {kind} of at least {lowest}")
+        given[name] = int(value) if whole else float(value)
+    return given
 
 
 def generate_synthetic_coco(root, num_train: int = 512, num_val: int = 128, image_size: int = 64, seed: int = 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -41,10 +42,18 @@ def _read_annotations(ann_file: Path) -> tuple[list[str], list[str], list[list[i
     """(class names, image file names, positive class indices per image, images without annotation)."""
     from pycocotools.coco import COCO
 
+    # Read here rather than by COCO(file), which asserts the top level is an object: a traceback, not a message.
+    with open(ann_file, "rb") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise DatasetError(f"{ann_file} is not a usable COCO annotation file (its JSON is {kind}, not an object)")
+    coco = COCO()
+    coco.dataset = data
     # pycocotools prints its progress to stdout; keep library output in logging.
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        coco = COCO(str(ann_file))
+        coco.createIndex()
     logger.debug("pycocotools: %s", out.getvalue().strip())
     if not coco.cats:
         raise DatasetError(f"{ann_file} has no categories")

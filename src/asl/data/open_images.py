@@ -85,16 +85,20 @@ def _class_order(root: Path, rows, idx_to_class, classes_file) -> tuple[list[str
                 break
     if idx_to_class is not None:
         order = [v for _, v in sorted((int(k), v) for k, v in dict(idx_to_class).items())]
-        name_to_mid = {}
+        name_to_mids: dict[str, list[str]] = {}
         if table is not None:
             for mid, name in table:
-                name_to_mid.setdefault(name, mid)
+                name_to_mids.setdefault(name, []).append(mid)
         mids = []
         for value in order:
             if _is_mid(value):
                 mids.append(value)
-            elif value in name_to_mid:
-                mids.append(name_to_mid[value])
+            elif value in name_to_mids:
+                # Open Images gives some MIDs one display name ("Jaguar": the animal and the car). Mapping each
+                # name to its first MID would score those classes against one MID's labels; instead the k-th time
+                # a name comes in idx_to_class is its k-th MID in the table, the order train.py saved them in.
+                candidates = name_to_mids[value]
+                mids.append(candidates.pop(0) if len(candidates) > 1 else candidates[0])
             else:
                 raise DatasetError(f"class {value!r} of idx_to_class is not a MID and not in the class table "
                                    f"(pass classes_file=<MID,name table>)")

@@ -81,7 +81,11 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     """
     sampler, dataset = train_loader.sampler, train_loader.dataset
     run_folder.check_space(state)
-    if run_folder.is_main and (state.epoch >= config.epochs or state.epoch > config.stop_epoch):
+    if run_folder.is_main and state.epoch >= config.epochs:
+        # The schedule is spent: a higher --stop-epoch would change nothing, and a resumed run keeps --epochs.
+        logger.warning("nothing to train: the run has finished its schedule (--epochs %d); a longer one needs a new "
+                       "--output-dir", config.epochs)
+    elif run_folder.is_main and state.epoch > config.stop_epoch:
         logger.warning("nothing to train: the run is at epoch %d (--epochs %d, --stop-epoch %d); raise --stop-epoch "
                        "to continue", state.epoch, config.epochs, config.stop_epoch)
     warned_no_positives = False

@@ -82,7 +82,7 @@ class RunFolder:
             except UsageError as exc:
                 problem = str(exc)
             except OSError as exc:
-                problem = f"output directory is not writable: {output_dir} ({exc.strerror or exc})"
+                problem = f"output directory is not writable: {output_dir} ({_why_not_a_folder(output_dir, exc)})"
         problem = dist_utils.broadcast_object(problem)
         if problem:
             if lock is not None:
@@ -101,6 +101,9 @@ class RunFolder:
                 logger.info("--resume auto: no %s yet, starting a new run", path)
                 return None
             return str(path)
+        if os.path.isdir(resume):
+            raise UsageError(f"--resume {resume} is a folder; give its {LAST}, or --resume auto with --output-dir "
+                             f"{resume}")
         if not os.path.isfile(resume):
             raise UsageError(f"--resume: checkpoint not found: {resume}")
         return resume
@@ -229,6 +232,17 @@ def _two_sizes(needed: int, free: int) -> tuple[str, str]:
         if a != b:
             break
     return f"{a / 10 ** decimals:.{decimals}f}", f"{b / 10 ** decimals:.{decimals}f}"
+
+
+def _why_not_a_folder(output_dir: Path, exc: OSError) -> str:
+    """Why ``output_dir`` could not be made or written: the file in its way when there is one ("File exists" or
+    "Not a directory" would leave the user guessing which), else the system's reason."""
+    for path in (output_dir, *output_dir.parents):
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                return f"{path} is {'a file' if os.path.exists(path) else 'a broken symbolic link'}, not a folder"
+            break
+    return exc.strerror or str(exc)
 
 
 def _write_error(path: Path, exc: OSError) -> UsageError:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .. import distributed as dist_utils
 from ..data.batches import images_to_float, unpack_batch
-from ..errors import TrainingDivergedError
+from ..errors import TrainingDivergedError, UsageError
 from ..precision import autocast
 
 __all__ = [
@@ -98,7 +98,7 @@ def _accumulate_gradients(state: Any, images: torch.Tensor, targets: torch.Tenso
                                          config.unannotated)
             with autocast(device, config.amp_dtype):
                 # original: the loss is computed in fp32 on model(x).float(), outside autocast.
-                output = state.forward_model(x).float()
+                output = _forward(state.forward_model, x).float()
             loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
             scaled = loss * config.world_size if distributed else loss
             if state.scaler is not None:
@@ -106,6 +106,23 @@ def _accumulate_gradients(state: Any, images: torch.Tensor, targets: torch.Tenso
             scaled.backward()
         total = total + loss.detach()
     return total
+
+
+#: torch's words when BatchNorm, in training, sees one value per channel.
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``; a micro-batch too small for BatchNorm is bad input (-b, --grad-accum-steps, --image-size)."""
+    try:
+        return model(x)
+    except ValueError as exc:
+        if not str(exc).startswith(_ONE_VALUE_PER_CHANNEL):
+            raise
+        # One picture whose last feature map is 1x1 (a small --image-size) leaves BatchNorm one value per channel.
+        raise UsageError(f"a micro-batch of {x.shape[0]} picture(s) at {x.shape[-1]} px is too small to train "
+                         f"BatchNorm ({exc}); use a larger --image-size, or a -b and --grad-accum-steps that put at "
+                         f"least 2 pictures in every micro-batch, the epoch's last batch included") from exc
 
 
 def _split_unannotated(targets: torch.Tensor, unannotated: Optional[str]) -> tuple[torch.Tensor,

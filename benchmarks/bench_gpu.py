@@ -29,9 +29,10 @@ from asl.models import create_model, prepare_for_inference
 from asl.precision import AMP_DTYPES, autocast
 
 FULL = {"configs": [("tresnet_m", 224, 128), ("tresnet_l", 448, 64)], "steps": 10, "warmup": 3,
-        "amps": ["float16", "bfloat16"], "compile": True, "smoke_steps": 50, "smoke_size": 224, "smoke_batch": 32}
+        "amps": ["float16", "bfloat16"], "compile": True, "smoke_steps": 50, "smoke_size": 224, "smoke_batch": 32,
+        "gradient_size": 64}
 DRY = {"configs": [("tresnet_m", 64, 2)], "steps": 1, "warmup": 0, "amps": ["bfloat16"], "compile": False,
-       "smoke_steps": 2, "smoke_size": 64, "smoke_batch": 4}
+       "smoke_steps": 2, "smoke_size": 64, "smoke_batch": 4, "gradient_size": 32}
 
 
 def _sync(device: torch.device) -> None:
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "throughput": throughput_rows(device, plan),
-              "gradients": gradient_rows(device, 64), "smoke": smoke_run(device, plan)}
+              "gradients": gradient_rows(device, plan["gradient_size"]), "smoke": smoke_run(device, plan)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

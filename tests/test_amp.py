@@ -54,11 +54,11 @@ def test_train_py_runs_the_autocast_recipe_on_the_cpu(tmp_path, make_synthetic, 
     from asl.apps import train
     from asl.cli import run_main
 
-    data = make_synthetic(8, 8, 64)
+    data = make_synthetic(8, 8, 32)
     weights = {}
     for dtype in ("none", "bfloat16", "float16"):
         out = tmp_path / dtype
-        code = run_main(train.main, [str(data), "--dataset", "synthetic", "--image-size", "64", "-b", "4", "-j", "0",
+        code = run_main(train.main, [str(data), "--dataset", "synthetic", "--image-size", "32", "-b", "4", "-j", "0",
                                      "--epochs", "1", "--stop-epoch", "0", "--device", "cpu", "--amp-dtype", dtype,
                                      "--output-dir", str(out)])
         assert code == 0, capsys.readouterr().err[-2000:]

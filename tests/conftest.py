@@ -134,6 +134,25 @@ def csv_copy():
     return _csv_copy
 
 
+@pytest.fixture
+def refuse_model_load(monkeypatch):
+    """``refuse_model_load(app_module)``: the app's ``load_model`` fails the run with a message (a test sees it,
+    rather than a silent load) and is recorded; returns the list of the calls."""
+    from asl.errors import UsageError
+
+    def install(module):
+        calls = []
+
+        def refuse(*args, **kwargs):
+            calls.append(args)
+            raise UsageError("the model was loaded")
+
+        monkeypatch.setattr(module, "load_model", refuse)
+        return calls
+
+    return install
+
+
 @pytest.fixture(scope="session")
 def run_script():
     """``run_script(['train.py', ...], cwd=None, env=None, unset=(), timeout=240)``: a root script (or ``-c CODE``,

@@ -55,16 +55,8 @@ def infer_args(checkpoint: Path, *pics, extra=()) -> list[str]:
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fails the run with a message (not silently) if infer.py loads the model; records whether it tried."""
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise UsageError("the model was loaded")
-
-    monkeypatch.setattr(infer, "load_model", refuse)
-    return calls
+def no_model(refuse_model_load):
+    return refuse_model_load(infer)
 
 
 # ------------------------------------------------------------------------------------- --output checked first

@@ -16,7 +16,6 @@ import torch
 
 from asl.apps import ablate, export, train
 from asl.cli import run_main
-from asl.errors import UsageError
 from asl.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,16 +285,8 @@ def test_resuming_a_finished_run_says_the_schedule_is_done(synthetic, finished_r
 # --------------------------------------------------------------------------------------------------- export.py
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fails the run with a message (not silently) if export.py loads the model; records whether it tried."""
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise UsageError("the model was loaded")
-
-    monkeypatch.setattr(export, "load_model", refuse)
-    return calls
+def no_model(refuse_model_load):
+    return refuse_model_load(export)
 
 
 @pytest.mark.parametrize("case", ["onnx under a file", "onnx onto a folder", "onnx name too long",

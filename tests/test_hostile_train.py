@@ -114,13 +114,13 @@ def test_a_bad_data_folder_is_one_line(synthetic, tmp_path, kind, words, capsys)
 @pytest.mark.parametrize("option, words", [
     ("foo", "--dataset-option expects KEY=VALUE, got 'foo'"),
     ("colour=red", "unknown option(s) for dataset 'synthetic': colour"),
-    # Options train.py sets from its own flags: they reached create_dataset twice (a TypeError, exit 1).
+    # Options train.py sets from its own flags: given twice, create_dataset would get two values for one argument.
     ("seed=3", "--dataset-option seed: train.py sets it itself; give --seed instead"),
     ("image-size=16", "--dataset-option image_size: train.py sets it itself; give --image-size instead"),
     ("cache_dir=/tmp/x", "--dataset-option cache_dir: train.py sets it itself; give --cache-dir instead"),
     ("with_index=0", "--dataset-option with_index: train.py sets it itself"),
     ("=1", "--dataset-option expects KEY=VALUE, got '=1' (no key)"),
-    # The generator's own errors (a TypeError, a numpy ValueError) were tracebacks.
+    # Values the generator cannot draw with: checked before it runs, in terms of the option's name.
     ("num_train=abc", "synthetic option num_train='abc': expected a whole number of at least 0"),
     ("num_val=1.5", "synthetic option num_val=1.5: expected a whole number of at least 0"),
     ("synthetic_size=1", "synthetic option synthetic_size=1: expected a whole number of at least 3"),
@@ -144,7 +144,7 @@ def test_a_bad_dataset_option_is_one_line(synthetic, tmp_path, option, words, ca
     ("--grad-accum-steps", "0", "expected an integer >= 1, got 0"),
     ("--stop-epoch", "-1", "expected an integer >= 0, got -1"),
     ("--amp-dtype", "float8", "expected one of auto, none, float16, bfloat16, got 'float8'"),
-    # A seed beyond 64 bits overflowed in the data loader's generator (exit 1).
+    # The data loader seeds a 64-bit generator with --seed + epoch.
     ("--seed", "99999999999999999999", "expected at most 4294967295, got 99999999999999999999"),
     ("--seed", "-1", "expected an integer >= 0, got -1"),
     ("--device", "tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
@@ -166,8 +166,8 @@ def test_cuda_on_a_machine_without_it_is_one_line(synthetic, tmp_path, capsys):
 @pytest.mark.parametrize("extra", [["-b", "4", "--grad-accum-steps", "3"], ["-b", "7"]],
                          ids=["accumulation-leaves-1", "last-batch-of-1"])
 def test_a_micro_batch_too_small_for_batchnorm_is_one_line(synthetic, tmp_path, extra, capsys):
-    """At 32 px test_resnet's last feature map is 1x1, so one picture gives BatchNorm one value per channel: torch
-    raised a ValueError (exit 1). 4 in 3 micro-batches is 2+1+1; 8 pictures in batches of 7 end with one."""
+    """At 32 px test_resnet's last feature map is 1x1, so one picture gives BatchNorm one value per channel, which
+    torch refuses in training. 4 in 3 micro-batches is 2+1+1; 8 pictures in batches of 7 end with one."""
     assert run_main(train.main, train_args(synthetic, tmp_path / "out", *extra)) == 2
     line = last_error_line(capsys, "train.py")
     assert "a micro-batch of 1 picture(s) at 32 px is too small to train BatchNorm" in line
@@ -188,7 +188,7 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_named(synthetic, tmp_path,
     blocker.write_text("a file, not a folder")
     for out in (blocker, blocker / "run"):
         assert run_main(train.main, train_args(synthetic, out)) == 2
-        # It said "File exists" or "Not a directory", leaving the user to guess which path was meant.
+        # The path in the way is named: "File exists" or "Not a directory" alone would leave the user guessing.
         assert one_error_line(capsys, "train.py") == \
             f"train.py: error: output directory is not writable: {out} ({blocker} is a file, not a folder)"
 
@@ -223,8 +223,8 @@ def broken_files(tmp_path_factory, weights) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name, words", [
     ("missing.pth", "checkpoint not found: "),
-    # These were "could not read checkpoint X: 101" (a KeyError of the unpickler), torch's long zip error, and
-    # "refusing to unpickle" (as if the file held code).
+    # Not a bare unpickler code, not torch's whole zip message, and not "refusing to unpickle", which would suggest
+    # that the file holds code.
     ("text.pth", "not a torch checkpoint, or a damaged (truncated) one"),
     ("truncated.pth", "not a torch checkpoint, or a damaged (truncated) one (PytorchStreamReader failed reading "
                       "zip archive: failed finding central directory.)"),
@@ -276,7 +276,7 @@ def test_resuming_a_finished_run_says_the_schedule_is_done(synthetic, finished_r
     shutil.copytree(finished_run, out)
     assert run_main(train.main, train_args(synthetic, out, "--resume", "auto")) == 0
     err = capsys.readouterr().err
-    # It said "raise --stop-epoch to continue", which cannot help once --epochs are done.
+    # Raising --stop-epoch cannot help once --epochs are done, so the message must not suggest it.
     assert "nothing to train: the run has finished its schedule (--epochs 1); a longer one needs a new " \
            "--output-dir" in err
     assert "raise --stop-epoch" not in err

@@ -165,8 +165,8 @@ def test_an_output_that_fails_at_the_end_loses_neither_the_others_nor_the_map(tm
 
 
 @pytest.mark.parametrize("option, words", [
-    # validate.py passes these itself: given again they reached create_dataset twice (a TypeError, exit 1) or
-    # silently replaced validate.py's own value.
+    # validate.py passes these itself: given again, create_dataset would get two values for one argument, or the
+    # option would silently replace validate.py's own value.
     ("image_size=16", "--dataset-option image_size: validate.py sets it itself; give --image-size instead"),
     ("strict=1", "--dataset-option strict: validate.py sets it itself; give --strict-data instead"),
     ("train=1", "--dataset-option train: validate.py sets it itself"),

@@ -248,7 +248,7 @@ def test_learning_rates_out_of_range_are_refused_and_the_largest_accepted_one_fa
         assert run_main(train.main, _flags(synthetic, tmp_path / "o", flag, value)) == 2
         assert message in capsys.readouterr().err
     # Adam at the largest --lr: the weights blow up but stay representable, so the run stops with the divergence
-    # message, not with float32 overflow inside the optimizer (which --lr 1e38 used to hit).
+    # message, not with float32 overflow inside the optimizer (where --lr 1e38 would end up).
     code = run_main(train.main, _flags(synthetic, tmp_path / "o", "--lr", "1e30"))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "training diverged" in err.strip().splitlines()[-1]

@@ -93,6 +93,12 @@ def test_open_images_display_name_of_two_mids(oi_root, write_csv):
     np.testing.assert_array_equal(ds.targets(), [[-1, 1, 0, 0], [1, 1, -1, -1]])
 
 
+def test_open_images_idx_to_class_as_text_is_refused(oi_root):
+    # What --dataset-option idx_to_class=... gives: text, which names no classes.
+    with pytest.raises(DatasetError, match="idx_to_class must be a mapping .* give classes_file=FILE instead"):
+        create_dataset("openimages", oi_root, "test", 32, train=False, idx_to_class="{0: 'Cat'}")
+
+
 def test_open_images_missing_files(tmp_path, oi_root):
     (oi_root / "data.csv").rename(oi_root / "elsewhere.csv")
     with pytest.raises(DatasetError, match="data.csv"):

@@ -77,3 +77,17 @@ def test_voc_missing_class_file_and_folder(tmp_path):
         create_dataset("voc", tmp_path / "nothing", "test", 32, train=False)
     with pytest.raises(ValueError, match="difficult"):
         create_dataset("voc", tmp_path, "test", 32, train=False, difficult="maybe")
+
+
+@pytest.mark.parametrize("broken", ["bird_test.txt", "test.txt"])
+def test_voc_label_files_that_are_not_utf8_are_named(tmp_path, broken):
+    main = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    (tmp_path / "VOCdevkit" / "VOC2007" / "JPEGImages").mkdir()
+    for name in CLASSES:
+        (main / f"{name}_test.txt").write_text("000001 -1\n")
+    (main / "test.txt").write_text("000001\n")
+    (main / broken).write_bytes(b"000001 \xff\xfe-1\n")  # Latin-1 bytes, no UTF-8 text
+    with pytest.raises(DatasetError, match="is not UTF-8 text") as err:
+        create_dataset("voc", tmp_path, "test", 32, train=False)
+    assert str(main / broken) in str(err.value)

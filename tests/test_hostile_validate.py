@@ -176,3 +176,14 @@ def test_an_option_validate_sets_itself_is_one_line(tmp_path, checkpoint, option
     code = run_main(validate.main, args(root, checkpoint, "--dataset-option", option), prog="validate.py")
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.strip().splitlines() == [f"validate.py: error: {words}"]
+
+
+def test_a_threshold_and_a_thresholds_file_together_are_refused(tmp_path, checkpoint, capsys):
+    """Either sets the threshold metrics' thresholds; with both, one would be silently ignored."""
+    root = coco_layout(tmp_path / "data", ["a", "b", "c", "d"])
+    per_class = tmp_path / "th.json"
+    per_class.write_text(json.dumps({name: 0.5 for name in "abcd"}))
+    code = run_main(validate.main, args(root, checkpoint, "--thre", "0.3", "--thresholds", str(per_class)),
+                    prog="validate.py")
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "validate.py: error: --thre and --thresholds: give one or the other (--thresholds sets one per class)"]

@@ -44,6 +44,8 @@ from .options import MODEL_SOURCE_HELP, data_options, dataset_options, inference
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
+#: original: validate.py's --thre default
+DEFAULT_THRE = 0.8
 
 MAX_NAMED_SKIPPED = 20
 
@@ -57,7 +59,8 @@ def build_parser() -> ArgumentParser:
                inference_options()]
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
-    p.add_argument("--thre", type=probability, default=0.8, help="threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics")
+    p.add_argument("--thre", type=probability, default=None,
+                   help=f"threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics (default {DEFAULT_THRE})")
     p.add_argument("--save-thresholds", type=str, default=None, metavar="FILE",
                    help="choose a threshold per class on this set (max F1) and write them as JSON")
     p.add_argument("--threshold-precision", type=probability, default=None, metavar="P",
@@ -71,6 +74,10 @@ def build_parser() -> ArgumentParser:
 
 def check_args(args) -> None:
     dataset_options(args.dataset_option, "validate.py")
+    if args.thre is not None and args.thresholds:
+        raise UsageError("--thre and --thresholds: give one or the other (--thresholds sets one per class)")
+    if args.thre is None:
+        args.thre = DEFAULT_THRE
     check_data_dir(args.data, generated=args.dataset == "synthetic")
     if args.threshold_precision is not None and not args.save_thresholds:
         raise UsageError("--threshold-precision chooses the thresholds of --save-thresholds FILE; give that too")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -84,7 +85,10 @@ def _class_order(root: Path, rows, idx_to_class, classes_file) -> tuple[list[str
                 table = read_class_table(root / name)
                 break
     if idx_to_class is not None:
-        order = [v for _, v in sorted((int(k), v) for k, v in dict(idx_to_class).items())]
+        if not isinstance(idx_to_class, Mapping):  # e.g. text from --dataset-option, which cannot carry a mapping
+            raise DatasetError(f"idx_to_class must be a mapping {{index: class}}, not {type(idx_to_class).__name__}; "
+                               f"from the command line give classes_file=FILE instead")
+        order = [v for _, v in sorted((int(k), v) for k, v in idx_to_class.items())]
         name_to_mids: dict[str, list[str]] = {}
         if table is not None:
             for mid, name in table:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, require_file
+from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, not_utf8_error, require_file
 
 __all__ = ["VOC_CLASSES", "DIFFICULT_MODES", "load_voc", "find_voc_root"]
 
@@ -38,9 +38,16 @@ def find_voc_root(root, year: str = "2007") -> Path:
                              root / "VOCdevkit" / f"VOC{year}")
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path, exc) from None
+
+
 def _read_label_file(path: Path) -> dict[str, int]:
     labels = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_lines(path), 1):
         parts = line.split()
         if not parts:
             continue
@@ -62,7 +69,7 @@ def load_voc(root, split: str, *, train: bool, difficult: str | None = None, yea
     per_class = [_read_label_file(require_file(main / f"{c}_{split}.txt", "VOC label file")) for c in VOC_CLASSES]
     split_file = main / f"{split}.txt"
     if split_file.is_file():
-        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        ids = [line.split()[0] for line in _read_lines(split_file) if line.strip()]
     else:
         ids = list(per_class[0].keys())
     positives, ignored = [], []

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from asl import distributed as D
 from asl.data import collate_skip
+from asl.errors import UsageError
 from asl.evaluation.predictions import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +107,38 @@ def test_two_process_evaluate_equals_single_process(tmp_path):
     a = mAP(single["targets"], single["scores"])
     b = mAP(torch.load(tmp_path / "rank0.pt")["targets"].numpy(), torch.load(tmp_path / "rank0.pt")["scores"].numpy())
     assert a == pytest.approx(b, abs=1e-9)
+
+
+def _main_first_worker(rank, world, port, out_dir, fail):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = D.init_distributed("cpu")
+    cache = Path(out_dir) / "cache.txt"
+    try:
+        with D.main_process_first(info):
+            if fail and rank == 0:
+                raise UsageError("HTTP 404 for the URL")
+            # Rank 0 writes the "download"; the others must find it already there.
+            found = cache.exists()
+            if rank == 0:
+                cache.write_text("weights")
+        outcome = f"found={found}"
+    except UsageError as exc:
+        outcome = f"error={exc}"
+    finally:
+        D.destroy_distributed()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["rank-0-succeeds", "rank-0-fails"])
+def test_main_process_first_runs_rank_0_first_and_passes_its_failure_on(tmp_path, fail):
+    mp.spawn(_main_first_worker, args=(3, _free_port(), str(tmp_path), fail), nprocs=3, join=True)
+    got = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    if fail:  # the others stop with one line instead of waiting for a file that never comes
+        others = "error=rank 0 failed (HTTP 404 for the URL); see its message"
+        assert got == ["error=HTTP 404 for the URL", others, others]
+    else:
+        assert got == ["found=False", "found=True", "found=True"]
 
 
 @pytest.mark.slow

@@ -13,11 +13,12 @@ would see, in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from .errors import UsageError
 
 __all__ = [
     "DistInfo", "select_device", "init_distributed", "destroy_distributed", "is_dist", "per_rank_batch", "barrier",
-    "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "unwrap_model",
+    "all_reduce_sum", "all_gather_varlen", "gather_by_index", "broadcast_object", "main_process_first", "unwrap_model",
     "ResumableDistributedSampler", "broadcast_module_state",
 ]
 
@@ -216,6 +217,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first(info: DistInfo, enabled: bool = True) -> Iterator[None]:
+    """Runs the block on rank 0 first, then on the other ranks, which then find its work done (a download into a
+    shared cache: one download, not one per rank). When the block fails on rank 0 the others stop with one line
+    instead of waiting for it, and rank 0 keeps its own error."""
+    if not (enabled and info.distributed):
+        yield
+        return
+    if info.is_main:
+        try:
+            yield
+        except BaseException as exc:
+            broadcast_object(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise
+        broadcast_object(None)
+        return
+    failure = broadcast_object(None)
+    if failure is not None:
+        raise UsageError(f"rank 0 failed ({failure}); see its message")
+    yield
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 from .download import download, is_url
 from .errors import CheckpointError
 
-__all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "Resolved", "is_hub_id", "parse_hub_id", "resolve",
+__all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "Resolved", "is_hub_id", "is_remote", "parse_hub_id", "resolve",
            "read_safetensors", "checkpoint_entries", "config_from_checkpoint"]
 
 HUB_PREFIX = "hf-hub:"
@@ -44,6 +44,11 @@ class Resolved:
 
 def is_hub_id(source: str) -> bool:
     return source.startswith(HUB_PREFIX)
+
+
+def is_remote(source: Optional[str]) -> bool:
+    """A source that may be downloaded (into a cache) before it is read: a Hub id or a URL."""
+    return bool(source) and (is_hub_id(source) or is_url(source))
 
 
 def parse_hub_id(source: str) -> tuple[str, Optional[str]]:

@@ -25,6 +25,7 @@ from asl.losses import AsymmetricLoss
 from asl.models import HEADS, check_head, check_model_name, create_model
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoder, ml_decoder_sizes
 from asl.precision import amp_dtype_name, resolve_amp_dtype
+from asl.sources import is_remote
 from asl.training.state import (TrainState, check_resume_compatible, check_same_data, create_train_state,
                              data_fingerprint)
 
@@ -226,10 +227,12 @@ def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_cl
     torch.manual_seed(args.seed)
     # A resumed run takes every weight from last.pth, so the pretrained file is only read for a new run.
     pretrained = args.model_path if args.model_path and resume is None else None
-    model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, head=args.head,
-                         num_of_groups=args.num_of_groups if args.head else -1,
-                         decoder_embedding=args.decoder_embedding if args.head else DEFAULT_EMBEDDING,
-                         pretrained=pretrained)
+    # Under torchrun, rank 0 downloads a remote source into the cache while the others wait, then they read it.
+    with dist_utils.main_process_first(info, enabled=is_remote(pretrained)):
+        model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, head=args.head,
+                             num_of_groups=args.num_of_groups if args.head else -1,
+                             decoder_embedding=args.decoder_embedding if args.head else DEFAULT_EMBEDDING,
+                             pretrained=pretrained)
     if pretrained:
         logger.info("backbone initialised from %s", pretrained)
     elif resume is None and args.dataset != "synthetic" and info.is_main:

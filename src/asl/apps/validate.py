@@ -28,7 +28,6 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
-from asl.download import is_url
 from asl.cli import ArgumentParser, check_data_dir, check_writable, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
 from asl.evaluation.predictions import evaluate
@@ -36,6 +35,7 @@ from asl.errors import UsageError
 from asl.models.loading import load_model
 from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
 from asl.precision import resolve_amp_dtype
+from asl.sources import is_remote
 from asl.evaluation.report import markdown_text, printable, write_report
 from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
                                        precision_thresholds, save_thresholds)
@@ -155,15 +155,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _load(args, info):
-    # Under torchrun with a URL, rank 0 downloads into the hub cache while the others wait, then they read it.
-    remote = is_url(args.model_path)
-    if info.distributed and remote and not info.is_main:
-        dist_utils.barrier()
-    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
-                        channels_last=args.channels_last, sha256=args.model_sha256,
-                        batch_size=dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False))
-    if info.distributed and remote and info.is_main:
-        dist_utils.barrier()
+    # Under torchrun, rank 0 downloads a remote source into the cache while the others wait, then they read it.
+    with dist_utils.main_process_first(info, enabled=is_remote(args.model_path)):
+        loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=info.device,
+                            channels_last=args.channels_last, sha256=args.model_sha256,
+                            batch_size=dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False))
     args.image_size, size_from = loaded.input_size(args.image_size)
     if info.is_main:
         head = (" (bottleneck head)" if loaded.bottleneck_head else

@@ -55,7 +55,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output-dir", type=str, default="ablation", help="runs/, results.md and the plot go here")
     p.add_argument("--variants", type=str, nargs="+", default=None, metavar="NAME:GN,GP,CLIP",
                    help="loss variants, e.g. ce:0,0,0 focal:2,2,0 asl:4,1,0.05 (none of these three flags: the "
-                        "paper's set, see README)")
+                        "paper's set, see docs/usage.md)")
     p.add_argument("--variants-file", type=str, default=None, help="one NAME:GN,GP,CLIP per line")
     p.add_argument("--gamma-neg-sweep", type=float, nargs="+", default=None, metavar="GN",
                    help="add one ASL variant per gamma_neg, at --sweep-gamma-pos and --sweep-clip")

@@ -54,7 +54,7 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
     default_workers = min(workers, cpu_cores())
     p = ArgumentParser(add_help=False)
     p.add_argument("-b", "--batch-size", type=positive_int, default=batch_size,
-                   help="global batch size (split across the torchrun processes)")
+                   help="batch size (train.py and validate.py: the global one, split across the torchrun processes)")
     p.add_argument("-j", "--workers", type=nonnegative_int, default=default_workers,
                    help=f"data loading workers per process (default: min({workers}, CPU cores) = {default_workers})")
     p.add_argument("--device", type=str, default="auto", help="auto|cpu|cuda|cuda:N")

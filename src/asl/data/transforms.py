@@ -64,7 +64,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
         # PIL's convert('RGB') clips 16-bit values at 255 (a nearly white picture); keep the top 8 bits instead.
-        # The original clipped; see README "Differences from the original".
+        # The original clipped; see docs/differences.md.
         arr = np.asarray(img, dtype=np.int64)
         arr = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")

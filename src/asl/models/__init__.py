@@ -65,7 +65,8 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False, 
     ``head``: ``None`` for the linear classifier (``bottleneck_head=True``: the Open Images one, TResNet only), or
     ``"ml-decoder"`` for ML-Decoder (:class:`~asl.models.ml_decoder.MLDecoder`) with ``num_of_groups`` queries
     (-1: min(100, classes)) of width ``decoder_embedding``, reading the unpooled feature map; keys ``head.decoder.*``.
-    ``pretrained`` is a local file (or URL) of ImageNet weights for the backbone; the classifier is skipped.
+    ``pretrained`` is any model source (:mod:`asl.sources`: a file, a Hub-layout folder, ``hf-hub:ORG/NAME``, a URL)
+    of ImageNet weights for the backbone; the classifier is skipped.
     ``memory_efficient`` (TResNet only) makes the norm layers keep only their output for backward, as InPlaceABN
     did; ``False`` lets autograd keep the plain ops' tensors. Outputs and gradients are the same either way.
     """

@@ -26,7 +26,8 @@ class TimmClassifier(nn.Module):
 
         if not timm.is_model(timm_name):
             raise ModelError(f"unknown timm model {timm_name!r} (see timm.list_models())")
-        # Weights never come from the hub here: pretrained starts are local files (load_pretrained_backbone).
+        # Weights never come from timm's own download here: a pretrained start is a model source of ours, read by
+        # load_pretrained_backbone like any other (asl.sources).
         self.net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
         cfg = getattr(self.net, "pretrained_cfg", None) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))

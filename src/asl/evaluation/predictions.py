@@ -161,9 +161,9 @@ def predict(model: nn.Module, images: torch.Tensor, device: Union[str, torch.dev
     original: inference runs in fp32; ``amp_dtype`` opts in to autocast. The sigmoid is taken in float32.
     """
     device = torch.device(device)
+    # The batch stays NCHW, as in evaluate_many: a convolution runs in its weights' layout and converts its input,
+    # so the layout prepare_for_inference chose (or --no-channels-last) decides, on every device.
     x = images_to_float(images, device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
         logits = model(x)
     return torch.sigmoid(logits.float()).cpu()

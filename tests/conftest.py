@@ -44,6 +44,21 @@ def make_synthetic(tmp_path_factory):
     return make
 
 
+def _positive_vectors(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def positive_vectors():
+    """``positive_vectors(model)``: every 1-D parameter (norm scales and biases, SE and classifier biases) drawn
+    from U(0.5, 1) with torch's global generator. No norm scale is near 0, so every parameter gets a gradient."""
+    return _positive_vectors
+
+
 def _write_image(path, colour=(200, 30, 30), size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)

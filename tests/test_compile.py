@@ -35,32 +35,34 @@ def test_one_graph_in_training_and_in_eval(name):
     assert (evaluation.graph_count, evaluation.graph_break_count) == (1, 0)
 
 
-def test_a_compiled_step_gives_eagers_gradients():
-    torch.manual_seed(0)
-    model = create_model("tresnet_m", 5).train()
-    with torch.no_grad():  # non-zero norm scales everywhere, so that every parameter gets a gradient
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.0)
+def _eager_then_compiled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **compile_options):
+    """((gradients, buffers) of one eager training step, the same of one compiled step from the same state): ASL
+    on the model's output in ``y``'s dtype."""
     criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
-    x, y = _batch(5)
 
-    def gradients(forward):
+    def step(forward):
         model.zero_grad(set_to_none=True)
-        criterion(forward(x).float(), y).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        criterion(forward(x).to(y.dtype), y).backward()
+        return ({n: p.grad.clone() for n, p in model.named_parameters()},
+                {k: b.clone() for k, b in model.named_buffers()})
 
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    eager = gradients(model)
-    model.load_state_dict(state)  # the same running statistics before the compiled step
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = step(model)
+    model.load_state_dict(start)  # the same running statistics before the compiled step
     dynamo.reset()
-    compiled = gradients(torch.compile(model, backend="aot_eager", fullgraph=True))
+    return eager, step(torch.compile(model, fullgraph=True, **compile_options))
+
+
+def test_a_compiled_step_gives_eagers_gradients(positive_vectors):
+    torch.manual_seed(0)
+    model = positive_vectors(create_model("tresnet_m", 5).train())
+    (eager, _), (compiled, _) = _eager_then_compiled(model, *_batch(5), backend="aot_eager")
     for name, grad in eager.items():
         scale = grad.abs().max().item()
         assert (compiled[name] - grad).abs().max().item() <= 1e-3 * scale + 1e-12, name
 
 
-def test_inductor_runs_the_custom_layers_to_float64_rounding():
+def test_inductor_runs_the_custom_layers_to_float64_rounding(positive_vectors):
     """Inductor, the backend of ``train.py --compile``, on the stem and a downsampling block: the memory-saving
     norm with both activations, the blur, SE. Float64, because in fp32 a deep net's gradients move by far more than
     1e-3 under any reordering of its sums (TResNet-M's own fp32 gradients are up to 10% off its float64 ones at
@@ -69,28 +71,14 @@ def test_inductor_runs_the_custom_layers_to_float64_rounding():
     body = create_model("tresnet_m", 5).body
     net = nn.Sequential(body.SpaceToDepth, body.conv1, body.layer2[0], nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(128, 5))
-    net = net.train().double().to(memory_format=torch.channels_last)
+    net = positive_vectors(net.train().double().to(memory_format=torch.channels_last))
     with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.0)
         for module in net.modules():  # InPlaceABN's sign rule: a weight of exactly 0, and a negative one
             if isinstance(module, ABN):
                 module.weight[:2] = torch.tensor([0.0, -0.7])
-    criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
     x, y = _batch(5)
-    x = x.double().contiguous(memory_format=torch.channels_last)
-
-    def step(forward):
-        net.zero_grad(set_to_none=True)
-        criterion(forward(x), y.double()).backward()
-        return {n: p.grad.clone() for n, p in net.named_parameters()}, {k: b.clone() for k, b in net.named_buffers()}
-
-    start = {k: v.clone() for k, v in net.state_dict().items()}
-    eager_grads, eager_stats = step(net)
-    net.load_state_dict(start)
-    dynamo.reset()
-    compiled_grads, compiled_stats = step(torch.compile(net, fullgraph=True))
+    (eager_grads, eager_stats), (compiled_grads, compiled_stats) = _eager_then_compiled(
+        net, x.double().contiguous(memory_format=torch.channels_last), y.double())
     for name, grad in eager_grads.items():
         assert (compiled_grads[name] - grad).abs().max().item() <= 1e-10 * grad.abs().max().item(), name
     for name, stat in eager_stats.items():  # the running statistics are updated as in eager

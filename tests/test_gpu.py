@@ -43,26 +43,13 @@ def test_cuda_evaluation_matches_cpu():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
-def test_the_memory_saving_norm_on_the_gpu_is_as_accurate_as_plain_autograd(dtype):
+def test_the_memory_saving_norm_on_the_gpu_is_as_accurate_as_plain_autograd(dtype, positive_vectors):
     """The criterion of tests/test_amp.py, on CUDA (cuDNN's batch norm, fp32 and both autocast dtypes)."""
     import statistics
 
-    from test_amp import _gradients
+    from test_amp import autocast_errors
 
-    torch.manual_seed(0)
-    cuda = torch.device("cuda")
-    model = create_model("tresnet_m", 5).to(cuda).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.0)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(4, 3, 64, 64, generator=g).to(cuda), (torch.rand(4, 5, generator=g) > 0.5).float().to(cuda)
-    reference = _gradients(model, False, None, x, y)
-    errors = {}
-    for memory_efficient in (False, True):
-        got = _gradients(model, memory_efficient, dtype, x, y)
-        errors[memory_efficient] = [((got[n] - r).abs().max() / r.abs().max()).item() for n, r in reference.items()]
+    errors = autocast_errors(torch.device("cuda"), dtype, positive_vectors)
     if dtype is None:
         assert max(errors[True]) < 1e-4
     else:

@@ -107,7 +107,7 @@ def data_options(split_flag: str, split_help: str) -> ArgumentParser:
 
 #: create_dataset's arguments that every script sets itself, and the flag that sets each (None: no flag). Given again
 #: with --dataset-option they would reach create_dataset twice (a TypeError), or silently override the flag.
-_SET_BY_EVERY_SCRIPT = {"name": "--dataset", "root": "DATA", "split": "the split flag", "image_size": "--image-size",
+_SET_BY_EVERY_SCRIPT = {"name": "--dataset", "root": "DATA", "split": None, "image_size": "--image-size",
                         "train": None, "cache_dir": "--cache-dir", "strict": "--strict-data", "with_index": None}
 
 

@@ -178,7 +178,8 @@ def head_meta(model: torch.nn.Module) -> dict[str, Any]:
 
 
 #: dataset options that train.py sets from its own flags, beyond those every script sets
-_SET_BY_TRAIN = {"seed": "--seed", "unannotated": "--unannotated", "difficult": "--difficult"}
+_SET_BY_TRAIN = {"seed": "--seed", "unannotated": "--unannotated", "difficult": "--difficult",
+                 "split": "--train-split and --val-split"}
 
 
 def build_datasets(args) -> tuple[Any, Any]:

@@ -44,6 +44,8 @@ from .options import MODEL_SOURCE_HELP, data_options, dataset_options, inference
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
+#: dataset options that validate.py sets from its own flags, beyond those every script sets
+_SET_BY_VALIDATE = {"split": "--val-split"}
 #: original: validate.py's --thre default
 DEFAULT_THRE = 0.8
 
@@ -73,7 +75,7 @@ def build_parser() -> ArgumentParser:
 
 
 def check_args(args) -> None:
-    dataset_options(args.dataset_option, "validate.py")
+    dataset_options(args.dataset_option, "validate.py", _SET_BY_VALIDATE)
     if args.thre is not None and args.thresholds:
         raise UsageError("--thre and --thresholds: give one or the other (--thresholds sets one per class)")
     if args.thre is None:
@@ -173,7 +175,7 @@ def _load(args, info):
 
 def _dataset(args, split: str, loaded, info):
     options: dict[str, Any] = {"strict": args.strict_data, "with_index": True}
-    options.update(dataset_options(args.dataset_option, "validate.py"))
+    options.update(dataset_options(args.dataset_option, "validate.py", _SET_BY_VALIDATE))
     if (args.dataset == "openimages" and not {"idx_to_class", "classes_file"} & set(options)
             and not loaded.class_names[0].startswith("class_")):
         # A 9605-class model only scores right in its own class order, which its file carries.

@@ -160,7 +160,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             thresholds = dict(zip(loaded.class_names, values.tolist()))
         export_hf(loaded, output, args.image_size, metrics, thresholds, args.threshold)
         print(f"wrote {output}/ (model.safetensors, config.json, README.md: {loaded.model_name}, "
-              f"{loaded.num_classes} classes, {args.image_size} px); publish it with: huggingface-cli upload "
+              f"{loaded.num_classes} classes, {args.image_size} px); publish it with: hf upload "
               f"ORG/NAME {output}")
         return 0
     _export_onnx(loaded.model, output, args.image_size, args.opset)

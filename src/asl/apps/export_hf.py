@@ -3,7 +3,7 @@
 ``model.safetensors`` holds the model in the official layout (the config also rides in its metadata, so the file
 alone is enough); ``config.json`` holds timm's keys and ours under ``asl`` (:func:`asl.sources.config_from_checkpoint`);
 ``README.md`` is a model card, with the metrics of a ``validate.py --output-json`` file when one is given.
-``huggingface-cli upload ORG/NAME FOLDER`` publishes it, and ``--model-path hf-hub:ORG/NAME`` loads it back.
+``hf upload ORG/NAME FOLDER`` publishes it, and ``--model-path hf-hub:ORG/NAME`` loads it back.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from asl.atomic import atomic_write_bytes, atomic_write_text
 from asl.errors import UsageError
+from asl.evaluation.report import markdown_text
 from asl.models.loading import LoadedModel
 from asl.sources import CONFIG_FILE, config_from_checkpoint
 
@@ -61,6 +62,9 @@ def _number(value: Any) -> Optional[float]:
 
 
 def model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) -> str:
+    """The model card (``README.md``). Class names, the model name and the metrics file's words come from files
+    anyone can write: they go in as Markdown text (:func:`~asl.evaluation.report.markdown_text`, as on the
+    validate.py report), so none can open HTML, a code block, or a new line of the card."""
     asl = config["asl"]
     lines = [
         "---",
@@ -69,7 +73,7 @@ def model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) 
         "license: mit",
         "---",
         "",
-        f"# {asl['model_name']}, multi-label, {asl['num_classes']} classes",
+        f"# {markdown_text(asl['model_name'])}, multi-label, {asl['num_classes']} classes",
         "",
         "Trained with the Asymmetric Loss (ASL, Ben-Baruch, Ridnik et al., ICCV 2021) with the ASL reproduction's",
         "`train.py`. Load it with that repository's scripts:",
@@ -82,7 +86,7 @@ def model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) 
         f"- input: RGB in [0, 1], resized (squished) to {asl['image_size']} x {asl['image_size']}, no mean/std "
         "normalisation;",
         "- output: one logit per class; a sigmoid gives the probabilities;",
-        f"- classes: `config.json` (`label_names`), first: {', '.join(map(str, asl['class_names'][:5]))}"
+        f"- classes: `config.json` (`label_names`), first: {', '.join(map(markdown_text, asl['class_names'][:5]))}"
         + (" ..." if len(asl["class_names"]) > 5 else ""),
     ]
     if "threshold" in asl or "thresholds" in asl:
@@ -95,7 +99,7 @@ def model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) 
             if value is not None:
                 lines.append(f"| {'partial mAP' if key == 'mAP' and metrics.get('metric') == 'partial_mAP' else key}"
                              f" | {value:.2f} |")
-        where = ", ".join(str(metrics[k]) for k in ("dataset", "split", "num_images") if k in metrics)
+        where = ", ".join(markdown_text(metrics[k]) for k in ("dataset", "split", "num_images") if k in metrics)
         if where:
             lines += ["", f"Measured by `validate.py --output-json` on {where} (images), at "
                           f"{metrics.get('image_size', asl['image_size'])} px."]

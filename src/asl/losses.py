@@ -45,15 +45,19 @@ Differences from the original code (values and gradients are the same):
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .class_prior import prior_length_error, read_prior_csv
+from .errors import UsageError
 from .precision import autocast_disabled
 
-__all__ = ["AsymmetricLoss", "AsymmetricLossOptimized", "ASLSingleLabel"]
+__all__ = ["AsymmetricLoss", "AsymmetricLossOptimized", "ASLSingleLabel", "PartialSelectiveLoss", "PARTIAL_LOSS_MODES"]
 
 _MULTI_LABEL_REDUCTIONS = ("sum", "mean", "none")
 _SINGLE_LABEL_REDUCTIONS = ("mean", "sum", "none")
@@ -272,3 +276,174 @@ class ASLSingleLabel(nn.Module):
     def extra_repr(self) -> str:
         return (f"gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, eps={self.eps}, "
                 f"reduction={self.reduction!r}")
+
+
+#: the ways :class:`PartialSelectiveLoss` treats unknown labels (target -1)
+PARTIAL_LOSS_MODES = ("negative", "ignore", "ignore_normalize_classes", "selective")
+
+_LOG_EPS = 1e-8  # original: the probabilities are clamped to at least 1e-8 inside the logarithms
+
+
+class PartialSelectiveLoss(nn.Module):
+    """The Class-aware Selective Loss for partially annotated labels (CSL; Ben-Baruch, Ridnik et al., CVPR 2022).
+
+    Targets are 1 (positive), 0 (annotated negative) or -1 (unknown). With ``p = sigmoid(logit)`` and
+    ``q = min(1 - p + clip, 1)`` (``q = 1 - p`` without ``clip``), every entry contributes
+
+    .. code-block:: text
+
+        positive:  alpha_pos   * (1 - p) ** gamma_pos   * log(max(p, 1e-8))
+        negative:  alpha_neg   * (1 - q) ** gamma_neg   * log(max(q, 1e-8))
+        unknown:   alpha_unann * (1 - q) ** gamma_unann * log(max(q, 1e-8)) * r
+
+    and the loss is minus the sum over the batch (no averaging), as in the official code. The focusing weights
+    ``(1 - .) ** gamma`` and ``r`` are constants for autograd. ``partial_loss_mode`` sets ``r``:
+
+    - ``negative``: every unknown label is a negative, ``r = 1``;
+    - ``ignore``: unknown labels count for nothing, ``r = 0``;
+    - ``ignore_normalize_classes``: ``r = 0``, and every annotated entry of an image is weighted by
+      ``1 + 1 / (1 + number of annotated labels of the image)`` (Durand et al. 2019);
+    - ``selective``: ``r = 0`` for the unknown labels of a class whose prior exceeds ``prior_threshold`` and for
+      the ``likelihood_topk * batch_size`` unknown labels of the batch with the highest ``p``; ``r = 1`` for
+      the others.
+
+    Args:
+        gamma_pos, gamma_neg, gamma_unann: focusing parameters of positives, annotated negatives and unknown
+            labels (the official training script's 0, 1, 2).
+        alpha_pos, alpha_neg, alpha_unann: their weights (1 each).
+        clip: the probability margin of ``q``; it applies to the unknown labels too. ``0`` or ``None``: none.
+        partial_loss_mode: one of :data:`PARTIAL_LOSS_MODES`.
+        likelihood_topk: unknown labels ignored per image of the batch in ``selective`` mode.
+        prior_threshold: in ``selective`` mode with a prior, the unknown labels of classes whose prior exceeds it
+            are ignored; ``0`` or ``None`` turns the prior off.
+        prior: ``None``, one number per class, or the path of a ``Classes,avg_pred`` CSV file
+            (:mod:`asl.class_prior`); used only in ``selective`` mode.
+
+    ``forward(logits, targets)`` takes two tensors of the same shape, e.g. ``(N, C)``. Half-precision logits are
+    computed in float32 (float64 stays float64). The loss reads nothing back to the host and builds no tensor
+    whose shape depends on the data. :class:`asl.errors.UsageError` for a prior whose length is not the class
+    count, an unreadable prior file or a bad argument.
+    """
+
+    prior: Optional[torch.Tensor]
+
+    def __init__(self, *, gamma_pos: float = 0, gamma_neg: float = 1, gamma_unann: float = 2, alpha_pos: float = 1,
+                 alpha_neg: float = 1, alpha_unann: float = 1, clip: Optional[float] = 0,
+                 partial_loss_mode: str = "negative", likelihood_topk: int = 5,
+                 prior_threshold: Optional[float] = 0.05, prior=None):
+        super().__init__()
+        if partial_loss_mode not in PARTIAL_LOSS_MODES:
+            raise UsageError(f"partial_loss_mode must be one of {', '.join(PARTIAL_LOSS_MODES)}, "
+                             f"got {partial_loss_mode!r}")
+        whole = (isinstance(likelihood_topk, (int, float)) and not isinstance(likelihood_topk, bool)
+                 and math.isfinite(likelihood_topk))
+        if not whole or int(likelihood_topk) != likelihood_topk or likelihood_topk < 0:
+            raise UsageError(f"likelihood_topk must be a whole number >= 0, got {likelihood_topk!r}")
+        self.gamma_pos, self.gamma_neg, self.gamma_unann = gamma_pos, gamma_neg, gamma_unann
+        self.alpha_pos, self.alpha_neg, self.alpha_unann = alpha_pos, alpha_neg, alpha_unann
+        self.clip = clip
+        self.partial_loss_mode = partial_loss_mode
+        self.likelihood_topk = int(likelihood_topk)
+        self.prior_threshold = prior_threshold
+        self.prior_source = "the class prior"
+        values = None
+        if isinstance(prior, (str, os.PathLike)):
+            self.prior_source = f"the class prior {prior}"
+            values = read_prior_csv(prior)[1]
+        elif prior is not None:
+            values = torch.as_tensor(prior).detach().reshape(-1).tolist()
+        # original: the prior is a float32 tensor, compared with the threshold in float32
+        self.register_buffer("prior", None if values is None else torch.tensor(values, dtype=torch.float32),
+                             persistent=False)
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Refuse (one line, both counts) a prior that is not one number per class."""
+        if self.prior is not None and self.prior.numel() != num_classes:
+            raise prior_length_error(self.prior_source, self.prior.numel(), num_classes)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.shape != targets.shape:
+            raise ValueError(f"PartialSelectiveLoss: logits and targets must have the same shape, got logits "
+                             f"{tuple(logits.shape)} and targets {tuple(targets.shape)}")
+        if self.partial_loss_mode == "selective" and self._prior_applies():
+            self.check_num_classes(logits.shape[-1] if logits.dim() else 1)
+        with autocast_disabled(logits.device.type):
+            x = _as_float(logits)
+            pos, neg, unann = targets == 1, targets == 0, targets == -1
+            prob = torch.sigmoid(x)
+            prob_neg = 1 - prob
+            if self.clip is not None and self.clip > 0:
+                # original: the margin shifts the unknown labels' probability too
+                prob_neg = (prob_neg + self.clip).clamp(max=1)
+            log_pos = torch.log(prob.clamp(min=_LOG_EPS))
+            log_neg = torch.log(prob_neg.clamp(min=_LOG_EPS))
+            zero = x.new_zeros(())
+            log_lik = torch.where(pos, self.alpha_pos * log_pos,
+                                  torch.where(neg, self.alpha_neg * log_neg,
+                                              torch.where(unann, self.alpha_unann * log_neg, zero)))
+            weight = self._focusing_weight(prob.detach(), prob_neg.detach(), pos, neg, unann)
+            label_weight = self._label_weight(targets, unann, prob_neg.detach())
+            if label_weight is not None:
+                weight = label_weight.to(x.dtype) if weight is None else weight * label_weight
+            if weight is not None:
+                log_lik = log_lik * weight
+            return -log_lik.sum()  # original: summed, not averaged
+
+    def _prior_applies(self) -> bool:
+        return self.prior is not None and bool(self.prior_threshold)  # original: a threshold of 0 turns it off
+
+    def _focusing_weight(self, prob, prob_neg, pos, neg, unann) -> Optional[torch.Tensor]:
+        """``(1 - p) ** gamma_pos`` on positives, ``(1 - q) ** gamma`` on the others, 1 on any other target;
+        ``None`` when every gamma is 0 (a weight of exactly 1)."""
+        if not (self.gamma_pos or self.gamma_neg or self.gamma_unann):
+            return None
+        one = prob.new_ones(())
+        base_neg = 1 - prob_neg
+
+        def focus(base: torch.Tensor, gamma: float) -> torch.Tensor:
+            return one if gamma == 0 else base.pow(gamma)
+
+        return torch.where(pos, focus(1 - prob, self.gamma_pos),
+                           torch.where(neg, focus(base_neg, self.gamma_neg),
+                                       torch.where(unann, focus(base_neg, self.gamma_unann), one)))
+
+    def _label_weight(self, targets, unann, prob_neg) -> Optional[torch.Tensor]:
+        """The mode's weight of each entry (``r`` on unknown labels), or ``None`` for all ones."""
+        mode = self.partial_loss_mode
+        if mode == "negative":
+            return None
+        if mode == "ignore":
+            return ~unann
+        if mode == "ignore_normalize_classes":
+            annotated = (~unann).sum(dim=-1, keepdim=True)
+            # original: 1 / (1 + n) + 1, computed in float32 whatever the logits' dtype
+            per_image = 1 / (1 + annotated).to(torch.float32) + 1
+            return per_image * ~unann
+        keep = torch.ones_like(unann)
+        if self._prior_applies():
+            frequent = self.prior.to(unann.device) > self.prior_threshold
+            keep = ~(unann & frequent)
+        return keep & ~self._most_likely_unknown(unann, prob_neg)
+
+    def _most_likely_unknown(self, unann: torch.Tensor, prob_neg: torch.Tensor) -> torch.Tensor:
+        """The ``likelihood_topk * batch_size`` unknown entries with the smallest ``q``, as a mask.
+
+        original: taken over every unknown label of the batch, flattened, including those the prior already
+        ignores, ranked by the clipped ``q``. A top-k over a tensor of fixed size, in which annotated entries rank
+        last, keeps the shapes independent of the data (no host synchronisation); annotated entries that the
+        top-k still reaches, when the batch has fewer unknown labels than k, are left out by the final ``&``.
+        """
+        flat_unann = unann.reshape(-1)
+        k = min(self.likelihood_topk * (unann.shape[0] if unann.dim() else 1), flat_unann.numel())
+        chosen = torch.zeros_like(flat_unann)
+        if k > 0:
+            key = prob_neg.reshape(-1).masked_fill(~flat_unann, float("inf"))
+            chosen.index_fill_(0, torch.topk(key, k, largest=False, sorted=False).indices, True)
+        return (chosen & flat_unann).reshape(unann.shape)
+
+    def extra_repr(self) -> str:
+        prior = "None" if self.prior is None else f"<{self.prior.numel()} classes>"
+        return (f"partial_loss_mode={self.partial_loss_mode!r}, gamma_pos={self.gamma_pos}, "
+                f"gamma_neg={self.gamma_neg}, gamma_unann={self.gamma_unann}, alpha_pos={self.alpha_pos}, "
+                f"alpha_neg={self.alpha_neg}, alpha_unann={self.alpha_unann}, clip={self.clip}, "
+                f"likelihood_topk={self.likelihood_topk}, prior_threshold={self.prior_threshold}, prior={prior}")

@@ -75,6 +75,12 @@ any worker order, and after a resume. Call ``dataset.set_epoch(e)`` before itera
 the epoch lives in shared memory, so this also reaches persistent workers. ``seed_worker`` (``worker_init_fn``)
 seeds ``random``/``numpy.random`` in each worker from torch's per-worker seed for any other library.
 
+Partial labels
+--------------
+``simulate_partial_labels(targets, mode, param, seed=0)`` hides annotations of fully labelled targets as CSL's
+study does (``fpc``: ``param`` positives and negatives kept per class; ``rps``: each label dropped with probability
+``param``); ``simulate_partial_dataset`` does it to a dataset's labels. See :mod:`asl.data.partial`.
+
 Cache
 -----
 ``cache_dir`` keeps the resized uint8 image of every file (keyed by path, size and mtime; atomic writes, safe to
@@ -90,6 +96,7 @@ from pathlib import Path
 
 from .base import Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader, seed_worker
 from .miil_csv import parse_list_literal
+from .partial import PARTIAL_SIMULATIONS, simulate_partial_dataset, simulate_partial_labels
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, item_rng, to_float
 
 __all__ = [
@@ -111,6 +118,9 @@ __all__ = [
     "EvalTransform",
     "parse_list_literal",
     "generate_synthetic_coco",
+    "PARTIAL_SIMULATIONS",
+    "simulate_partial_labels",
+    "simulate_partial_dataset",
 ]
 
 DATASET_NAMES = ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic")

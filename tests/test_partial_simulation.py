@@ -1,0 +1,104 @@
+"""Simulated partial annotation (CSL's fpc and rps): exact counts, determinism, types, refusals."""
+import numpy as np
+import pytest
+import torch
+
+from asl.data import DatasetError, LabelTable, simulate_partial_dataset, simulate_partial_labels
+
+
+def full_labels(n=200, c=6, seed=0):
+    rng = np.random.default_rng(seed)
+    frequency = np.array([0.02, 0.1, 0.3, 0.5, 0.8, 0.97])[:c]
+    return (rng.random((n, c)) < frequency).astype(np.float32)
+
+
+@pytest.mark.parametrize("per_class", [0, 3, 10, 40, 1000])
+def test_fpc_keeps_exactly_n_positives_and_n_negatives_per_class(per_class):
+    y = full_labels()
+    out = simulate_partial_labels(y, "fpc", per_class, seed=1)
+    for c in range(y.shape[1]):
+        positives, negatives = int((y[:, c] == 1).sum()), int((y[:, c] == 0).sum())
+        assert int((out[:, c] == 1).sum()) == min(per_class, positives)
+        assert int((out[:, c] == 0).sum()) == min(per_class, negatives)
+        assert int((out[:, c] == -1).sum()) == y.shape[0] - min(per_class, positives) - min(per_class, negatives)
+    kept = out != -1
+    assert np.array_equal(out[kept], y[kept])  # a kept label is never changed
+
+
+def test_fpc_leaves_unknown_labels_unknown():
+    y = full_labels()
+    y[:50, 2] = -1
+    out = simulate_partial_labels(y, "fpc", 1000)
+    assert (out[:50, 2] == -1).all()
+    assert int((out[:, 2] != -1).sum()) == 150
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 1.0])
+def test_rps_drops_each_label_with_probability_p(p):
+    y = full_labels(n=2000)
+    out = simulate_partial_labels(y, "rps", p, seed=3)
+    dropped = out == -1
+    assert np.array_equal(out[~dropped], y[~dropped])
+    if p in (0.0, 1.0):
+        assert dropped.mean() == p
+    else:  # binomial with 12,000 draws: 5 standard deviations
+        assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / dropped.size)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    y = full_labels()
+    for mode, param in [("fpc", 10), ("rps", 0.5)]:
+        a, b = simulate_partial_labels(y, mode, param, seed=7), simulate_partial_labels(y, mode, param, seed=7)
+        assert np.array_equal(a, b)
+        assert not np.array_equal(a, simulate_partial_labels(y, mode, param, seed=8))
+
+
+def test_ndarray_in_ndarray_out_tensor_in_tensor_out_input_untouched():
+    y = full_labels()
+    y_copy = y.copy()
+    out = simulate_partial_labels(y, "rps", 0.5)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert np.array_equal(y, y_copy)
+    t = torch.from_numpy(y.astype(np.int64))
+    t_copy = t.clone()
+    out_t = simulate_partial_labels(t, "fpc", 5)
+    assert isinstance(out_t, torch.Tensor) and out_t.dtype == torch.int64 and out_t.device == t.device
+    assert torch.equal(t, t_copy)
+    assert np.array_equal(out_t.numpy(), simulate_partial_labels(y, "fpc", 5).astype(np.int64))
+    assert simulate_partial_labels(y.tolist(), "rps", 1.0).tolist() == (-np.ones_like(y)).tolist()
+
+
+def test_the_long_official_names():
+    y = full_labels()
+    assert np.array_equal(simulate_partial_labels(y, "fix_per_class", 4), simulate_partial_labels(y, "fpc", 4))
+    assert np.array_equal(simulate_partial_labels(y, "random_per_sample", 0.3),
+                          simulate_partial_labels(y, "rps", 0.3))
+
+
+@pytest.mark.parametrize("mode, param, match", [("fcp", 10, "unknown partial-label simulation"),
+                                                ("fpc", 2.5, "whole number"), ("fpc", -1, "whole number"),
+                                                ("rps", 1.5, r"within \[0, 1\]"), ("rps", float("nan"), "number"),
+                                                ("rps", "0.5", "number")])
+def test_bad_mode_or_param(mode, param, match):
+    with pytest.raises(DatasetError, match=match):
+        simulate_partial_labels(full_labels(), mode, param)
+
+
+def test_targets_that_cannot_hold_minus_one_or_are_not_a_matrix():
+    with pytest.raises(DatasetError, match="cannot hold -1"):
+        simulate_partial_labels(full_labels().astype(bool), "rps", 0.5)
+    with pytest.raises(DatasetError, match="num_samples, num_classes"):
+        simulate_partial_labels(np.zeros(5), "rps", 0.5)
+
+
+def test_a_dataset_gets_the_simulated_labels():
+    y = full_labels(n=30)
+
+    class Labelled:
+        labels = LabelTable(6, 0.0, {1.0: [np.flatnonzero(row).tolist() for row in y]})
+
+    dataset = Labelled()
+    kept, annotated = simulate_partial_dataset(dataset, "fpc", 4, seed=2)
+    expected = simulate_partial_labels(y, "fpc", 4, seed=2)
+    assert np.array_equal(dataset.labels.dense(), expected)
+    assert (kept, annotated) == (int((expected != -1).sum()), 180)

@@ -160,6 +160,24 @@ def printed_map(stdout: str) -> float:
     return float(found.group(1))
 
 
+def check_coverage_lines(stdout: str, targets: np.ndarray, scores: np.ndarray) -> None:
+    """validate.py's lines on classes without positives, against the reference: the count, and sklearn's AP
+    averaged over the classes that have a positive, on lines before the last."""
+    present = [k for k in range(targets.shape[1]) if targets[:, k].sum() > 0]
+    missing = targets.shape[1] - len(present)
+    assert missing > 0  # 50 real COCO pictures cannot hold every one of the 80 classes
+    lines = stdout.strip().splitlines()
+    count = next(ln for ln in lines[:-1] if ln.startswith("classes with no positive in the evaluated set: "))
+    assert count.startswith(f"classes with no positive in the evaluated set: {missing} of {targets.shape[1]};")
+    line = next(ln for ln in lines[:-1] if ln.startswith("mAP over the "))
+    found = re.fullmatch(r"mAP over the (\d+) classes present: ([\d.]+) \(over all (\d+) classes: ([\d.]+)\)", line)
+    assert found, line
+    want = 100.0 * np.mean([reference_ap(targets[:, k], scores[:, k]) for k in present])
+    assert int(found.group(1)) == len(present) and int(found.group(3)) == targets.shape[1]
+    assert float(found.group(2)) == pytest.approx(want, abs=0.006)
+    assert float(found.group(4)) == pytest.approx(reference_map(targets, scores), abs=0.006)
+
+
 def printed_star_line(stdout: str) -> list[float]:
     line = next(ln for ln in stdout.splitlines() if ln.startswith(" * P_C"))
     return [float(v) for v in re.findall(r"[A-Z]_[A-Z] ([\d.]+)", line)]
@@ -277,6 +295,7 @@ def test_unreadable_image_is_named_and_the_rest_scored(ref, odd_dataset, capsys)
     targets, scores = subset(ref, readable)
     assert len(targets) == 46
     assert printed_map(stdout) == pytest.approx(reference_map(targets, scores), abs=1e-9)
+    check_coverage_lines(stdout, targets, scores)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -295,6 +314,8 @@ def test_torchrun_two_processes_print_the_single_process_map(ref, odd_dataset, c
     assert "46 images in" in proc.stdout and "(2 processes, cpu)" in proc.stdout
     targets, scores = subset(ref, readable)
     assert printed_map(proc.stdout) == pytest.approx(reference_map(targets, scores), abs=1e-9)
+    # The classes present are counted on the targets gathered from both ranks, not on rank 0's share.
+    check_coverage_lines(proc.stdout, targets, scores)
 
 
 def test_readme_commands_verbatim(ref, tmp_path, run_script):

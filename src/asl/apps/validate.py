@@ -251,10 +251,39 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
           f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {info.device.type})")
     if partial:
         print("(partial-label mAP: targets of -1 are not annotated and left out of each class's ranking)")
+    for line in coverage_lines(rows, partial, score_value):
+        print(line)
     # original: print("mAP score:", mAP_score) -- the last line, full precision
     print("mAP score:", score_value, flush=True)
     if failed:
         raise UsageError(f"the evaluation ran, but {'; '.join(failed)}")
+
+
+def present_classes_map(rows: Sequence[dict[str, Any]]) -> tuple[int, Optional[float]]:
+    """How many classes have no positive in the evaluated set, and the mean AP (percent) over those that have one
+    (``None`` when none has). Rows of :func:`per_class_rows`; a class whose partial AP is undefined counts as
+    missing."""
+    present = [r["ap"] for r in rows if r["positives"] > 0 and r["ap"] is not None]
+    return len(rows) - len(present), (float(np.mean(present)) if present else None)
+
+
+def coverage_lines(rows: Sequence[dict[str, Any]], partial: bool, score_value: float) -> list[str]:
+    """The console lines on classes without positives. original: such a class counts as AP 0 in the mAP (the
+    small sets people try first, coco128 among them, lack several classes), which the last line keeps; the mean
+    over the classes present shows how much of the figure that costs."""
+    missing, present_map = present_classes_map(rows)
+    total = len(rows)
+    if not missing:
+        return [f"classes with no positive in the evaluated set: 0 of {total}"]
+    if partial:
+        return [f"classes with no positive (or no negative) among the annotated labels: {missing} of {total}, left "
+                f"out of the partial-label mAP"]
+    lines = [f"classes with no positive in the evaluated set: {missing} of {total}; each counts as AP 0 in the "
+             f"mAP score below, as in the original"]
+    if present_map is not None:
+        lines.append(f"mAP over the {total - missing} classes present: {present_map:.2f} (over all {total} "
+                     f"classes: {score_value:.2f})")
+    return lines
 
 
 def _write(failed: list, flag: str, target: str, write) -> None:
@@ -299,6 +328,7 @@ def report_summary(args, split: str, loaded, num_images: int, score_value: float
 
 def write_json(args, split, loaded, num_images, skipped, dataset, partial, score, at_threshold, rows,
                elapsed) -> None:
+    missing, present_map = present_classes_map(rows)
     report = {
         "mAP": score,
         "metric": "partial_mAP" if partial else "mAP",
@@ -316,6 +346,8 @@ def write_json(args, split, loaded, num_images, skipped, dataset, partial, score
         "data": str(args.data),
         "split": split,
         "image_size": args.image_size,
+        "classes_without_positives": missing,
+        "mAP_present_classes": present_map,
         "per_class": rows,
     }
     path = Path(args.output_json)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
+from asl.evaluation.metrics import weighted_partial_mAP
 from asl.metrics import (ThresholdMetrics, average_precision, mAP, partial_mAP, per_class_ap,
                          per_class_partial_ap, threshold_metrics)
 
@@ -123,6 +124,46 @@ def test_partial_map_hand_computed_and_skips():
     assert partial_mAP(targets, scores) == pytest.approx(100 * (5 / 6 + 1.0) / 2, rel=1e-7)
     assert partial_mAP(torch.tensor(targets), torch.tensor(scores)) == pytest.approx(partial_mAP(targets, scores))
     assert partial_mAP(np.full((3, 2), -1), np.zeros((3, 2))) == 0.0
+
+
+def stated_weighted_partial_map(targets, scores):
+    """CSL's class-weighted partial mAP written out: per class, drop the unknown (-1) rows; skip a class without
+    an annotated positive or negative; in descending score order, AP = the sum over positives of (positives so
+    far / rank), divided by (positives + 1e-8); weight = the class's number of positives;
+    result = 100 * sum(AP * weight) / sum(weight)."""
+    aps, weights = [], []
+    for k in range(targets.shape[1]):
+        pairs = [(scores[i, k], targets[i, k]) for i in range(targets.shape[0]) if targets[i, k] != -1]
+        labels = [y for _, y in sorted(pairs, key=lambda pair: -pair[0])]
+        if 1 not in labels or 0 not in labels:
+            continue
+        hits, precisions = 0, []
+        for rank, y in enumerate(labels, 1):
+            if y == 1:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / (len(precisions) + 1e-8))  # the official adds 1e-8 to the count
+        weights.append(sum(1 for i in range(targets.shape[0]) if targets[i, k] == 1))
+    return 100 * sum(a * w for a, w in zip(aps, weights)) / sum(weights)
+
+
+def test_weighted_partial_map_against_the_written_out_statement():
+    targets, scores = tie_free_data(seed=6, n=120, c=9, pos_rate=0.15)
+    rng = np.random.default_rng(7)
+    partial = np.where(rng.random(targets.shape) < 0.5, -1.0, targets)
+    partial[:, 8] = np.where(partial[:, 8] == 1, 1, -1)  # positives only: skipped
+    expected = stated_weighted_partial_map(partial, scores)
+    assert weighted_partial_mAP(partial, scores) == pytest.approx(expected, rel=1e-9)
+    assert weighted_partial_mAP(torch.tensor(partial), torch.tensor(scores)) == pytest.approx(expected, rel=1e-9)
+    assert weighted_partial_mAP(partial, scores) != pytest.approx(partial_mAP(partial, scores), rel=1e-3)
+
+
+def test_weighted_partial_map_hand_computed():
+    # The hand case above: class 0 AP 5/6 with 2 positives, class 2 AP 1 with 1 positive, class 1 skipped.
+    targets = np.array([[1, 0, -1], [-1, 0, 1], [0, -1, 0], [1, 0, -1]])
+    scores = np.array([[0.9, 0.5, 0.1], [0.8, 0.5, 0.7], [0.6, 0.5, 0.4], [0.2, 0.5, 0.3]])
+    assert weighted_partial_mAP(targets, scores) == pytest.approx(100 * (2 * 5 / 6 + 1 * 1.0) / 3, rel=1e-7)
+    assert weighted_partial_mAP(np.full((3, 2), -1), np.zeros((3, 2))) == 0.0
 
 
 def test_partial_map_equals_map_when_fully_annotated():

@@ -14,7 +14,8 @@ the larger index is ranked first. The original used NumPy's default (unstable) q
 unspecified; a stable sort makes the result reproducible. NaN scores sort as the largest values.
 
 A target counts as positive when it equals 1; anything else (0, and in :func:`mAP` also -1) is a negative, as in
-the original. :func:`partial_mAP` instead treats negative targets (Open Images' -1) as "not annotated".
+the original. :func:`partial_mAP` instead treats negative targets (Open Images' -1) as "not annotated", and
+:func:`weighted_partial_mAP` (CSL's figure) weights its classes by their number of positives.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "mAP",
     "per_class_partial_ap",
     "partial_mAP",
+    "weighted_partial_mAP",
     "score",
     "ThresholdMetrics",
     "threshold_metrics",
@@ -146,6 +148,24 @@ def partial_mAP(targets, scores) -> float:
         logger.warning("partial_mAP: no class has both an annotated positive and an annotated negative")
         return 0.0
     return float(100.0 * ap[scored].mean())
+
+
+def weighted_partial_mAP(targets, scores) -> float:
+    """CSL's class-frequency-weighted partial mAP, in percent (the "macro" figure of the official ``AP_partial``).
+
+    The classes scored are those of :func:`partial_mAP` (an annotated positive and an annotated negative); each
+    class's AP (over its annotated samples) is weighted by its number of positives. Returns 0 (and logs a warning)
+    when every class is skipped.
+    """
+    t, s = _as_matrix_pair(targets, scores)
+    ap = per_class_partial_ap(t, s)
+    scored = ~np.isnan(ap)
+    if not scored.any():
+        logger.warning("weighted_partial_mAP: no class has both an annotated positive and an annotated negative")
+        return 0.0
+    # original: the weight is the column sum of the targets with every value <= 0 set to 0
+    positives = np.where(t[:, scored] > 0, t[:, scored], 0).astype(np.float64).sum(axis=0)
+    return float(100.0 * np.sum(ap[scored] * positives / positives.sum()))
 
 
 def score(targets, scores) -> float:

@@ -30,6 +30,7 @@ from PIL import Image, ImageEnhance, ImageOps
 __all__ = [
     "UnreadableImageError",
     "load_rgb",
+    "decode_rgb",
     "resize_square",
     "decode_and_resize",
     "pil_to_uint8",
@@ -89,8 +90,15 @@ def load_rgb(path) -> Image.Image:
         raise UnreadableImageError(path, "file not found") from None
     except OSError as exc:
         raise UnreadableImageError(path, exc.strerror or str(exc)) from None
+    with file:
+        return decode_rgb(file, path)
+
+
+def decode_rgb(file: BinaryIO, name) -> Image.Image:
+    """:func:`load_rgb` of an open binary file (a shard's member, bytes in memory); ``name`` is what an
+    :class:`UnreadableImageError` names."""
     try:
-        with file, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as img:
                 img.load()
@@ -98,7 +106,7 @@ def load_rgb(path) -> Image.Image:
     # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, ValueError, EOFError,
     # struct.error, IndexError, ...), and a bomb is a warning turned into an error above: all mean "unreadable".
     except Exception as exc:  # noqa: BLE001
-        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise UnreadableImageError(name, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _open_regular(path) -> BinaryIO:

@@ -1,6 +1,7 @@
 """ASL losses against formulas written out here (paper and original-code forms), BCE/CE, and finite differences."""
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -524,3 +525,20 @@ def test_half_logits_get_a_half_gradient():
     _, ref_g = value_and_grad(lambda a, b: reference_code_form(a, b, 4, 0, 0.05, 1e-8, True).sum(),
                               x_half.detach().float(), y)
     torch.testing.assert_close(x_half.grad, ref_g.half())
+
+
+# ----------------------------------------------------------------------------------------- targets of -1, no mask
+
+def test_targets_of_minus_one_without_a_mask_warn_on_the_first_call_only():
+    x, y = make_batch(seed=1)
+    y[0, 0] = -1
+    loss = AsymmetricLoss()
+    with pytest.warns(UserWarning, match="targets below 0 .* and no mask"):
+        loss(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(x, y)  # checked once per instance: no read of the targets on later steps
+        AsymmetricLoss()(x, y, mask=y >= 0)
+        clean = AsymmetricLossOptimized()
+        clean(x, y.clamp(min=0))
+        clean(x, y)  # only the first call is checked

@@ -39,14 +39,15 @@ Differences from the original code (values and gradients are the same):
   tensors, and with them the autograd graph, as attributes).
 - Inputs are promoted to float32 and autocast is disabled inside the loss, so it is computed in fp32 under AMP
   (the original training script calls it on ``model(x).float()``); float64 stays float64.
-- Extras: a ``mask`` keyword, a ``reduction`` argument for the multi-label losses, and a ``ValueError`` on
-  mismatched shapes.
+- Extras: a ``mask`` keyword, a ``reduction`` argument for the multi-label losses, a ``ValueError`` on
+  mismatched shapes, and a warning when the first call without a mask has targets below 0.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -72,6 +73,13 @@ def _check_reduction(reduction: str, allowed: tuple) -> str:
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     """Promote to float32 (half, bfloat16, integer and bool inputs); float64 stays float64."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _warn_if_unknown_targets(targets: torch.Tensor) -> None:
+    if targets.numel() and bool((targets < 0).any()):
+        warnings.warn("AsymmetricLoss got targets below 0 (e.g. -1 for 'not annotated') and no mask: they are not "
+                      "ignored and give a meaningless term; pass mask=targets >= 0 to ignore them, or use "
+                      "PartialSelectiveLoss", UserWarning, stacklevel=3)
 
 
 class AsymmetricLoss(nn.Module):
@@ -104,6 +112,9 @@ class AsymmetricLoss(nn.Module):
         self.eps = eps
         self.disable_torch_grad_focal_loss = disable_torch_grad_focal_loss
         self.reduction = _check_reduction(reduction, _MULTI_LABEL_REDUCTIONS)
+        # Whether the first call without a mask has been checked for targets of -1; checking once per instance
+        # reads the targets back to the host once, not on every step.
+        self._unmasked_targets_checked = False
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, *,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -113,6 +124,9 @@ class AsymmetricLoss(nn.Module):
         if mask is not None and mask.shape != targets.shape:
             raise ValueError(f"ASL: mask must have the shape of targets {tuple(targets.shape)}, "
                              f"got {tuple(mask.shape)}")
+        if mask is None and not self._unmasked_targets_checked:
+            self._unmasked_targets_checked = True
+            _warn_if_unknown_targets(targets)
         with autocast_disabled(logits.device.type):
             x = _as_float(logits)
             y = targets.to(x.dtype)

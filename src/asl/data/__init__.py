@@ -3,8 +3,10 @@
 Creating a dataset
 ------------------
 ``create_dataset(name, root, split, image_size, train, cache_dir=None, **options)`` with ``name`` in
-:data:`DATASET_NAMES` (``coco``, ``voc``, ``nus-wide``, ``openimages``, ``csv``, ``synthetic``). ``split=None``
-picks the dataset's usual split (:func:`default_split`). Layouts and label conventions: Datasets.md.
+:data:`DATASET_NAMES` (``coco``, ``voc``, ``nus-wide``, ``openimages``, ``csv``, ``synthetic``, and ``webdataset``:
+the shards that ``shards.py`` writes, read from a folder, an http(s) base URL or a ``pipe:`` command; see
+:mod:`asl.data.shards_read`). ``split=None`` picks the dataset's usual split (:func:`default_split`). Layouts and
+label conventions: Datasets.md.
 
 Options for every dataset:
 
@@ -20,8 +22,10 @@ training, ignore for evaluation), ``year='2007'``; ``nus-wide``: ``csv_file``, `
 ``unannotated='negative'|'ignore'`` (training default negative; evaluation always keeps -1 unless told),
 ``classes_file``, ``idx_to_class``, ``csv_file``; ``csv``: ``classes_file``, ``image_root``; ``synthetic``:
 ``num_train``, ``num_val``, ``synthetic_size`` (generated picture side), ``generate_seed``, ``synthetic_classes``
-(up to 36) and ``skew`` (Zipf exponent of the class frequencies; see :mod:`asl.data.synthetic`). An unknown option
-raises :class:`DatasetError`.
+(up to 36) and ``skew`` (Zipf exponent of the class frequencies; see :mod:`asl.data.synthetic`); ``webdataset``:
+``unannotated='negative'|'ignore'`` (what a stored -1 becomes in training; default negative, evaluation keeps
+-1), ``shuffle_buffer`` (training, samples per worker) and ``timeout`` (seconds of HTTP silence). An unknown
+option raises :class:`DatasetError`.
 
 Every dataset has ``classes`` (list of names), ``num_classes``, ``image_path(i)``, ``idx_to_class()``
 (``{i: name}``, the checkpoint field), ``target(i)`` (without reading the image), ``set_epoch(epoch)``,
@@ -96,7 +100,7 @@ from pathlib import Path
 
 from .base import Batch, DatasetError, LabelTable, MultiLabelDataset, collate_skip, create_loader, seed_worker
 from .miil_csv import parse_list_literal
-from .partial import PARTIAL_SIMULATIONS, simulate_partial_dataset, simulate_partial_labels
+from .partial import PARTIAL_SIMULATIONS, has_unknown_labels, simulate_partial_dataset, simulate_partial_labels
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, item_rng, to_float
 
 __all__ = [
@@ -121,15 +125,17 @@ __all__ = [
     "PARTIAL_SIMULATIONS",
     "simulate_partial_labels",
     "simulate_partial_dataset",
+    "has_unknown_labels",
 ]
 
-DATASET_NAMES = ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic")
+DATASET_NAMES = ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic", "webdataset")
 
 _ALIASES = {
     "mscoco": "coco", "ms-coco": "coco", "coco2014": "coco",
     "pascal-voc": "voc", "voc2007": "voc", "pascal_voc": "voc",
     "nus_wide": "nus-wide", "nuswide": "nus-wide",
     "open-images": "openimages", "open_images": "openimages", "oi": "openimages",
+    "wds": "webdataset", "shards": "webdataset",
 }
 
 _DEFAULT_SPLITS = {
@@ -139,6 +145,7 @@ _DEFAULT_SPLITS = {
     "openimages": ("train", "test"),
     "csv": ("train", "val"),
     "synthetic": ("train", "val"),
+    "webdataset": ("train", "val"),
 }
 
 _COMMON_OPTIONS = ("seed", "strict", "with_index", "cutout_factor", "allow_outside_root")
@@ -149,6 +156,7 @@ _DATASET_OPTIONS = {
     "openimages": ("unannotated", "classes_file", "idx_to_class", "csv_file"),
     "csv": ("classes_file", "image_root"),
     "synthetic": ("num_train", "num_val", "synthetic_size", "generate_seed", "synthetic_classes", "skew"),
+    "webdataset": ("unannotated", "shuffle_buffer", "timeout"),
 }
 
 
@@ -197,6 +205,12 @@ def create_dataset(name: str, root, split: str | None, image_size: int, train: b
     if key == "csv":
         from .csv import load_csv
         return load_csv(root, split, train=train, **options, **common)
+    if key == "webdataset":
+        from .shards_read import open_shard_dataset
+        # The shards hold encoded pictures read in sequence: no resize cache, and no file paths to check.
+        for unused in ("cache_dir", "allow_outside_root"):
+            common.pop(unused, None)
+        return open_shard_dataset(str(root), split, train=train, **options, **common)
     from .coco import load_coco
     from .synthetic import SYNTHETIC_SPLITS, ensure_synthetic_coco
     if split not in SYNTHETIC_SPLITS:

@@ -9,7 +9,10 @@
 
 - ``image``: a path relative to the CSV's folder (or ``image_root``); absolute paths and ``..`` need
   ``allow_outside_root=1``;
-- ``labels``: class names separated by ``|`` or ``;`` (empty = no class present);
+- ``labels``: class names separated by ``|`` or ``;`` (empty = no class present). For partially labelled data
+  (CSL, :class:`asl.losses.PartialSelectiveLoss`) a name may carry a prefix: ``?name`` marks that label unknown
+  (target -1), ``?*`` marks every class the cell does not name unknown, and ``-name`` marks an annotated
+  negative (useful with ``?*``); e.g. ``cat|-dog|?*``: cat present, dog absent, every other class unknown;
 - ``split`` (optional column): rows of other splits are left out; without the column every row is used.
 
 ``root`` is the CSV file itself, or a folder holding ``<split>.csv`` or ``labels.csv``. The class list is
@@ -56,8 +59,28 @@ def _find_csv(root: Path, split: str | None) -> Path:
     raise missing_path_error("CSV dataset file", root / (f"{split}.csv" if split else "labels.csv"))
 
 
+_UNKNOWN, _NEGATIVE, _ALL_OTHERS = "?", "-", "?*"
+
+
+def _split_cell(cell: str) -> tuple[list[str], list[str], list[str], bool]:
+    """``(positives, negatives, unknown, others unknown)`` named in one ``labels`` cell."""
+    positives, negatives, unknown, others = [], [], [], False
+    for name in (n.strip() for n in _SEPARATORS.split(cell or "")):
+        if not name:
+            continue
+        if name == _ALL_OTHERS:
+            others = True
+        elif name.startswith(_UNKNOWN) and name[1:].strip():
+            unknown.append(name[1:].strip())
+        elif name.startswith(_NEGATIVE) and name[1:].strip():
+            negatives.append(name[1:].strip())
+        else:
+            positives.append(name)
+    return positives, negatives, unknown, others
+
+
 def _read_rows(csv_path: Path) -> tuple[list, list[str]]:
-    """``(image, class names, split, line number)`` per row, and the lower-cased header."""
+    """``(image, labels cell parts, split, line number)`` per row, and the lower-cased header."""
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = _csv.DictReader(f)
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
@@ -69,8 +92,7 @@ def _read_rows(csv_path: Path) -> tuple[list, list[str]]:
             image = (row.get("image") or "").strip()
             if not image:
                 raise DatasetError(f"empty image path at {csv_path}:{line_no}")
-            names = [n.strip() for n in _SEPARATORS.split(row.get("labels") or "") if n.strip()]
-            rows.append((image, names, (row.get("split") or "").strip(), line_no))
+            rows.append((image, _split_cell(row.get("labels") or ""), (row.get("split") or "").strip(), line_no))
     return rows, header
 
 
@@ -88,19 +110,34 @@ def load_csv(root, split: str | None, *, classes_file=None, image_root=None, **d
             raise missing_path_error("classes file", classes_file)
         classes = read_classes_file(classes_file)
     else:
-        classes = sorted({n for _, names, _, _ in rows for n in names})
+        classes = sorted({n for _, cell, _, _ in rows for names in cell[:3] for n in names})
     index = {name: i for i, name in enumerate(classes)}
-    rel_paths, positives = [], []
-    for image, names, row_split, line_no in rows:
+    rel_paths, parts = [], {1.0: [], 0.0: [], -1.0: []}
+    for image, cell, row_split, line_no in rows:
         if has_split and split is not None and row_split != split:
             continue
-        for n in names:
-            if n not in index:
-                raise DatasetError(f"label {n!r} at {csv_path}:{line_no} is not in the classes file {classes_file}")
         rel_paths.append(image)
-        positives.append(sorted({index[n] for n in names}))
+        for value, ids in zip((1.0, 0.0, -1.0), _row_classes(cell, index, f"{csv_path}:{line_no}", classes_file)):
+            parts[value].append(ids)
     if not rel_paths:
         raise DatasetError(f"no rows{f' with split {split!r}' if has_split else ''} in {csv_path}")
     image_dir = Path(image_root) if image_root is not None else csv_path.parent
-    labels = LabelTable(len(classes), 0.0, {1.0: positives})
+    labels = LabelTable(len(classes), 0.0, parts)
     return MultiLabelDataset(image_dir, rel_paths, labels, classes, name="csv", split=split or "", **dataset_kwargs)
+
+
+def _row_classes(cell, index: dict, where: str, classes_file) -> tuple[list[int], list[int], list[int]]:
+    """Class indices of one row: positives, annotated negatives, unknown."""
+    positives, negatives, unknown, others = cell
+    for n in positives + negatives + unknown:
+        if n not in index:
+            raise DatasetError(f"label {n!r} at {where} is not in the classes file {classes_file}")
+    ids = [sorted({index[n] for n in names}) for names in (positives, negatives, unknown)]
+    named = set(ids[0]) | set(ids[1])
+    clash = (set(ids[0]) & set(ids[1])) | (named & set(ids[2]))
+    if clash:
+        name = next(n for n, i in index.items() if i == min(clash))
+        raise DatasetError(f"labels cell at {where} gives class {name!r} two values (present, absent, unknown)")
+    if others:
+        ids[2] = [i for i in range(len(index)) if i not in named]
+    return ids[0], ids[1], ids[2]

@@ -22,7 +22,7 @@ import torch
 
 from .base import DatasetError, LabelTable, MultiLabelDataset
 
-__all__ = ["PARTIAL_SIMULATIONS", "simulate_partial_labels", "simulate_partial_dataset"]
+__all__ = ["PARTIAL_SIMULATIONS", "simulate_partial_labels", "simulate_partial_dataset", "has_unknown_labels"]
 
 #: mode -> what ``param`` means
 PARTIAL_SIMULATIONS = {"fpc": "positives and negatives kept per class", "rps": "probability of dropping a label"}
@@ -100,3 +100,9 @@ def simulate_partial_dataset(dataset: MultiLabelDataset, mode: str, param, seed:
     parts = {value: [np.flatnonzero(row == value).tolist() for row in after] for value in (1.0, 0.0)}
     dataset.labels = LabelTable(before.shape[1], -1.0, parts)
     return int(((after == 1) | (after == 0)).sum()), int(((before == 1) | (before == 0)).sum())
+
+
+def has_unknown_labels(dataset: MultiLabelDataset) -> bool:
+    """Whether some target of ``dataset`` is -1 (unknown), from its label table alone (no image is read)."""
+    labels = dataset.labels
+    return any(bool((labels.target_array(i) < 0).any()) for i in range(len(labels)))

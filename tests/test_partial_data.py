@@ -1,4 +1,5 @@
-"""Simulated partial annotation (CSL's fpc and rps): exact counts, determinism, types, refusals."""
+"""Partial labels in the data: CSL's simulation (exact counts, determinism, types, refusals) and unknown labels in
+CSV datasets."""
 import numpy as np
 import pytest
 import torch
@@ -102,3 +103,42 @@ def test_a_dataset_gets_the_simulated_labels():
     expected = simulate_partial_labels(y, "fpc", 4, seed=2)
     assert np.array_equal(dataset.labels.dense(), expected)
     assert (kept, annotated) == (int((expected != -1).sum()), 180)
+
+
+# ------------------------------------------------------------------------------------- unknown labels in a CSV set
+
+def test_a_csv_cell_marks_labels_unknown_negative_or_all_others_unknown(tmp_path):
+    from asl.data import create_dataset, has_unknown_labels
+
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncar\nbird\n")
+    (tmp_path / "labels.csv").write_text("image,labels\n"
+                                         "a.jpg,cat|?dog\n"        # dog unknown, the others absent
+                                         "b.jpg,cat|-dog|?*\n"     # cat present, dog absent, car and bird unknown
+                                         "c.jpg,?*\n"              # nothing known
+                                         "d.jpg,car;bird\n")
+    ds = create_dataset("csv", tmp_path, None, 16, train=False)
+    np.testing.assert_array_equal(ds.targets(), [[1, -1, 0, 0], [1, 0, -1, -1], [-1, -1, -1, -1], [0, 0, 1, 1]])
+    assert has_unknown_labels(ds)
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat\nb.jpg,-dog\n")
+    ds = create_dataset("csv", tmp_path, None, 16, train=False)
+    np.testing.assert_array_equal(ds.targets(), [[1, 0, 0, 0], [0, 0, 0, 0]])
+    assert not has_unknown_labels(ds)
+
+
+def test_a_csv_cell_that_gives_a_class_two_values_or_an_unknown_name(tmp_path):
+    from asl.data import create_dataset
+
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat|?cat\n")
+    with pytest.raises(DatasetError, match=r"labels.csv:2 gives class 'cat' two values"):
+        create_dataset("csv", tmp_path, None, 16, train=False)
+    (tmp_path / "classes.txt").write_text("cat\n")
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,?dog\n")
+    with pytest.raises(DatasetError, match="'dog' at .*labels.csv:2 is not in the classes file"):
+        create_dataset("csv", tmp_path, None, 16, train=False)
+
+
+def test_classes_found_in_the_csv_include_unknown_and_negative_names(tmp_path):
+    from asl.data import create_dataset
+
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat|?dog|-ant\n")
+    assert create_dataset("csv", tmp_path, None, 16, train=False).classes == ["ant", "cat", "dog"]

@@ -75,9 +75,10 @@ def _setup(seed=0):
 
 
 def _epoch(model, batches, crit, opt, sched, ema, epoch=0, start_step=0, max_steps=None, world_size=1,
-           unannotated=None, **kwargs):
+           unannotated=None, print_freq=100, **kwargs):
     state = TrainState(model, ema, opt, sched, None, epoch=epoch, step=start_step)
-    stats = train_one_epoch(state, batches, crit, StepConfig(CPU, None, world_size, unannotated, max_steps), **kwargs)
+    config = StepConfig(CPU, None, world_size, unannotated, max_steps, print_freq=print_freq)
+    stats = train_one_epoch(state, batches, crit, config, **kwargs)
     stats["next_step"] = state.step
     return stats
 
@@ -86,7 +87,7 @@ def test_one_epoch_steps_scheduler_and_ema_every_step_and_reports_the_summed_los
     model, opt, sched, ema, crit = _setup()
     batches = _batches()
     seen = []
-    stats = _epoch(model, batches, crit, opt, sched, ema, on_step=seen.append)
+    stats = _epoch(model, batches, crit, opt, sched, ema, on_step=seen.append, print_freq=1)
     assert stats["steps"] == 3 and stats["next_step"] == 3 and stats["images"] == 12
     assert sched.last_epoch == 3  # one scheduler step per optimizer step
     assert [s["step"] for s in seen] == [0, 1, 2]
@@ -99,6 +100,26 @@ def test_one_epoch_steps_scheduler_and_ema_every_step_and_reports_the_summed_los
     assert seen[-1]["lr"] == pytest.approx(sched.get_last_lr()[0])
     # EMA moved, by the original rule, towards the model
     assert not torch.equal(ema.state_dict()["fc.weight"], model2.state_dict()["fc.weight"])
+
+
+def test_the_loss_is_read_back_at_the_print_interval_and_the_epochs_last_step_only():
+    """Reading the loss less often changes nothing but when it is shown: the same losses at the read-back steps,
+    the same epoch mean, the same weights."""
+    runs = {}
+    for print_freq in (1, 3):
+        model, opt, sched, ema, crit = _setup()
+        seen = []
+        stats = _epoch(model, _batches(7), crit, opt, None, ema, on_step=seen.append, print_freq=print_freq)
+        runs[print_freq] = seen, stats, model.state_dict()
+    every, sparse = runs[1][0], runs[3][0]
+    assert [s["loss"] is not None for s in sparse] == [True, False, False, True, False, False, True]
+    for a, b in zip(every, sparse):
+        assert b["loss"] is None or b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+        assert a["images"] == b["images"] == 4 * (a["step"] + 1)
+    assert runs[3][1]["loss"] == pytest.approx(sum(s["loss"] for s in every) / 7, rel=1e-12)
+    assert runs[1][1]["steps"] == runs[3][1]["steps"] == 7 and runs[3][1]["images"] == 28
+    for key, value in runs[1][2].items():
+        assert torch.equal(value, runs[3][2][key]), key
 
 
 def test_resume_in_the_middle_of_an_epoch_equals_running_through():
@@ -151,6 +172,19 @@ def test_unannotated_targets_are_masked_out_of_the_loss():
     logits = model2(b.images.float() / 255)
     expected = crit(logits[:, 1:], b.targets[:, 1:]).item()  # column 0 does not count at all
     assert seen[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.faults
+def test_a_non_finite_loss_stops_at_the_next_read_back_naming_the_first_bad_step():
+    model, opt, sched, ema, crit = _setup()
+    batches = _batches(7)
+    bad = batches[2]
+    batches[2] = Batch(torch.full(bad.images.shape, float("nan")), bad.targets, bad.indices, 0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, step 2 ") as err:
+        _epoch(model, batches, crit, opt, None, ema, epoch=1, print_freq=4)
+    assert err.value.step == 2
+    # steps 0-3 ran; step 4 read back, and stopped before its optimizer step
+    assert opt.state[model.fc.weight]["step"] == 4
 
 
 @pytest.mark.faults

@@ -40,7 +40,8 @@ def _train(model, accum: int) -> tuple[nn.Module, dict, list]:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=3, pct_start=0.2)
     state = TrainState(model=model, ema=None, optimizer=optimizer, scheduler=scheduler, scaler=None)
     losses = []
-    stats = train_one_epoch(state, _batches(), AsymmetricLoss(4, 0, 0.05), StepConfig(CPU, grad_accum_steps=accum),
+    stats = train_one_epoch(state, _batches(), AsymmetricLoss(4, 0, 0.05),
+                            StepConfig(CPU, grad_accum_steps=accum, print_freq=1),
                             on_step=lambda s: losses.append(s["loss"]))
     return model, stats, losses
 

@@ -26,6 +26,7 @@ class EpochProgress:
         self.epochs, self.steps, self.print_freq, self.enabled = epochs, steps, print_freq, enabled
         self.bar: Optional[Any] = None
         self.bar_epoch = -1
+        self.last_loss = float("nan")
         self.writer = None
         if enabled and tensorboard:
             try:
@@ -52,14 +53,17 @@ class EpochProgress:
             self._close_bar()
             self.bar = tqdm(total=self.steps, initial=step, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
         self.bar_epoch = epoch
+        loss = info["loss"]  # read back from the device at the print interval only; None at the other steps
+        if loss is not None:
+            self.last_loss = loss
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{info['loss']:.1f}", lr=f"{info['lr']:.1e}",
+            self.bar.set_postfix(loss=f"{self.last_loss:.1f}", lr=f"{info['lr']:.1e}",
                                  img_s=f"{info['images_per_sec']:.0f}", refresh=False)
-        if step % self.print_freq == 0:
+        if step % self.print_freq == 0 and loss is not None:
             # original: 'Epoch [e/E], Step [iii/NNN], LR x.xe-xx, Loss: y.y' every 100 steps
             self._print(f"Epoch [{epoch}/{self.epochs}], Step [{str(step).zfill(3)}/{str(self.steps).zfill(3)}], "
-                        f"LR {info['lr']:.1e}, Loss: {info['loss']:.1f}")
+                        f"LR {info['lr']:.1e}, Loss: {loss:.1f}")
 
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -4,24 +4,25 @@ Nothing here prints: the caller gets every step and every epoch through callback
 """
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch.nn as nn
 
 from .. import distributed as dist_utils
-from .run_folder import HIGHEST, RunFolder
+from .run_folder import HIGHEST, RunFolder, describe_kept
 from ..evaluation.predictions import evaluate_many
 from .step import NonFiniteLossError, StepConfig, train_one_epoch
 from ..errors import NonFiniteScoresError, TrainingDivergedError
 from ..evaluation.metrics import score
 from .state import TrainState
 
-__all__ = ["FitConfig", "fit", "StopFlag", "has_positive_labels"]
+__all__ = ["FitConfig", "FitOutcome", "fit", "StopFlag", "has_positive_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ class FitConfig:
     local_batch: int
     save_every_steps: int
     step: StepConfig
+
+
+class FitOutcome(str, enum.Enum):
+    """How :func:`fit` ended: the schedule ran to ``stop_epoch``, or a signal stopped it (``last.pth`` then holds
+    the exact position to resume from)."""
+
+    DONE = "done"
+    INTERRUPTED = "interrupted"
 
 
 class StopFlag:
@@ -71,9 +80,8 @@ class StopFlag:
 
 def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Module, run_folder: RunFolder,
         config: FitConfig, *, on_step: Optional[Callable[[dict[str, Any]], None]] = None,
-        on_epoch: Optional[Callable[[dict[str, Any]], None]] = None) -> str:
-    """Trains from ``state``'s position to the end of ``config.stop_epoch``. Returns ``'done'``, or
-    ``'interrupted'`` when a signal stopped it (``last.pth`` then holds the exact position to resume from).
+        on_epoch: Optional[Callable[[dict[str, Any]], None]] = None) -> FitOutcome:
+    """Trains from ``state``'s position to the end of ``config.stop_epoch``; see :class:`FitOutcome`.
 
     ``on_step`` receives each step's dict (see :func:`asl.training.step.train_one_epoch`); ``on_epoch`` each epoch's
     record (also appended to ``log.txt``): epoch, train_loss, mAP_regular, mAP_ema, mAP, highest_mAP, lr,
@@ -89,6 +97,8 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
         logger.warning("nothing to train: the run is at epoch %d (--epochs %d, --stop-epoch %d); raise --stop-epoch "
                        "to continue", state.epoch, config.epochs, config.stop_epoch)
     warned_no_positives = False
+    # The mid-epoch saves come right after a read-back of the loss: a state with a non-finite loss is never saved.
+    step_config = replace(config.step, check_every=config.save_every_steps)
     with StopFlag() as stop_flag:
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
             if state.step == 0:
@@ -105,13 +115,13 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
                     run_folder.save_last(state)
 
             try:
-                stats = train_one_epoch(state, train_loader, criterion, config.step, on_step=step_done,
+                stats = train_one_epoch(state, train_loader, criterion, step_config, on_step=step_done,
                                         stop_requested=stop_flag)
             except NonFiniteLossError as exc:
-                raise TrainingDivergedError(f"{exc}; {run_folder.kept()}") from None
+                raise TrainingDivergedError(f"{exc}; {describe_kept(run_folder.kept())}") from None
             if stats["interrupted"]:
                 run_folder.save_last(state)
-                return "interrupted"
+                return FitOutcome.INTERRUPTED
             record, meaningful = _evaluate_and_keep_best(state, val_loader, run_folder, config, stats)
             if not meaningful and not warned_no_positives and run_folder.is_main:
                 logger.warning("the validation set has no positive label in any image: its mAP (%.2f) means "
@@ -124,8 +134,8 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
             if on_epoch is not None:
                 on_epoch(record)
             if stop_flag.requested:
-                return "interrupted"
-    return "done"
+                return FitOutcome.INTERRUPTED
+    return FitOutcome.DONE
 
 
 def has_positive_labels(targets: Any) -> bool:
@@ -144,7 +154,8 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, run_folder: RunF
         out = evaluate_many({"regular": state.model, "ema": state.ema.module}, val_loader, config.step.device,
                             amp_dtype=config.step.amp_dtype)
     except NonFiniteScoresError as exc:
-        raise TrainingDivergedError(f"training diverged (try a lower --lr): {exc}; {run_folder.kept()}") from None
+        raise TrainingDivergedError(f"training diverged (try a lower --lr): {exc}; "
+                                    f"{describe_kept(run_folder.kept())}") from None
     map_regular = score(out["targets"], out["scores"]["regular"])
     map_ema = score(out["targets"], out["scores"]["ema"])
     current = max(map_regular, map_ema)

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, TrainingDivergedError, UsageError
 from .run_lock import RunLock
 from .state import TrainState
 
-__all__ = ["RunFolder", "LAST", "HIGHEST"]
+__all__ = ["RunFolder", "LAST", "HIGHEST", "describe_kept"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class RunFolder:
             try:
                 save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
             except CheckpointError as exc:
-                raise CheckpointError(f"{exc}; {self.kept()}{self._resume_hint()}") from exc
+                raise CheckpointError(f"{exc}; {describe_kept(self.kept(), resume_hint=True)}") from exc
         self._last_is_ours = True
 
     def save_best(self, weights: Mapping[str, Any], which: str, score: float, epoch: int) -> None:
@@ -175,25 +175,19 @@ class RunFolder:
                                                   weights=which, mAP=score, epoch=epoch, **meta),
                             self.output_dir / HIGHEST)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; {self.kept()}{self._resume_hint()}") from exc
+            raise CheckpointError(f"{exc}; {describe_kept(self.kept(), resume_hint=True)}") from exc
 
     def check_finite(self, weights: Mapping[str, Any], where: str) -> None:
-        broken = sum(int((~torch.isfinite(v)).sum()) for v in weights.values()
-                     if isinstance(v, torch.Tensor) and v.is_floating_point())
+        counts = [(~torch.isfinite(v)).sum() for v in weights.values()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        broken = int(torch.stack(counts).sum()) if counts else 0  # one read-back for the whole model
         if broken:
             raise TrainingDivergedError(f"{broken} weights are NaN or infinite at {where}: training diverged (try a "
-                                        f"lower --lr); {self.kept()}")
+                                        f"lower --lr); {describe_kept(self.kept())}")
 
-    def kept(self) -> str:
-        """What the user still has, for messages about a diverged run or a failed save."""
-        if self._last_is_ours and self.last_path.is_file():
-            return f"{self.last_path} holds the last good state"
-        return "no checkpoint was written yet"
-
-    def _resume_hint(self) -> str:
-        if self._last_is_ours and self.last_path.is_file():
-            return " (once there is room, continue with --resume auto)"
-        return ""
+    def kept(self) -> Optional[Path]:
+        """This run's last good checkpoint (its ``last.pth``), or None when it wrote none yet."""
+        return self.last_path if self._last_is_ours and self.last_path.is_file() else None
 
     def log_epoch(self, record: Mapping[str, Any]) -> None:
         if not self.is_main:
@@ -218,6 +212,15 @@ class RunFolder:
                 os.close(fd)
         except OSError as exc:
             raise _write_error(path, exc) from None
+
+
+def describe_kept(last: Optional[Path], resume_hint: bool = False) -> str:
+    """What the user still has, for messages about a diverged run or a failed save (``last``: see
+    :meth:`RunFolder.kept`); ``resume_hint``: say how to continue once the cause is fixed."""
+    if last is None:
+        return "no checkpoint was written yet"
+    return f"{last} holds the last good state" + (" (once there is room, continue with --resume auto)"
+                                                    if resume_hint else "")
 
 
 #: beyond the tensors: the checkpoints' other entries and zip records, log.txt and args.json

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 import asl.checkpoint as checkpoint
 from asl.state_dict import clean_state_dict
-from asl.checkpoint import (CheckpointError, load_checkpoint, load_model_state,
-                            make_model_checkpoint, save_checkpoint)
+from asl.checkpoint import CheckpointError, load_checkpoint, make_model_checkpoint, save_checkpoint
+from asl.models.loading import load_model_state
 
 
 def tiny_model(num_classes=3, hidden=8):
@@ -417,20 +417,23 @@ def test_make_model_checkpoint_rejects_objects_that_would_not_load():
 
 # ------------------------------------------------------------------------------------------- load_model_state
 
-def test_load_model_state_strips_ddp_prefix_and_ignores_batch_counters():
+def test_load_checkpoint_strips_wrapper_prefixes_once_and_counters_are_ignored(tmp_path):
     source = tiny_model()
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1.0)
-    wrapped = OrderedDict(("module." + k, v) for k, v in source.state_dict().items()
+    wrapped = OrderedDict(("module._orig_mod." + k, v) for k, v in source.state_dict().items()
                           if not k.endswith("num_batches_tracked"))
+    save_checkpoint({"model": wrapped, "num_classes": 3}, tmp_path / "ddp.pth")
+    loaded = load_checkpoint(tmp_path / "ddp.pth")
+    assert sorted(loaded["model"]) == sorted(k for k in source.state_dict() if not k.endswith("num_batches_tracked"))
     target = tiny_model()
-    load_model_state(target, wrapped, "tiny")
+    load_model_state(target, loaded["model"], "tiny")
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(target.state_dict()[key], value), key
     # A whole checkpoint dict is accepted too.
-    load_model_state(tiny_model(), {"model": wrapped, "num_classes": 3}, "tiny")
+    load_model_state(tiny_model(), loaded, "tiny")
 
 
 def test_clean_state_dict():

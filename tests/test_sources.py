@@ -154,3 +154,5 @@ def test_timm_configs_become_checkpoint_entries():
                                   "pretrained_cfg": {"input_size": [3, 288, 288]}})
     assert entries == {"model_name": "timm/resnet50", "num_classes": 3, "image_size": 288,
                        "idx_to_class": {0: "a", 1: "b", 2: "c"}}
+    # timm's TResNets are named as timm's too; asl.models.loading builds them as ours
+    assert checkpoint_entries({"architecture": "tresnet_m"})["model_name"] == "timm/tresnet_m"

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic saving, safe loading (never runs pickled code), and strict, explained model loading.
+"""Checkpoint files: atomic saving and safe loading (never runs pickled code) of every model source.
 
 File format (the official model-zoo files and ours)::
 
@@ -26,13 +26,12 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .atomic import atomic_write
 from .download import expected_sha256, is_url, sha256_of
 from .errors import CheckpointError
 from .sources import checkpoint_entries, read_safetensors, resolve, weights_suffix
-from .state_dict import clean_state_dict, is_counter
+from .state_dict import clean_state_dict
 
 __all__ = [
     "CheckpointError",
@@ -40,7 +39,6 @@ __all__ = [
     "load_checkpoint",
     "is_url",
     "make_model_checkpoint",
-    "load_model_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,16 +208,19 @@ def _normalize(obj: Any, source: str) -> Dict:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
     if "model" in obj and isinstance(obj["model"], Mapping):
-        return dict(obj)
-    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        ckpt = dict(obj)
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         ckpt = {k: v for k, v in obj.items() if k != "state_dict"}
         ckpt["model"] = obj["state_dict"]
-        return ckpt
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         # original: train.py saved the bare state dict
-        return {"model": obj}
-    raise CheckpointError(f"{source} is neither a checkpoint (no 'model' or 'state_dict' entry) nor a state dict "
-                          f"(keys: {sorted(map(str, obj))[:5]})")
+        ckpt = {"model": obj}
+    else:
+        raise CheckpointError(f"{source} is neither a checkpoint (no 'model' or 'state_dict' entry) nor a state dict "
+                              f"(keys: {sorted(map(str, obj))[:5]})")
+    # The one place where wrapper prefixes (DataParallel's module., torch.compile's _orig_mod.) leave the keys.
+    ckpt["model"] = clean_state_dict(ckpt["model"])
+    return ckpt
 
 
 def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Optional[str] = None) -> Dict:
@@ -276,64 +277,3 @@ def _read(path: str, map_location: Any) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...
         raise _explain_unpickling_error(path, exc) from exc
-
-
-def _num_classes(model: nn.Module) -> Optional[int]:
-    count = getattr(model, "num_classes", None)
-    if isinstance(count, int):
-        return count
-    last_linear = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            last_linear = module
-    return last_linear.out_features if last_linear is not None else None
-
-
-def _shape(value: Any) -> tuple:
-    return tuple(getattr(value, "shape", ()))
-
-
-def _first(keys: list, limit: int = 3) -> str:
-    shown = repr(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
-                     skip_prefix: Optional[str] = None) -> None:
-    """Load ``state_dict`` into ``model`` strictly, or raise one :class:`CheckpointError` explaining the mismatch.
-
-    ``state_dict`` may also be a whole checkpoint (its ``'model'`` entry is used). ``module.`` / ``_orig_mod.``
-    prefixes are stripped, and BatchNorm ``num_batches_tracked`` counters are ignored on both sides (the official
-    files have none). Keys under ``skip_prefix`` (e.g. the classifier, for a pretrained start) are left out on both
-    sides and keep the model's own values. Any other missing or unexpected key, or any shape difference, is an error
-    whose message names
-    ``model_name``, its class count and the first offending keys and shapes.
-    """
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    ckpt = clean_state_dict(state_dict)
-    expected = model.state_dict()
-
-    def relevant(keys):
-        return [k for k in keys if not is_counter(k) and not (skip_prefix and k.startswith(skip_prefix))]
-
-    missing = relevant(k for k in expected if k not in ckpt)
-    unexpected = relevant(k for k in ckpt if k not in expected)
-    mismatched = relevant(k for k in expected if k in ckpt and _shape(ckpt[k]) != _shape(expected[k]))
-    if missing or unexpected or mismatched:
-        count = _num_classes(model)
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_first(unexpected)}")
-        if mismatched:
-            shapes = "; ".join(f"{k}: ckpt {_shape(ckpt[k])} vs model {_shape(expected[k])}" for k in mismatched[:3])
-            more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
-            parts.append(f"shape mismatch {shapes}{more}")
-        classes = f" ({count} classes)" if count is not None else ""
-        raise CheckpointError(f"checkpoint does not fit {model_name}{classes}: " + ", ".join(parts))
-
-    to_load = OrderedDict((k, v) for k, v in ckpt.items() if k in expected and relevant([k]))
-    model.load_state_dict(to_load, strict=False)
-    logger.info("loaded %d tensors into %s", len(to_load), model_name)

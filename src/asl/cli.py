@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import AslError, UsageError
+from .models.factory import MAX_IMAGE_SIZE
 
 __all__ = [
     "ArgumentParser", "run_main", "format_error", "setup_logging", "parse_key_values", "check_data_dir",
@@ -84,10 +85,6 @@ def _checked(cast: Callable[[str], Any], text: str, what: str, ok: Callable[[Any
 
 def positive_int(text: str) -> int:
     return _checked(int, text, "an integer >= 1", lambda v: v >= 1)
-
-
-#: the largest --image-size: the paper's largest is 640; at 4096 one 128-image batch is 25 GiB of input alone.
-MAX_IMAGE_SIZE = 4096
 
 
 def image_size(text: str) -> int:

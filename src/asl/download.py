@@ -30,7 +30,7 @@ import torch
 from .atomic import atomic_write
 from .errors import CheckpointError
 
-__all__ = ["is_url", "download", "sha256_of", "expected_sha256"]
+__all__ = ["is_url", "download", "sha256_of", "expected_sha256", "OFFLINE_HINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _CHUNK = 1 << 20
 #: seconds of silence (connecting, or between two reads) after which a download gives up
 DOWNLOAD_TIMEOUT_S = 60.0
-_OFFLINE_HINT = "without internet, download the file elsewhere and pass its local path"
+#: what to do without internet, for a URL and a Hub id alike
+OFFLINE_HINT = ("without internet, fetch the file where there is internet (hf download ORG/NAME for a Hub id) and "
+                "pass its local path")
 
 
 def is_url(source: str) -> bool:
@@ -101,13 +103,13 @@ def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[s
         raise
     except (socket.timeout, TimeoutError) as exc:
         raise CheckpointError(f"no answer from {parsed.hostname} within {timeout:g} s while downloading {url}; "
-                              f"nothing was cached ({_OFFLINE_HINT})") from exc
+                              f"nothing was cached ({OFFLINE_HINT})") from exc
     except urllib.error.HTTPError as exc:
         raise CheckpointError(f"could not download {url}: HTTP {exc.code} {exc.reason} (see MODEL_ZOO.md for where "
-                              f"the weights are; {_OFFLINE_HINT})") from exc
+                              f"the weights are; {OFFLINE_HINT})") from exc
     except Exception as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise CheckpointError(f"could not download {url}: {reason} ({_OFFLINE_HINT})") from exc
+        raise CheckpointError(f"could not download {url}: {reason} ({OFFLINE_HINT})") from exc
     return str(cached)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .download import download, is_url
+from .download import OFFLINE_HINT, download, is_url
 from .errors import CheckpointError
 
 __all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "Resolved", "is_hub_id", "is_remote", "parse_hub_id", "resolve",
@@ -30,8 +30,6 @@ HUB_PREFIX = "hf-hub:"
 #: the weights file of a folder or Hub repository, in order of preference (safetensors never runs code)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_FILE = "config.json"
-_OFFLINE_HINT = ("the Hub is offline (HF_HUB_OFFLINE) or unreachable and the file is not in its cache: download it "
-                 "where there is internet (huggingface-cli download ORG/NAME), or pass a local file")
 
 
 @dataclass(frozen=True)
@@ -131,19 +129,20 @@ def _hub_error(source: str, exc: Exception) -> CheckpointError:
     from huggingface_hub import errors as hub_errors
 
     if isinstance(exc, hub_errors.LocalEntryNotFoundError):
-        return CheckpointError(f"{source}: {_OFFLINE_HINT}")
+        return CheckpointError(f"{source}: the Hub is offline (HF_HUB_OFFLINE) or unreachable and the file is not in "
+                               f"its cache; {OFFLINE_HINT}")
     if isinstance(exc, hub_errors.GatedRepoError):
         return CheckpointError(f"{source}: HTTP 403, a gated repository: accept its terms on the Hub and log in "
-                               f"(huggingface-cli login)")
+                               f"(hf auth login)")
     if isinstance(exc, hub_errors.RepositoryNotFoundError):
         return CheckpointError(f"{source}: no such repository on the Hub (HTTP 401/404; a private one needs "
-                               f"huggingface-cli login); see MODEL_ZOO.md for the ids of the weights")
+                               f"hf auth login); see MODEL_ZOO.md for the ids of the weights")
     if isinstance(exc, hub_errors.RevisionNotFoundError):
         return CheckpointError(f"{source}: no such revision on the Hub")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CheckpointError(f"{source}: the Hub answered {'HTTP ' + str(status) if status else reason}; see "
-                           f"MODEL_ZOO.md ({_OFFLINE_HINT.split(': ', 1)[1]})")
+                           f"MODEL_ZOO.md ({OFFLINE_HINT})")
 
 
 def read_safetensors(path: str) -> tuple[dict, dict]:
@@ -174,8 +173,8 @@ def checkpoint_entries(config: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint entries a ``config.json`` gives: ours (``export.py --format hf``) or timm's.
 
     timm's names the architecture (``architecture``), the class count and, in ``pretrained_cfg``, the input size
-    and sometimes the label names; a TResNet of timm's is read as ours (its BatchNorm layout is converted on load),
-    any other architecture as ``timm/<architecture>``.
+    and sometimes the label names. Its architecture becomes ``timm/<architecture>`` (:mod:`asl.models.loading`
+    builds timm's TResNets as ours, converting their BatchNorm layout).
     """
     entries: dict[str, Any] = {}
     if "asl" in config and isinstance(config["asl"], Mapping):
@@ -190,9 +189,7 @@ def checkpoint_entries(config: Mapping[str, Any]) -> dict[str, Any]:
         return entries
     architecture = config.get("architecture")
     if isinstance(architecture, str) and architecture:
-        from .models import MODEL_NAMES  # here, not at import: models import the checkpoint loader
-
-        entries["model_name"] = architecture if architecture in MODEL_NAMES else f"timm/{architecture}"
+        entries["model_name"] = f"timm/{architecture}"
     pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), Mapping) else {}
     classes = _whole(config.get("num_classes")) or _whole(pretrained.get("num_classes"))
     if classes:

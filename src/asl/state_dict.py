@@ -1,4 +1,5 @@
-"""State-dict keys as files carry them: wrapper prefixes and BatchNorm counters, cleaned in one place."""
+"""State-dict keys as files carry them: wrapper prefixes and BatchNorm counters, cleaned in one place
+(:func:`asl.checkpoint.load_checkpoint` calls it once for every file it reads)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -12,19 +13,18 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def is_counter(key: str) -> bool:
     """BatchNorm's ``num_batches_tracked``: absent from the official files, unused by the models here."""
-    return key.endswith("num_batches_tracked")
+    return isinstance(key, str) and key.endswith("num_batches_tracked")
 
 
-def clean_state_dict(state_dict: Mapping[str, Any], drop_counters: bool = False) -> "OrderedDict[str, Any]":
-    """The keys without wrapper prefixes (and without the counters when ``drop_counters``), in the same order."""
+def clean_state_dict(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """The keys without wrapper prefixes, in the same order."""
     cleaned: "OrderedDict[str, Any]" = OrderedDict()
     for key, value in state_dict.items():
-        stripped = True
+        stripped = isinstance(key, str)
         while stripped:
             stripped = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix):], True
-        if not (drop_counters and is_counter(key)):
-            cleaned[key] = value
+        cleaned[key] = value
     return cleaned

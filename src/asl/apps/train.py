@@ -13,16 +13,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from asl import distributed as dist_utils
-from asl.checkpoint import load_model_state
 from asl.training.run_folder import RunFolder
 from asl.cli import (ArgumentParser, check_data_dir, image_size, nonnegative_int, positive_int,
                      run_main, setup_logging)
 from asl.data import canonical_name, create_dataset, create_loader, default_split
+from asl.data.open_images import UNANNOTATED_MODES
 from asl.training.step import StepConfig
 from asl.errors import UsageError
 from asl.training.loop import FitConfig, fit
 from asl.losses import AsymmetricLoss
 from asl.models import HEADS, check_head, check_model_name, create_model
+from asl.models.loading import load_model_state
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoder, ml_decoder_sizes
 from asl.precision import amp_dtype_name, resolve_amp_dtype
 from asl.sources import is_remote
@@ -72,7 +73,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
                    help="cap the steps of each epoch (quick runs and demos; shortens the schedule accordingly)")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard")
-    p.add_argument("--unannotated", type=str, default="negative", choices=["negative", "ignore"],
+    p.add_argument("--unannotated", type=str, default="negative", choices=UNANNOTATED_MODES,
                    help="openimages: unannotated labels count as negatives, or are ignored by the loss")
     p.add_argument("--difficult", type=str, default="positive", choices=["positive", "ignore", "negative"],
                    help="voc: how 'difficult' objects enter training")
@@ -162,7 +163,7 @@ def resolve_head_args(args) -> None:
         if stray:
             raise UsageError(f"{' and '.join(stray)} apply to the ML-Decoder head only (--head ml-decoder)")
         return
-    # original (ML-Decoder's train.py): --num-of-groups -1 ("full decoding"), --decoder-embedding 768
+    # original (ML-Decoder's train.py): --num-of-groups -1 ("full decoding") and DEFAULT_EMBEDDING's width
     args.num_of_groups = -1 if args.num_of_groups is None else args.num_of_groups
     args.decoder_embedding = DEFAULT_EMBEDDING if args.decoder_embedding is None else args.decoder_embedding
     ml_decoder_sizes(args.num_classes or 1, args.num_of_groups, args.decoder_embedding)  # bad values fail here
@@ -233,7 +234,7 @@ def build_state(args, resume: Optional[dict], resume_path: Optional[str], num_cl
         model = create_model(args.model_name, num_classes, bottleneck_head=args.bottleneck_head, head=args.head,
                              num_of_groups=args.num_of_groups if args.head else -1,
                              decoder_embedding=args.decoder_embedding if args.head else DEFAULT_EMBEDDING,
-                             pretrained=pretrained)
+                             pretrained=pretrained, image_size=args.image_size)
     if pretrained:
         logger.info("backbone initialised from %s", pretrained)
     elif resume is None and args.dataset != "synthetic" and info.is_main:

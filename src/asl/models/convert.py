@@ -8,10 +8,10 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..errors import CheckpointError, UnknownArchitectureError
-from ..state_dict import clean_state_dict
+from ..state_dict import is_counter
 from .tresnet import TRESNET_CONFIGS
 
-__all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "detect_head", "strip_prefixes"]
+__all__ = ["is_timm_tresnet_layout", "convert_timm_tresnet", "detect_architecture", "detect_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +19,6 @@ logger = logging.getLogger(__name__)
 _ABN_EPS = 1e-5
 
 ML_DECODER_PREFIX = "head.decoder."
-
-
-def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drops DistributedDataParallel / torch.compile prefixes and ``num_batches_tracked`` counters."""
-    return dict(clean_state_dict(state_dict, drop_counters=True))
 
 
 def is_timm_tresnet_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -47,9 +42,10 @@ def convert_timm_tresnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """
     out: dict[str, torch.Tensor] = {}
     clamped = 0
-    source = strip_prefixes(state_dict)
-    v2 = "body.layer1.0.conv3.conv.weight" in source
-    for key, value in source.items():
+    v2 = "body.layer1.0.conv3.conv.weight" in state_dict
+    for key, value in state_dict.items():
+        if is_counter(key):  # timm's BatchNorm counters: the official layout has none
+            continue
         new_key = key
         block = re.match(r"body\.layer(\d)\.(\d+)\.conv(\d)\.(conv|bn)\.(.+)$", key)
         if block:
@@ -102,7 +98,7 @@ def detect_head(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, An
     ``num_of_groups`` is the rows of ``query_embed``, ``decoder_embedding`` its columns, ``num_classes`` the length
     of ``duplicate_pooling_bias``: creating the model with these gives the same shapes.
     """
-    sd = strip_prefixes(state_dict)
+    sd = state_dict
     if not any(k.startswith(ML_DECODER_PREFIX) for k in sd):
         return None
     queries = sd.get(ML_DECODER_PREFIX + "query_embed.weight")
@@ -122,7 +118,7 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
     Raises :class:`~asl.errors.UnknownArchitectureError` when the shapes are no TResNet's (a ``timm/<name>``
     network, say), so that callers can fall back to a name without hiding any other checkpoint problem.
     """
-    sd = strip_prefixes(state_dict)
+    sd = state_dict
     if is_timm_tresnet_layout(sd):
         sd = convert_timm_tresnet(sd)
     if "body.conv1.0.weight" not in sd:

@@ -1,4 +1,9 @@
-"""A ready model from a checkpoint: the shared start of validate.py, infer.py and export.py.
+"""Where model sources, checkpoint files and networks meet: the one module that ties :mod:`asl.sources` and
+:mod:`asl.checkpoint` (which find and read the files) to the builders of :mod:`asl.models` (which read none).
+
+- :func:`create_model`: a network, its backbone optionally started from any model source (``pretrained=``);
+- :func:`load_model_state`: a state dict into a network, strictly, every mismatch explained;
+- :func:`load_model`: the shared start of validate.py, infer.py and export.py, a ready model from a source.
 
 :func:`load_model` builds the network a checkpoint holds (official model-zoo file or ours, path or URL). The
 architecture comes from the file: our checkpoints name it (``model_name``), the official ones do not, so it is told
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Mapping, Optional, Union
@@ -21,16 +27,132 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_model_state
-from ..errors import UnknownArchitectureError
-from . import MODEL_NAMES, create_model, detect_architecture, detect_head, normalize_state_dict, prepare_for_inference
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError, UnknownArchitectureError
+from ..state_dict import is_counter
+from .convert import detect_architecture, detect_head
+from .factory import MAX_IMAGE_SIZE, MODEL_NAMES, TIMM_PREFIX, build_model, check_input_size, head_prefix, \
+    normalize_state_dict
+from .inference import prepare_for_inference
+from .ml_decoder import DEFAULT_EMBEDDING
+from .timm_backbone import TimmClassifier
 
-__all__ = ["LoadedModel", "load_model", "resolve_architecture", "class_names_from_checkpoint", "stored_image_size"]
+__all__ = ["LoadedModel", "load_model", "create_model", "load_pretrained_backbone", "load_model_state",
+           "resolve_architecture", "class_names_from_checkpoint", "stored_image_size"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 448
-MAX_IMAGE_SIZE = 4096  # as the command lines' --image-size
+
+
+# -------------------------------------------------------------------------------- networks and state dicts
+
+def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False, head: Optional[str] = None,
+                 num_of_groups: int = -1, decoder_embedding: int = DEFAULT_EMBEDDING,
+                 pretrained: Optional[str] = None, memory_efficient: bool = True,
+                 image_size: Optional[int] = None) -> nn.Module:
+    """Builds ``tresnet_m``, ``tresnet_l``, ``tresnet_xl``, ``tresnet_v2_l`` or ``timm/<any timm model>``.
+
+    ``head``: ``None`` for the linear classifier (``bottleneck_head=True``: the Open Images one, TResNet only), or
+    ``"ml-decoder"`` for ML-Decoder (:class:`~asl.models.ml_decoder.MLDecoder`) with ``num_of_groups`` queries
+    (-1: min(100, classes)) of width ``decoder_embedding``, reading the unpooled feature map; keys ``head.decoder.*``.
+    ``pretrained`` is any model source (:mod:`asl.sources`: a file, a Hub-layout folder, ``hf-hub:ORG/NAME``, a URL)
+    of ImageNet weights for the backbone; the classifier is skipped.
+    ``memory_efficient`` (TResNet only) makes the norm layers keep only their output for backward, as InPlaceABN
+    did; ``False`` lets autograd keep the plain ops' tensors. Outputs and gradients are the same either way.
+    ``image_size``: the input side the model will see, checked (one line naming a size that works) and passed to
+    timm's fixed-size architectures.
+    """
+    model = build_model(name, num_classes, bottleneck_head=bottleneck_head, head=head, num_of_groups=num_of_groups,
+                        decoder_embedding=decoder_embedding, memory_efficient=memory_efficient,
+                        image_size=image_size)
+    if pretrained:
+        load_pretrained_backbone(model, load_checkpoint(pretrained)["model"])
+    return model
+
+
+def load_pretrained_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Loads every tensor except the classifier (original: the ImageNet head is skipped, it does not fit).
+
+    Accepts the MIIL ImageNet TResNet files, our checkpoints, model-zoo files and timm state dicts.
+    Raises ``CheckpointError`` naming the first mismatches when the backbone does not fit.
+    """
+    name = getattr(model, "timm_name", None) or type(model).__name__
+    # The donor's classifier, of whatever kind (a linear one, ML-Decoder, timm's own), is left out: the model may
+    # have none of its keys (ML-Decoder replaces timm's classifier), and keeps its own head either way.
+    foreign = ("head.", model.classifier_prefix) if isinstance(model, TimmClassifier) else ("head.",)
+    state = {k: v for k, v in normalize_state_dict(model, state_dict).items() if not k.startswith(foreign)}
+    load_model_state(model, state, f"the backbone of {name}", skip_prefix=head_prefix(model))
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    last_linear = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last_linear = module
+    return last_linear.out_features if last_linear is not None else None
+
+
+def _shape(value: Any) -> tuple:
+    return tuple(getattr(value, "shape", ()))
+
+
+def _first(keys: list, limit: int = 3) -> str:
+    shown = repr(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_fits(model: nn.Module, state_dict: Mapping[str, Any], model_name: str, *,
+                     skip_prefix: Optional[str] = None) -> list[str]:
+    """The keys of ``state_dict`` that ``model`` takes; :class:`CheckpointError` naming ``model_name``, its class
+    count and the first missing, unexpected or misshapen keys when they do not fit. Reads shapes only, so it
+    works on a network built on the ``meta`` device, before anything is allocated."""
+    expected = model.state_dict()
+
+    def relevant(keys):
+        return [k for k in keys if not is_counter(k) and not (skip_prefix and k.startswith(skip_prefix))]
+
+    missing = relevant(k for k in expected if k not in state_dict)
+    unexpected = relevant(k for k in state_dict if k not in expected)
+    mismatched = relevant(k for k in expected if k in state_dict and _shape(state_dict[k]) != _shape(expected[k]))
+    if missing or unexpected or mismatched:
+        count = _num_classes(model)
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first(unexpected)}")
+        if mismatched:
+            shapes = "; ".join(f"{k}: ckpt {_shape(state_dict[k])} vs model {_shape(expected[k])}"
+                               for k in mismatched[:3])
+            more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            parts.append(f"shape mismatch {shapes}{more}")
+        classes = f" ({count} classes)" if count is not None else ""
+        raise CheckpointError(f"checkpoint does not fit {model_name}{classes}: " + ", ".join(parts))
+    return relevant(k for k in state_dict if k in expected)
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
+                     skip_prefix: Optional[str] = None) -> None:
+    """Load ``state_dict`` into ``model`` strictly, or raise one :class:`CheckpointError` explaining the mismatch.
+
+    ``state_dict`` may also be a whole checkpoint (its ``'model'`` entry is used); its keys are as
+    :func:`asl.checkpoint.load_checkpoint` gives them (wrapper prefixes stripped). BatchNorm ``num_batches_tracked``
+    counters are ignored on both sides (the official files have none). Keys under ``skip_prefix`` (e.g. the
+    classifier, for a pretrained start) are left out on both sides and keep the model's own values.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    keys = check_state_fits(model, state_dict, model_name, skip_prefix=skip_prefix)
+    to_load = OrderedDict((k, state_dict[k]) for k in keys)
+    model.load_state_dict(to_load, strict=False)
+    logger.info("loaded %d tensors into %s", len(to_load), model_name)
+
+
+# ------------------------------------------------------------------------------------------ a ready model
 
 
 @dataclass
@@ -50,14 +172,16 @@ class LoadedModel:
     #: ``None`` (the linear classifier) or ``"ml-decoder"``, with its sizes (``create_model``'s arguments)
     head: Optional[str] = None
     num_of_groups: int = -1
-    decoder_embedding: int = 768
+    decoder_embedding: int = DEFAULT_EMBEDDING
 
     def input_size(self, requested: Optional[int]) -> tuple[int, str]:
         """The size to run at, and where it came from: ``requested`` (``--image-size``) when given, else the
-        checkpoint's."""
-        if requested is not None:
-            return requested, "from --image-size"
-        return self.image_size, self.image_size_source
+        checkpoint's; :class:`~asl.errors.ModelError` in one line when the network cannot run at that size (the
+        check of validate.py, infer.py and export.py)."""
+        size, origin = (requested, "from --image-size") if requested is not None else (self.image_size,
+                                                                                        self.image_size_source)
+        check_input_size(self.model, size, self.model_name)
+        return size, origin
 
 
 def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
@@ -120,6 +244,15 @@ def _user_name(name: Optional[str]) -> Optional[str]:
     return name if name.lower().startswith("timm/") else name.lower()
 
 
+def _stored_name(name: Any) -> Optional[str]:
+    """The checkpoint's ``model_name``: a timm config names timm's TResNets ``timm/tresnet_*``, which are built as
+    ours (their BatchNorm layout is converted on load)."""
+    name = _user_name(name) if isinstance(name, str) else None
+    if name and name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):] in MODEL_NAMES:
+        return name[len(TIMM_PREFIX):]
+    return name
+
+
 def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = None,
                          num_classes: Optional[int] = None) -> dict[str, Any]:
     """Decides ``model_name``, ``bottleneck_head``, ``num_classes`` and the head (``head``, ``num_of_groups``,
@@ -132,7 +265,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
     """
     state = ckpt["model"]
     wanted = _user_name(model_name)
-    stored = _user_name(ckpt.get("model_name")) if isinstance(ckpt.get("model_name"), str) else None
+    stored = _stored_name(ckpt.get("model_name"))
     try:
         shapes: Optional[dict] = detect_architecture(state)
     except UnknownArchitectureError as exc:
@@ -174,7 +307,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
         raise CheckpointError(f"--num-classes {num_classes} contradicts the checkpoint, which has {classes} classes")
     logger.info("architecture %s (%s), %d classes%s", name, how, classes,
                 ", bottleneck head" if bottleneck else _describe(decoder))
-    head = {"head": None, "num_of_groups": -1, "decoder_embedding": 768}
+    head = {"head": None, "num_of_groups": -1, "decoder_embedding": DEFAULT_EMBEDDING}
     if decoder is not None:
         head = {k: decoder[k] for k in head}
     return {"model_name": name, "bottleneck_head": bottleneck, "num_classes": int(classes), **head}

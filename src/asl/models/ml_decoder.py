@@ -25,12 +25,15 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 
-__all__ = ["MLDecoder", "MLDecoderLayer", "ml_decoder_sizes", "DEFAULT_GROUPS", "DEFAULT_EMBEDDING"]
+__all__ = ["MLDecoder", "MLDecoderLayer", "ml_decoder_sizes", "DEFAULT_GROUPS", "DEFAULT_EMBEDDING", "MAX_EMBEDDING"]
 
 #: original: 100 queries when num_of_groups < 0 ("full decoding" up to 100 classes)
 DEFAULT_GROUPS = 100
-#: original: decoder_embedding default 768
+#: original: the default decoder_embedding
 DEFAULT_EMBEDDING = 768
+#: the widest decoder_embedding: the attention alone holds 4 D^2 weights, 268 M (1 GiB) at D = 8192 and 40 G at
+#: D = 100000, which no machine allocates; the published models use the default width or less.
+MAX_EMBEDDING = 4096
 # original: one decoder layer, 8 heads, feed-forward width 2048, dropout 0.1
 NUM_HEADS = 8
 FEEDFORWARD = 2048
@@ -41,16 +44,21 @@ def ml_decoder_sizes(num_classes: int, num_of_groups: int = -1,
                      decoder_embedding: int = DEFAULT_EMBEDDING) -> tuple[int, int, int]:
     """(G, D, K): queries, embedding width and logits per query, as the original computes them.
 
-    G = 100 if ``num_of_groups`` < 0 else ``num_of_groups``, capped at C; D = 768 if ``decoder_embedding`` < 0;
-    K = int(C / G + 0.999) (original: that expression rather than a ceiling). It falls short of C outputs only when
-    C / G lies within 0.001 above an integer (G > 1000): such sizes are refused rather than giving fewer logits.
+    G = 100 if ``num_of_groups`` is -1 else ``num_of_groups``, capped at C; D = :data:`DEFAULT_EMBEDDING` if
+    ``decoder_embedding`` is -1; K = int(C / G + 0.999) (original: that expression rather than a ceiling). Only -1
+    means "the default" (the original took any negative number so; a typo such as -5 is refused here), and D is at
+    most :data:`MAX_EMBEDDING`. K falls short of C outputs only when C / G lies within 0.001 above an integer
+    (G > 1000): such sizes are refused rather than giving fewer logits.
     """
-    if isinstance(num_of_groups, bool) or not isinstance(num_of_groups, int) or num_of_groups == 0:
+    if isinstance(num_of_groups, bool) or not isinstance(num_of_groups, int) or (num_of_groups < 1
+                                                                                   and num_of_groups != -1):
         raise ModelError(f"num_of_groups must be a positive integer (or -1 for the default), got {num_of_groups!r}")
-    if isinstance(decoder_embedding, bool) or not isinstance(decoder_embedding, int) or decoder_embedding == 0:
-        raise ModelError(f"decoder_embedding must be a positive integer (or -1 for 768), got {decoder_embedding!r}")
-    groups = min(DEFAULT_GROUPS if num_of_groups < 0 else num_of_groups, num_classes)
-    embedding = DEFAULT_EMBEDDING if decoder_embedding < 0 else decoder_embedding
+    if isinstance(decoder_embedding, bool) or not isinstance(decoder_embedding, int) or not (
+            decoder_embedding == -1 or 1 <= decoder_embedding <= MAX_EMBEDDING):
+        raise ModelError(f"decoder_embedding must be a whole number within 1..{MAX_EMBEDDING} (or -1 for "
+                         f"{DEFAULT_EMBEDDING}), got {decoder_embedding!r}")
+    groups = min(DEFAULT_GROUPS if num_of_groups == -1 else num_of_groups, num_classes)
+    embedding = DEFAULT_EMBEDDING if decoder_embedding == -1 else decoder_embedding
     if embedding % NUM_HEADS:
         raise ModelError(f"decoder_embedding must be a multiple of the {NUM_HEADS} attention heads, got {embedding}")
     factor = int(num_classes / groups + 0.999)

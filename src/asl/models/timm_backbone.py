@@ -20,7 +20,10 @@ __all__ = ["TimmClassifier"]
 
 
 class TimmClassifier(nn.Module):
-    def __init__(self, timm_name: str, num_classes: int) -> None:
+    """``image_size``: the input side, passed to timm for the architectures whose input size is fixed (ViT, Swin:
+    their position embeddings or windows are sized for it); other architectures take any size."""
+
+    def __init__(self, timm_name: str, num_classes: int, image_size: Optional[int] = None) -> None:
         super().__init__()
         import timm
 
@@ -29,6 +32,14 @@ class TimmClassifier(nn.Module):
         # Weights never come from timm's own download here: a pretrained start is a model source of ours, read by
         # load_pretrained_backbone like any other (asl.sources).
         self.net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
+        fixed = self.fixed_input_size()
+        if image_size is not None and fixed is not None and fixed != image_size:
+            try:
+                self.net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
+                                             img_size=image_size)
+            except (TypeError, AssertionError, ValueError) as exc:
+                raise ModelError(f"timm model {timm_name!r} takes {fixed} px inputs only and cannot be built for "
+                                 f"{image_size} px ({exc or type(exc).__name__})") from None
         cfg = getattr(self.net, "pretrained_cfg", None) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))
@@ -44,6 +55,21 @@ class TimmClassifier(nn.Module):
             classifier = classifier[0]
         self.classifier_prefix = f"net.{classifier}."
         self.head: Optional[nn.Module] = None
+
+    def fixed_input_size(self) -> Optional[int]:
+        """The one input side the network takes (timm's ``fixed_input_size`` models), or None if any works."""
+        cfg = getattr(self.net, "pretrained_cfg", None) or {}
+        if not cfg.get("fixed_input_size") or getattr(self.net, "dynamic_img_size", False):
+            return None
+        built = getattr(getattr(self.net, "patch_embed", None), "img_size", None) or cfg.get("input_size")
+        return int(built[-1]) if isinstance(built, (list, tuple)) and built else None
+
+    def input_size_problem(self, size: int) -> Optional[str]:
+        """Why a square input of ``size`` pixels cannot run, or None when it can."""
+        fixed = self.fixed_input_size()
+        if fixed is None or fixed == size:
+            return None
+        return f"timm model {self.timm_name!r} was built for {fixed} px inputs and takes no other size"
 
     def attach_spatial_head(self, head: nn.Module) -> None:
         """Replaces timm's pool and classifier by ``head``, which reads the unpooled features.

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .layers import ABN, AntiAliasDownsample, BottleneckHead, GlobalAvgPool, SEModule, SpaceToDepth, conv_abn
 
-__all__ = ["TResNet", "BasicBlock", "Bottleneck", "TResNetConfig", "TRESNET_CONFIGS"]
+__all__ = ["TResNet", "BasicBlock", "Bottleneck", "TResNetConfig", "TRESNET_CONFIGS", "MIN_INPUT_SIZE"]
 
 
 class TResNetConfig(NamedTuple):
@@ -30,6 +30,11 @@ TRESNET_CONFIGS = {
     "tresnet_xl": TResNetConfig((4, 5, 24, 3), 1.3),
     "tresnet_v2_l": TResNetConfig((3, 4, 23, 3), 1.0, v2=True),
 }
+
+#: The smallest input side: the stem folds 4x4 blocks into channels (a multiple of 4), and the blur of each of the
+#: three stride-2 stages pads by reflection, which needs a side of at least 2 there: side / 4 = 5 -> 3 -> 2 works,
+#: 16 px (4 -> 2 -> 1) does not.
+MIN_INPUT_SIZE = 20
 
 # Slopes of the leaky ReLUs: 1e-2 in the stem, 1e-3 inside the residual blocks (original).
 BLOCK_SLOPE = 1e-3
@@ -168,6 +173,14 @@ class TResNet(nn.Module):
         """
         self.global_pool = nn.Identity()
         self.head = head
+
+    @staticmethod
+    def input_size_problem(size: int) -> Optional[str]:
+        """Why a square input of ``size`` pixels cannot run, or None when it can."""
+        if size >= MIN_INPUT_SIZE and size % 4 == 0:
+            return None
+        smallest = max(MIN_INPUT_SIZE, -(-size // 4) * 4)
+        return f"TResNet takes multiples of 4 from {MIN_INPUT_SIZE} px up (the nearest that works: {smallest})"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.global_pool(self.body(x))

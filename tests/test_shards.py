@@ -359,3 +359,20 @@ def test_a_shard_broken_inside_is_named_and_a_bad_picture_is_skipped(syn, tmp_pa
         got += batch.images.shape[0]
         skipped += batch.skipped
     assert (got, skipped, ds.num_unreadable()) == (29, 1, 1)
+
+
+def test_shards_app_writes_then_refuses_to_write_over(tmp_path, capsys):
+    from asl.apps import shards as shards_app
+
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "syn"), "--dataset", "synthetic", "--split", "val", "--output", str(out), "--shard_size",
+            "3", "-j", "0", "--dataset-option", "num_train=2", "--dataset-option", "num_val=7",
+            "--dataset-option", "synthetic_size=8"]
+    assert shards_app.main(argv) == 0
+    assert "wrote 7 samples in 3 shard(s)" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["val-000000.tar", "val-000001.tar", "val-000002.tar", "val.json"]
+    assert shards_app.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val.json exists" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -32,7 +32,8 @@ def build_parser() -> ArgumentParser:
     workers = min(8, cpu_cores())
     p = ArgumentParser(prog="shards.py", description="Write a dataset split as WebDataset shards (tar files).")
     p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
-    p.add_argument("--dataset", type=str, required=True, help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--dataset", type=str, required=True,
+                   help=f"one of {', '.join(n for n in DATASET_NAMES if n != 'webdataset')}")
     p.add_argument("--split", type=str, default=None,
                    help="the split to write (default: the dataset's training split, e.g. train2014 for coco)")
     p.add_argument("--output", type=str, required=True, metavar="DIR", help="folder of the shards and SPLIT.json")
@@ -57,6 +58,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     name = canonical_name(args.dataset)
+    if name == "webdataset":
+        raise UsageError("--dataset webdataset: shards.py writes shards from a dataset's own files; give the "
+                         "dataset they came from (coco, voc, nus-wide, openimages, csv, synthetic)")
     options = dataset_options(args.dataset_option, "shards.py", _SET_BY_SHARDS)
     split = args.split or default_split(name, train=True)
     check_shard_name(f"{split}.json", "--split")

@@ -1,0 +1,61 @@
+"""Shards under a real process group (2 processes, gloo, CPU): evaluation gathers exactly the single-process scores,
+and training epochs have the same number of batches on both ranks however unequal their shards."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from asl import distributed as D
+from asl.data import create_dataset, generate_synthetic_coco
+from asl.data.shards_read import create_shard_loader
+from asl.data.shards_write import write_shards
+from asl.evaluation.predictions import evaluate
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
+
+
+def _worker(rank, world, port, shards, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    try:
+        ds = create_dataset("webdataset", shards, "train", 16, train=False, with_index=True)
+        out = evaluate(_model(), create_shard_loader(ds, 4, rank=rank, world_size=world), info.device)
+        train = create_dataset("webdataset", shards, "train", 16, train=True, with_index=True)
+        loader = create_shard_loader(train, 3, rank=rank, world_size=world)
+        train.set_epoch(0)
+        batches = 0
+        for _ in loader:
+            D.all_reduce_sum(torch.ones(1))  # as a DDP step would: a rank with fewer batches would hang here
+            batches += 1
+        torch.save({"scores": torch.from_numpy(out["scores"]), "indices": torch.from_numpy(out["indices"]),
+                    "batches": batches, "planned": len(loader)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        D.destroy_distributed()
+
+
+def test_two_processes_evaluate_exactly_and_train_in_lockstep(tmp_path):
+    root = generate_synthetic_coco(tmp_path / "syn", num_train=23, num_val=1, image_size=16)
+    shards = tmp_path / "shards"
+    # shards of 10, 10 and 3 samples: rank 0 reads 13 (5 batches of 3), rank 1 reads 10 (4 batches, 1 read again)
+    write_shards(create_dataset("synthetic", root, "train", 16, train=False), root, shards, "train", shard_size=10)
+    mp.spawn(_worker, args=(2, _free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+    single = evaluate(_model(), create_shard_loader(
+        create_dataset("webdataset", shards, "train", 16, train=False, with_index=True), 4), torch.device("cpu"))
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for g in got:
+        assert g["indices"].tolist() == list(range(23))
+        assert torch.equal(g["scores"], torch.from_numpy(single["scores"]))
+    assert got[0]["batches"] == got[1]["batches"] == got[0]["planned"] == got[1]["planned"]

@@ -271,3 +271,16 @@ def test_defaults_are_the_official_training_scripts():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(UsageError, match=match):
         PartialSelectiveLoss(**kwargs)
+
+
+def test_unknown_labels_tied_at_the_kth_likelihood_are_taken_in_row_major_order():
+    x = torch.full((3, 4), 2.0, dtype=torch.float64)
+    x[0, 0] = 5.0  # the most likely unknown label
+    t = -torch.ones_like(x)
+    t[1, 1] = 1
+    loss = PartialSelectiveLoss(partial_loss_mode="selective", gamma_unann=0, likelihood_topk=1)  # k = 3
+    _, grad = value_and_grad(loss, x, t)
+    ignored = (grad == 0).nonzero().tolist()
+    assert ignored == [[0, 0], [0, 1], [0, 2]]
+    ref_v, ref_g = value_and_grad(lambda a, b: stated_loss(a, b, mode="selective", gamma_unann=0, topk=1), x, t)
+    torch.testing.assert_close(grad, ref_g, rtol=1e-9, atol=1e-12)

@@ -383,76 +383,88 @@ class PartialSelectiveLoss(nn.Module):
             self.check_num_classes(logits.shape[-1] if logits.dim() else 1)
         with autocast_disabled(logits.device.type):
             x = _as_float(logits)
-            pos, neg, unann = targets == 1, targets == 0, targets == -1
             prob = torch.sigmoid(x)
             prob_neg = 1 - prob
             if self.clip is not None and self.clip > 0:
                 # original: the margin shifts the unknown labels' probability too
                 prob_neg = (prob_neg + self.clip).clamp(max=1)
+            coef_pos, coef_neg = self._coefficients(targets, prob.detach(), prob_neg.detach())
             log_pos = torch.log(prob.clamp(min=_LOG_EPS))
             log_neg = torch.log(prob_neg.clamp(min=_LOG_EPS))
-            zero = x.new_zeros(())
-            log_lik = torch.where(pos, self.alpha_pos * log_pos,
-                                  torch.where(neg, self.alpha_neg * log_neg,
-                                              torch.where(unann, self.alpha_unann * log_neg, zero)))
-            weight = self._focusing_weight(prob.detach(), prob_neg.detach(), pos, neg, unann)
-            label_weight = self._label_weight(targets, unann, prob_neg.detach())
-            if label_weight is not None:
-                weight = label_weight.to(x.dtype) if weight is None else weight * label_weight
-            if weight is not None:
-                log_lik = log_lik * weight
-            return -log_lik.sum()  # original: summed, not averaged
+            # original: minus the sum over the batch of alpha * weight * r * log-likelihood (no averaging)
+            return -((coef_pos * log_pos).sum() + (coef_neg * log_neg).sum())
 
     def _prior_applies(self) -> bool:
         return self.prior is not None and bool(self.prior_threshold)  # original: a threshold of 0 turns it off
 
-    def _focusing_weight(self, prob, prob_neg, pos, neg, unann) -> Optional[torch.Tensor]:
-        """``(1 - p) ** gamma_pos`` on positives, ``(1 - q) ** gamma`` on the others, 1 on any other target;
-        ``None`` when every gamma is 0 (a weight of exactly 1)."""
-        if not (self.gamma_pos or self.gamma_neg or self.gamma_unann):
-            return None
-        one = prob.new_ones(())
+    def _coefficients(self, targets: torch.Tensor, prob: torch.Tensor,
+                      prob_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constant factors of ``log p`` and ``log q`` in every entry: alpha * focusing weight * r.
+
+        original: the focusing weight is ``(1 - p) ** gamma_pos`` on positives and ``(1 - q) ** gamma`` on the
+        others, computed without gradient; a target that is neither 1, 0 nor -1 contributes nothing.
+        """
+        pos, neg, unann = targets == 1, targets == 0, targets == -1
+        zero = prob.new_zeros(())
+        coef_pos = torch.where(pos, self._focus(1 - prob, self.gamma_pos, self.alpha_pos), zero)
         base_neg = 1 - prob_neg
+        coef_neg = self._focus(base_neg, self.gamma_neg, self.alpha_neg)
+        counted_unknown, row_scale = self._unknown_labels_counted(targets, unann, prob_neg)
+        if counted_unknown is None:
+            coef_neg = torch.where(neg, coef_neg, zero)
+        else:
+            coef_unann = self._focus(base_neg, self.gamma_unann, self.alpha_unann)
+            coef_neg = torch.where(neg, coef_neg, torch.where(counted_unknown, coef_unann, zero))
+        if row_scale is not None:
+            coef_pos, coef_neg = coef_pos * row_scale, coef_neg * row_scale
+        return coef_pos, coef_neg
 
-        def focus(base: torch.Tensor, gamma: float) -> torch.Tensor:
-            return one if gamma == 0 else base.pow(gamma)
+    @staticmethod
+    def _focus(base: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+        """``alpha * base ** gamma`` (a 0-d tensor when ``gamma`` is 0: ``x ** 0`` is 1, 0 ** 0 included)."""
+        if gamma == 0:
+            return base.new_tensor(float(alpha))
+        weight = base.pow(gamma)
+        return weight if alpha == 1 else alpha * weight
 
-        return torch.where(pos, focus(1 - prob, self.gamma_pos),
-                           torch.where(neg, focus(base_neg, self.gamma_neg),
-                                       torch.where(unann, focus(base_neg, self.gamma_unann), one)))
-
-    def _label_weight(self, targets, unann, prob_neg) -> Optional[torch.Tensor]:
-        """The mode's weight of each entry (``r`` on unknown labels), or ``None`` for all ones."""
+    def _unknown_labels_counted(self, targets, unann, prob_neg) -> tuple[Optional[torch.Tensor],
+                                                                         Optional[torch.Tensor]]:
+        """The mode's ``r``: which unknown labels count (a mask, ``None`` for none), and a per-image factor of
+        every annotated label (``None`` for 1)."""
         mode = self.partial_loss_mode
         if mode == "negative":
-            return None
+            return unann, None
         if mode == "ignore":
-            return ~unann
+            return None, None
         if mode == "ignore_normalize_classes":
             annotated = (~unann).sum(dim=-1, keepdim=True)
-            # original: 1 / (1 + n) + 1, computed in float32 whatever the logits' dtype
-            per_image = 1 / (1 + annotated).to(torch.float32) + 1
-            return per_image * ~unann
-        keep = torch.ones_like(unann)
+            # original: 1 / (1 + n) + 1 with n the image's annotated labels, computed in float32 whatever the
+            # logits' dtype
+            return None, 1 / (1 + annotated).to(torch.float32) + 1
+        counted = unann & ~self._most_likely_unknown(unann, prob_neg)
         if self._prior_applies():
-            frequent = self.prior.to(unann.device) > self.prior_threshold
-            keep = ~(unann & frequent)
-        return keep & ~self._most_likely_unknown(unann, prob_neg)
+            counted = counted & ~(self.prior.to(unann.device) > self.prior_threshold)
+        return counted, None
 
     def _most_likely_unknown(self, unann: torch.Tensor, prob_neg: torch.Tensor) -> torch.Tensor:
         """The ``likelihood_topk * batch_size`` unknown entries with the smallest ``q``, as a mask.
 
         original: taken over every unknown label of the batch, flattened, including those the prior already
-        ignores, ranked by the clipped ``q``. A top-k over a tensor of fixed size, in which annotated entries rank
-        last, keeps the shapes independent of the data (no host synchronisation); annotated entries that the
-        top-k still reaches, when the batch has fewer unknown labels than k, are left out by the final ``&``.
+        ignores, ranked by the clipped ``q``. The k-th smallest ``q`` over a tensor of fixed size, in which
+        annotated entries rank last, keeps the shapes independent of the data (no host synchronisation). Unknown
+        labels tied at the k-th ``q`` (frequent in float32, where ``q`` saturates) are taken in row-major order:
+        the official sorts with an unstable ``argsort``, which leaves the choice among them unspecified.
         """
         flat_unann = unann.reshape(-1)
         k = min(self.likelihood_topk * (unann.shape[0] if unann.dim() else 1), flat_unann.numel())
-        chosen = torch.zeros_like(flat_unann)
-        if k > 0:
-            key = prob_neg.reshape(-1).masked_fill(~flat_unann, float("inf"))
-            chosen.index_fill_(0, torch.topk(key, k, largest=False, sorted=False).indices, True)
+        if k == 0:
+            return torch.zeros_like(unann)
+        key = prob_neg.reshape(-1).masked_fill(~flat_unann, float("inf"))
+        kth = torch.kthvalue(key, k).values
+        below, tied = key < kth, key == kth
+        room = k - below.sum()
+        chosen = below | (tied & (tied.cumsum(0) <= room))
+        # With fewer unknown labels than k, annotated entries (key inf) fill the rest of the k: left out here.
         return (chosen & flat_unann).reshape(unann.shape)
 
     def extra_repr(self) -> str:

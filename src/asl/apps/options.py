@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegative_float, nonnegative_int,
                    parse_key_values, positive_int, probability)
 from ..data import DATASET_NAMES
+from ..data.transforms import MAX_PIXELS_ENV, pixel_limit
 from ..errors import UsageError
 from ..precision import amp_dtype_arg
 
@@ -15,7 +16,7 @@ from ..precision import amp_dtype_arg
 MODEL_SOURCE_HELP = "model source: a .pth/.safetensors file, a folder, hf-hub:ORG/NAME or an http(s) URL (MODEL_ZOO.md)"
 
 __all__ = ["MODEL_SOURCE_HELP", "cpu_cores", "model_options", "runtime_options", "inference_options", "data_options",
-           "recipe_options"]
+           "recipe_options", "add_max_pixels", "check_pixel_limit"]
 
 
 def _checkpoint_source(text: str) -> str:
@@ -63,7 +64,7 @@ def runtime_options(batch_size: int, workers: int, amp_dtype: str, amp_help: str
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory layout for the model and its inputs, same results (default: the faster layout "
                         "for the device and the job)")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -90,6 +91,38 @@ def inference_options() -> ArgumentParser:
     return p
 
 
+def _max_pixels(text: str) -> int:
+    try:
+        return pixel_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _SetPixelLimit(argparse.Action):
+    """Puts ``--max-pixels`` in force as it is parsed, through the environment, which every process that decodes
+    inherits (loader workers however started, torchrun ranks): no script has to remember to apply it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ[MAX_PIXELS_ENV] = str(values)
+        setattr(namespace, self.dest, values)
+
+
+def add_max_pixels(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels``, in every script that decodes pictures."""
+    p.add_argument("--max-pixels", type=_max_pixels, default=None, action=_SetPixelLimit, metavar="N",
+                   help=f"largest picture decoded, in pixels (0: no limit); larger ones are refused as possible "
+                        f"decompression bombs (default: ${MAX_PIXELS_ENV}, else PIL's 89,478,485)")
+
+
+def check_pixel_limit() -> None:
+    """Refuses an ``ASL_MAX_PIXELS`` that is no pixel count in one line, before any long work (the decoder would
+    ignore it)."""
+    try:
+        pixel_limit(os.environ.get(MAX_PIXELS_ENV))
+    except ValueError as exc:
+        raise UsageError(f"the environment variable {MAX_PIXELS_ENV}: {exc}") from None
+
+
 def data_options(split_flag: str, split_help: str) -> ArgumentParser:
     p = ArgumentParser(add_help=False)
     p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
@@ -102,6 +135,7 @@ def data_options(split_flag: str, split_help: str) -> ArgumentParser:
     p.add_argument("--strict-data", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--dataset-option", type=str, action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset option (e.g. csv_file=..., synthetic num_train=64); repeatable")
+    add_max_pixels(p)
     return p
 
 
@@ -143,11 +177,12 @@ def recipe_options() -> ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=80, help="length of the OneCycleLR schedule")
     p.add_argument("--stop-epoch", type=nonnegative_int, default=40,
                    help="stop after this epoch (inclusive, counted from 0); the schedule keeps --epochs")
-    p.add_argument("--ema-decay", type=probability, default=0.9997)
+    p.add_argument("--ema-decay", type=probability, default=0.9997,
+                   help="weight of the old average in the EMA of the weights, updated every step")
     p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4,
                    help="L2 on conv/linear weights (not biases/norms)")
-    p.add_argument("--gamma-neg", type=nonnegative_float, default=4.0)
-    p.add_argument("--gamma-pos", type=nonnegative_float, default=0.0)
+    p.add_argument("--gamma-neg", type=nonnegative_float, default=4.0, help="ASL focusing of the negatives")
+    p.add_argument("--gamma-pos", type=nonnegative_float, default=0.0, help="ASL focusing of the positives")
     p.add_argument("--clip", type=margin, default=0.05, help="probability margin of the negatives (0 = off)")
     p.add_argument("--seed", type=_seed, default=0, help="seeds initialisation, data order and augmentation")
     return p

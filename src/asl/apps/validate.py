@@ -40,7 +40,8 @@ from asl.evaluation.report import markdown_text, printable, write_report
 from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
                                        precision_thresholds, save_thresholds)
 
-from .options import MODEL_SOURCE_HELP, data_options, dataset_options, inference_options, model_options, runtime_options
+from .options import (MODEL_SOURCE_HELP, check_pixel_limit, data_options, dataset_options, inference_options,
+                      model_options, runtime_options)
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
@@ -61,7 +62,7 @@ def build_parser() -> ArgumentParser:
                inference_options()]
     p = ArgumentParser(prog="validate.py", parents=parents,
                        description="Evaluate an ASL checkpoint: mAP and threshold metrics.")
-    p.add_argument("--thre", type=probability, default=None,
+    p.add_argument("--threshold", "--thre", "--th", dest="thre", type=probability, default=None, metavar="T",
                    help=f"threshold of the P_C/R_C/F_C/P_O/R_O/F_O metrics (default {DEFAULT_THRE})")
     p.add_argument("--save-thresholds", type=str, default=None, metavar="FILE",
                    help="choose a threshold per class on this set (max F1) and write them as JSON")
@@ -140,6 +141,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     info = dist_utils.init_distributed(args.device)
     try:
         setup_logging(args.verbose, main_process=info.is_main)
+        check_pixel_limit()
         check_args(args)
         loaded = _load(args, info)
         dataset = _dataset(args, split, loaded, info)

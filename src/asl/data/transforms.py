@@ -21,11 +21,11 @@ import os
 import random
 import stat
 import warnings
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "UnreadableImageError",
@@ -33,6 +33,8 @@ __all__ = [
     "decode_rgb",
     "resize_square",
     "decode_and_resize",
+    "pixel_limit",
+    "MAX_PIXELS_ENV",
     "pil_to_uint8",
     "array_to_uint8",
     "to_float",
@@ -48,7 +50,9 @@ __all__ = [
 _BILINEAR = Image.Resampling.BILINEAR
 _BICUBIC = Image.Resampling.BICUBIC
 _AFFINE = Image.Transform.AFFINE
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: the environment variable that sets PIL's decompression-bomb limit, in pixels (0: no limit); the scripts'
+#: ``--max-pixels`` sets it, so that every process that decodes (loader workers, torchrun ranks) sees it
+MAX_PIXELS_ENV = "ASL_MAX_PIXELS"
 
 
 class UnreadableImageError(OSError):
@@ -63,17 +67,38 @@ class UnreadableImageError(OSError):
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # PIL's convert('RGB') clips 16-bit values at 255 (a nearly white picture); keep the top 8 bits instead.
-        # The original clipped; see docs/differences.md.
-        arr = np.asarray(img, dtype=np.int64)
-        arr = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    # L, LA, 1, P (with or without transparency), RGBA, CMYK, YCbCr, F ...: PIL's own conversion, as the original
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):
+        return _wide_to_rgb(img)
+    # L, LA, 1, P (with or without transparency), RGBA, CMYK, YCbCr ...: PIL's own conversion, as the original
     # did with `.convert('RGB')` (alpha is dropped, not composited).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Palette images with Transparency ..." is expected here
         return img.convert("RGB")
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """A grey picture of more than 8 bits per sample (PIL modes ``I;16*``, ``I``: 32-bit integers, ``F``: 32-bit
+    floats) as the 8-bit picture it holds.
+
+    These modes do not say which range their values use, so the picture's largest value picks the smallest usual
+    one that holds it: [0, 1] (floats only), 0..255, 0..65535, else 0..2**31 - 1. Integers keep the top 8 bits of
+    that range (``>> 8`` for 16 bits), floats are scaled to 0..255 and rounded; values below 0 (and NaN) are 0.
+    An 8-bit picture stored wider (``convert('I')``, ``convert('F')``, ``v * 257`` in 16 bits, ``v / 255`` as
+    floats) thus decodes to its own tensor. original: ``convert('RGB')`` clips every value at 255, which turns a
+    16-bit picture almost white and a [0, 1] float picture black (Datasets.md, docs/differences.md).
+    """
+    arr = np.asarray(img)
+    if arr.dtype.kind == "f":
+        values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=np.finfo(np.float64).max, neginf=0.0)
+        peak = float(values.max(initial=0.0))
+        top = next((r for r in (1.0, 255.0, 65535.0) if peak <= r), float(2**31 - 1))
+        out = np.clip(np.rint(values * (255.0 / top)), 0, 255)
+    else:
+        values = np.clip(arr.astype(np.int64), 0, None)
+        peak = int(values.max(initial=0))
+        bits = next((b for b in (8, 16) if peak < 1 << b), 31)  # mode I is signed: 31 bits of magnitude
+        out = values >> (bits - 8)
+    return Image.fromarray(out.astype(np.uint8)).convert("RGB")
 
 
 def load_rgb(path) -> Image.Image:
@@ -97,16 +122,57 @@ def load_rgb(path) -> Image.Image:
 def decode_rgb(file: BinaryIO, name) -> Image.Image:
     """:func:`load_rgb` of an open binary file (a shard's member, bytes in memory); ``name`` is what an
     :class:`UnreadableImageError` names."""
+    _apply_pixel_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as img:
                 img.load()
                 return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImageError(name, f"{type(exc).__name__}: {exc} Allow larger pictures with --max-pixels N "
+                                         f"(0: no limit) or the environment variable {MAX_PIXELS_ENV}=N") from exc
+    except UnidentifiedImageError as exc:
+        # PIL's own words name the open file object ("<_io.BufferedReader name=3>"), not the file.
+        raise UnreadableImageError(name, "the file is empty (0 bytes)" if _is_empty(file) else
+                                   "not a picture: no image format PIL reads begins this way") from exc
     # PIL's decoders report corrupt data with many exception types (OSError, SyntaxError, ValueError, EOFError,
-    # struct.error, IndexError, ...), and a bomb is a warning turned into an error above: all mean "unreadable".
+    # struct.error, IndexError, ...): all mean "unreadable".
     except Exception as exc:  # noqa: BLE001
         raise UnreadableImageError(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_empty(file: BinaryIO) -> bool:
+    try:
+        file.seek(0)
+        return file.read(1) == b""
+    except (OSError, ValueError):  # not seekable, or closed: say nothing about its size
+        return False
+
+
+def pixel_limit(value: Optional[str]) -> Optional[int]:
+    """The decompression-bomb limit that ``value`` (the text of ``--max-pixels`` or of ``ASL_MAX_PIXELS``) sets:
+    a whole number of pixels, 0 for no limit; ``None`` for no value. Raises ``ValueError`` for anything else."""
+    if value is None or not value.strip():
+        return None
+    try:
+        limit = int(value.strip().replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"expected a whole number of pixels (0: no limit), got {value!r}")
+    return limit
+
+
+def _apply_pixel_limit() -> None:
+    # PIL's guard is one process-wide number (Image.MAX_IMAGE_PIXELS); the environment carries the user's choice
+    # into every process that decodes, whatever the way it was started (fork, spawn, torchrun).
+    try:
+        limit = pixel_limit(os.environ.get(MAX_PIXELS_ENV))
+    except ValueError:
+        return  # the scripts refuse it at start; library users keep PIL's default
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit or None
 
 
 def _open_regular(path) -> BinaryIO:
@@ -160,8 +226,8 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 def _fill_box(arr: np.ndarray, x0: int, y0: int, x1: int, y1: int, colour) -> None:
-    """``arr[y0:y1, x0:x1] = colour`` for a C-contiguous HWC uint8 array, as one tiled-row copy (50x faster than
-    numpy's broadcast of a 3-vector)."""
+    """``arr[y0:y1, x0:x1] = colour`` for a C-contiguous HWC uint8 array, as one tiled-row copy, much faster than
+    numpy's broadcast of a 3-vector over the box."""
     if x1 <= x0 or y1 <= y0:
         return
     height, width, channels = arr.shape

@@ -302,3 +302,34 @@ def test_the_input_size_comes_from_the_checkpoint(ckpt, source, expected):
     from asl.models.loading import stored_image_size
 
     assert stored_image_size(ckpt, source) == expected
+
+
+def test_thresholds_a_model_folder_carries_are_used_and_th_overrides_them(setup, tmp_path, capsys):
+    """A folder of export.py --format hf carries per-class thresholds (config.json, asl.thresholds): infer.py uses
+    them and says so; --th replaces them; --top-k alone still lists the best classes whatever their scores."""
+    from asl.apps.export_hf import export_hf
+
+    picture = setup["pictures"][1]
+    ref = setup["scores"][picture]
+    order = np.argsort(-ref)
+    chosen = {name: 1.0 for name in setup["names"]}
+    for k in (order[0], order[5]):
+        chosen[setup["names"][k]] = float(ref[k]) - 1e-3
+    folder = tmp_path / "exported"
+    export_hf(load_model(setup["path"], prepare=False), folder, SIZE, thresholds=chosen)
+    base = [f"--model-path={folder}", f"--pic-path={picture}", "--json", "--device=cpu"]
+
+    assert run_main(infer.main, base) == 0
+    captured = capsys.readouterr()
+    [obj] = json_lines(captured.out)
+    assert [d["class"] for d in obj["detections"]] == [setup["names"][order[0]], setup["names"][order[5]]]
+    assert "per-class thresholds stored with the model" in captured.err
+
+    th, count = separating_threshold(ref)
+    assert run_main(infer.main, [*base, f"--th={th}"]) == 0
+    [obj] = json_lines(capsys.readouterr().out)
+    assert [d["class"] for d in obj["detections"]] == [setup["names"][k] for k in order[:count]]
+
+    assert run_main(infer.main, [*base, "--top-k=3"]) == 0
+    [obj] = json_lines(capsys.readouterr().out)
+    assert [d["class"] for d in obj["detections"]] == [setup["names"][k] for k in order[:3]]

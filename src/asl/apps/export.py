@@ -45,12 +45,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, default=None,
                         help="output file or folder (default: the checkpoint's name with .onnx, or the name alone for "
                              "hf, in the current folder)")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="class count of a checkpoint that does not store it (a bare state dict of a timm/<name> "
+                             "model); otherwise an optional check against the file")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--metrics-json", type=str, default=None, metavar="FILE",
                         help="hf: the validate.py --output-json file whose metrics go into the model card")
     parser.add_argument("--thresholds", type=str, default=None, metavar="FILE",
                         help="hf: the validate.py --save-thresholds file, stored in config.json")
-    parser.add_argument("--threshold", type=probability, default=None,
+    parser.add_argument("--threshold", "--thre", "--th", type=probability, default=None, metavar="T",
                         help="hf: one default threshold for every class, stored in config.json")
     parser.add_argument("--verbose", action="store_true")
     return parser
@@ -149,8 +152,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     output = Path(args.output) if args.output else Path(stem if hf else stem + ".onnx")
     check_output(output, hf)
     # The hf folder keeps the official layout (unfolded) so that it loads strictly into a fresh model.
-    loaded = load_model(args.model_path, args.model_name, device="cpu", channels_last=False, prepare=not hf,
-                        sha256=args.model_sha256)
+    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device="cpu",
+                        channels_last=False, prepare=not hf, sha256=args.model_sha256)
     args.image_size, size_from = loaded.input_size(args.image_size)
     logger.info("image size %d (%s)", args.image_size, size_from)
     if hf:

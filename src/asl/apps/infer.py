@@ -3,9 +3,10 @@
     python infer.py --model_path MS_COCO_TRresNet_L_448_86.6.pth --pic_path pics/ --input_size 448
     python infer.py --dataset_type=MS-COCO --model_name=tresnet_l --model_path=URL --pic_path=a.jpg --json
 
-Prints, per picture, the classes whose probability is above ``--th`` (default per ``--dataset_type``: 0.7 for
-MS-COCO, 0.995 for OpenImages, 0.7 otherwise), best first; ``--thresholds FILE`` gives each class its own
-threshold (``validate.py --save-thresholds FILE``). ``--top-k K`` alone lists the K best classes of each picture
+Prints, per picture, the classes whose probability is above ``--th`` (default: the thresholds the model source
+carries, as the folders of ``export.py --format hf --thresholds`` do, else per ``--dataset_type``: 0.7 for MS-COCO,
+0.995 for OpenImages, 0.7 otherwise), best first; ``--thresholds FILE`` gives each class its own threshold
+(``validate.py --save-thresholds FILE``). ``--top-k K`` alone lists the K best classes of each picture
 whatever their scores; with ``--th`` or ``--thresholds`` it keeps at most K of the classes above the threshold.
 ``--json`` prints one JSON object per picture instead. ``--output`` writes the picture(s) with the detections
 drawn on them; where it goes is checked before the model is loaded. Pictures that cannot be read are named on
@@ -31,13 +32,14 @@ from asl.distributed import select_device
 from asl.errors import UsageError
 from asl.evaluation.predictions import default_threshold, detections, predict
 from asl.evaluation.report import printable
-from asl.models.loading import load_model
+from asl.models.loading import LoadedModel, load_model
 from asl.pictures import (IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, UnreadableImageError, annotate, find_images,
                           load_picture)
 from asl.precision import resolve_amp_dtype
-from asl.evaluation.thresholds import load_thresholds
+from asl.evaluation.thresholds import load_thresholds, thresholds_for_classes
 
-from .options import MODEL_SOURCE_HELP, inference_options, model_options, runtime_options
+from .options import (MODEL_SOURCE_HELP, add_max_pixels, check_pixel_limit, inference_options, model_options,
+                      runtime_options)
 
 logger = logging.getLogger("infer")
 
@@ -52,14 +54,19 @@ def build_parser() -> ArgumentParser:
                             description="ASL inference on pictures (files or folders).")
     parser.add_argument("--pic-path", type=str, nargs="+", required=True,
                         help="picture file(s) and/or folder(s); folders are searched recursively")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="class count of a checkpoint that does not store it (a bare state dict of a timm/<name> "
+                             "model); otherwise an optional check against the file")
     parser.add_argument("--dataset-type", type=str, default="MS-COCO",
                         help="sets the default threshold: MS-COCO 0.7, OpenImages 0.995, others 0.7")
-    parser.add_argument("--th", "--thre", "--threshold", type=probability, default=None,
-                        help="probability threshold of every class (default: by --dataset-type)")
+    parser.add_argument("--threshold", "--thre", "--th", dest="th", type=probability, default=None, metavar="T",
+                        help="probability threshold of every class (default: the thresholds the model source "
+                             "carries, else by --dataset-type)")
     parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
                         help="alone: list the K best classes of each picture, whatever their scores (the "
                              "--dataset-type threshold does not apply); with --th or --thresholds: at most K of the "
                              "classes above the threshold")
+    add_max_pixels(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per picture")
     parser.add_argument("--output", type=str, default=None,
                         help="annotated picture: a file (one picture) or a folder (any number)")
@@ -163,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_pixel_limit()
     if args.thresholds and args.th is not None:
         raise UsageError("give either --th (one threshold) or --thresholds FILE (one per class), not both")
     device = select_device(args.device)
@@ -175,11 +183,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     roots = [Path(os.path.abspath(p)) for p in args.pic_path if Path(p).is_dir()]
     plan = _output_plan(args.output, paths, roots)
 
-    loaded = load_model(args.model_path, args.model_name, device=device, channels_last=args.channels_last,
-                        sha256=args.model_sha256, batch_size=min(args.batch_size, len(paths)))
+    loaded = load_model(args.model_path, args.model_name, num_classes=args.num_classes, device=device,
+                        channels_last=args.channels_last, sha256=args.model_sha256,
+                        batch_size=min(args.batch_size, len(paths)))
     args.image_size, size_from = loaded.input_size(args.image_size)
     logger.info("image size %d (%s)", args.image_size, size_from)
-    threshold, rule = _threshold(args, loaded.class_names)
+    threshold, rule = _threshold(args, loaded)
     logger.info("%d picture(s), %s, device %s", len(paths), rule, device)
 
     loader = DataLoader(_Pictures(paths, args.image_size), batch_size=args.batch_size, shuffle=False,
@@ -219,17 +228,38 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _threshold(args, class_names: Sequence[str]):
-    """The threshold(s) a class must exceed, and the rule in words."""
+def _threshold(args, loaded: LoadedModel):
+    """The threshold(s) a class must exceed, and the rule in words. In order: --thresholds, --th, --top-k alone,
+    the thresholds the model source carries (``export.py --format hf --thresholds/--threshold`` stores them in
+    config.json under ``asl``), the --dataset-type default."""
     if args.thresholds:
-        return load_thresholds(args.thresholds, class_names), f"the per-class thresholds of {args.thresholds}"
+        return load_thresholds(args.thresholds, loaded.class_names), f"the per-class thresholds of {args.thresholds}"
     if args.th is not None:
         return args.th, f"the threshold {args.th:g}"
     if args.top_k is not None:
-        # --top-k alone ranks every class: the default threshold is a guess for the dataset type, not the user's.
+        # --top-k alone ranks every class: a threshold from the model or the dataset type is not the user's.
         return float("-inf"), f"the {args.top_k} best classes of each picture, whatever their scores"
+    stored = _stored_threshold(loaded)
+    if stored is not None:
+        return stored
     threshold = default_threshold(args.dataset_type)
     return threshold, f"the threshold {threshold:g} (the {args.dataset_type} default)"
+
+
+def _stored_threshold(loaded: LoadedModel):
+    """The per-class thresholds or the one threshold that the model source carries, with the rule in words; None
+    when it carries neither."""
+    where = f"the thresholds stored with the model ({printable(loaded.source)}, config.json asl.thresholds)"
+    if loaded.thresholds is not None:
+        values = thresholds_for_classes(loaded.thresholds, loaded.class_names, where)
+        return values, "the per-class thresholds stored with the model (--th T overrides them)"
+    single = loaded.checkpoint_info.get("threshold")
+    if single is None:
+        return None
+    if isinstance(single, bool) or not isinstance(single, (int, float)) or not 0.0 <= single <= 1.0:
+        raise UsageError(f"the threshold stored with the model ({printable(loaded.source)}, config.json "
+                         f"asl.threshold) must be a number within [0, 1], got {single!r}; give --th T")
+    return float(single), f"the threshold {single:g} stored with the model (--th T overrides it)"
 
 
 def _report(path: Path, found: list, as_json: bool, bar: tqdm) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ..errors import UsageError
 from .metrics import ranked_cut_points
 
 __all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds",
-           "check_unique_classes"]
+           "thresholds_for_classes", "check_unique_classes"]
 
 #: the threshold of a class that is never predicted (probabilities are at most 1 and the rule is strict).
 NEVER = 1.0
@@ -132,8 +132,15 @@ def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarra
         # json's decoder recurses once per nesting level; a flat {name: number} object never comes close.
         raise UsageError(f"the thresholds file {path} is nested too deeply to be a {{class name: threshold}} "
                          f"object") from None
-    if not isinstance(document, dict):
-        raise UsageError(f"the thresholds file {path} must hold a JSON object {{class name: threshold}}")
+    return thresholds_for_classes(document, classes, f"the thresholds file {path}")
+
+
+def thresholds_for_classes(document: object, classes: Sequence[str], where: str) -> np.ndarray:
+    """The thresholds of a ``{class name: threshold}`` mapping (a file's, or those a model source carries) in the
+    model's class order. ``where`` names the mapping in the :class:`UsageError` raised when it is not such a
+    mapping, misses one of the classes, names a class the model does not have, or holds a value outside [0, 1]."""
+    if not isinstance(document, Mapping):
+        raise UsageError(f"{where} must hold a JSON object {{class name: threshold}}")
     known = set(classes)
     missing = [c for c in classes if c not in document]
     unknown = [c for c in document if c not in known]
@@ -143,13 +150,13 @@ def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarra
             parts.append(f"no threshold for {len(missing)} of the model's classes (first: {missing[0]!r})")
         if unknown:
             parts.append(f"{len(unknown)} class(es) the model does not have (first: {unknown[0]!r})")
-        raise UsageError(f"the thresholds file {path} does not fit this model: {'; '.join(parts)}")
+        raise UsageError(f"{where} does not fit this model: {'; '.join(parts)}")
     values = []
     for name in classes:
         value = document[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
                 or not 0.0 <= value <= 1.0:
-            raise UsageError(f"the thresholds file {path}: the threshold of {name!r} must be a number within "
+            raise UsageError(f"{where}: the threshold of {name!r} must be a number within "
                              f"[0, 1], got {value!r}")
         values.append(float(value))
     return np.asarray(values, dtype=np.float64)

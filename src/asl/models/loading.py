@@ -173,6 +173,9 @@ class LoadedModel:
     head: Optional[str] = None
     num_of_groups: int = -1
     decoder_embedding: int = DEFAULT_EMBEDDING
+    #: ``{class name: threshold}`` the source carries (``export.py --format hf --thresholds``), unchecked; the one
+    #: threshold of ``--threshold`` is ``checkpoint_info["threshold"]``
+    thresholds: Optional[dict[str, Any]] = None
 
     def input_size(self, requested: Optional[int]) -> tuple[int, str]:
         """The size to run at, and where it came from: ``requested`` (``--image-size``) when given, else the
@@ -360,4 +363,5 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
                        bottleneck_head=arch["bottleneck_head"], head=arch["head"],
                        num_of_groups=arch["num_of_groups"], decoder_embedding=arch["decoder_embedding"],
                        class_names=class_names_from_checkpoint(ckpt, arch["num_classes"]), source=source,
-                       checkpoint_info=info, image_size=image_size, image_size_source=image_size_source)
+                       checkpoint_info=info, image_size=image_size, image_size_source=image_size_source,
+                       thresholds=dict(ckpt["thresholds"]) if isinstance(ckpt.get("thresholds"), Mapping) else None)

@@ -199,8 +199,7 @@ def should_die(info):
 def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_worker(tmp_path, make_synthetic, run_script,
                                                                          self_killing_train):
     """The cluster recipe of the README: torchrun --max-restarts=N train.py ... --resume auto. The restarted round
-    used to fail one time in three (gloo read a dead peer's address from the previous round's keys; see
-    asl.distributed._restart_safe_store): 3 of 8 runs passed before the fix, 18 of 18 after."""
+    must not read a dead peer's address from the previous round's keys (asl.distributed._restart_safe_store)."""
     script = tmp_path / "dies_once.py"
     script.write_text(self_killing_train(_DIES_ONCE))
     out = tmp_path / "out"

@@ -414,12 +414,9 @@ def test_use_ml_decoder_is_head_ml_decoder():
 
     for spelling in (["--use-ml-decoder", "1"], ["--head", "ml-decoder"], ["--use_ml_decoder", "1", "--head",
                                                                             "ml-decoder"]):
-        args = train.build_parser().parse_args(["data", *spelling, "--num_of_groups", "7"])
-        train.resolve_head_args(args)
-        assert (args.head, args.num_of_groups, args.decoder_embedding) == ("ml-decoder", 7, 768)
-    args = train.build_parser().parse_args(["data", "--use-ml-decoder", "0"])
-    train.resolve_head_args(args)
-    assert args.head is None
+        options = train.parse_options(["data", "--dataset", "synthetic", *spelling, "--num_of_groups", "7"])
+        assert (options.head, options.num_of_groups, options.decoder_embedding) == ("ml-decoder", 7, 768)
+    assert train.parse_options(["data", "--dataset", "synthetic", "--use-ml-decoder", "0"]).head is None
 
 
 @pytest.mark.slow

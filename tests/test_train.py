@@ -255,7 +255,7 @@ def test_learning_rates_out_of_range_are_refused_and_the_largest_accepted_one_fa
 
 
 @pytest.mark.faults
-def test_validate_refuses_non_finite_scores(tmp_path, capsys):
+def test_validate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
     from asl.apps import validate
     from asl.models import create_model
 
@@ -271,7 +271,7 @@ def test_validate_refuses_non_finite_scores(tmp_path, capsys):
                           str(tmp_path / "nan.pth"), "--image-size", "32", "-j", "0", "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "4 of 4 images got non-finite (NaN/inf) scores" in err[-1] and "mAP score" not in "".join(err)
+    assert "head.fc.bias" in err[-1] and "NaN" in err[-1] and "mAP score" not in "".join(err)
 
 
 def test_a_validation_set_without_positive_labels_is_named_and_never_gives_a_best_model(tmp_path, synthetic,

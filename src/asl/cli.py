@@ -38,6 +38,18 @@ def _spellings(flag: str) -> list[str]:
     return list(dict.fromkeys([flag, "--" + body.replace("_", "-"), "--" + body.replace("-", "_")]))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, once: not where the help already speaks of its default, nor
+    where the default only means "not given" (None, False, '', an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        default = action.default
+        unset = default is None or default is False or (isinstance(default, (str, list)) and not default)
+        if unset or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that declares both spellings of every long flag as option strings of one argument and refuses an
     option without a ``type``. Abbreviations are off: with two spellings per flag, prefixes would be ambiguous.
@@ -45,7 +57,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]

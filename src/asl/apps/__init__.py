@@ -9,6 +9,6 @@ import os
 # MKL (torch's CPU BLAS) may pick its kernels by the memory alignment of each call's arrays unless its
 # "conditional numerical reproducibility" mode is on, so two runs of the same command could differ in the last
 # bits. The programs turn it on before torch is imported (this package's modules import torch only below it);
-# a value set by the user wins (MKL_CBWR=OFF opts out). Measured cost here: none (a 512x2048x2048 sgemm on 2
-# threads takes 22.3 ms with it, 22.9 ms without). A script that imports torch itself should set it first.
+# a value set by the user wins (MKL_CBWR=OFF opts out). Its cost is in docs/speed.md. A script that imports torch
+# itself should set it first.
 os.environ.setdefault("MKL_CBWR", "AUTO")

@@ -33,7 +33,7 @@ from asl.data import canonical_name, create_dataset, create_loader, default_spli
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
 from asl.models.loading import load_model
-from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score
+from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score, weighted_partial_mAP
 from asl.precision import resolve_amp_dtype
 from asl.sources import is_remote
 from asl.evaluation.report import markdown_text, printable, write_report
@@ -255,6 +255,9 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
         print("(partial-label mAP: targets of -1 are not annotated and left out of each class's ranking)")
     for line in coverage_lines(rows, partial, score_value):
         print(line)
+    if partial:  # CSL's second figure: each class's AP weighted by its number of positives
+        print(f"partial mAP: {score_value:.2f}, class-weighted partial mAP (CSL): "
+              f"{weighted_partial_mAP(targets, scores):.2f}")
     # original: print("mAP score:", mAP_score) -- the last line, full precision
     print("mAP score:", score_value, flush=True)
     if failed:

@@ -1,14 +1,18 @@
-"""``train.py``'s command line: the parser, and :class:`TrainOptions`, the options resolved once into one typed,
-frozen object.
+"""``train.py``'s command line: the parser, the recipe files of ``--config``, and :class:`TrainOptions`, the
+options resolved once into one typed, frozen object.
 
 A new option is one ``add_argument`` line in :func:`build_parser` and one field of :class:`TrainOptions` (its name
-is the option's dest); ``args.json`` and the checkpoints record every field under that name.
+is the option's dest); ``args.json`` and the checkpoints record every field under that name, and a ``--config``
+file may set it under that name too.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import yaml
 
 from asl.cli import ArgumentParser, check_data_dir, image_size, nonnegative_int, positive_int
 from asl.data import canonical_name, default_split
@@ -19,7 +23,7 @@ from asl.models.ml_decoder import DEFAULT_EMBEDDING, ml_decoder_sizes
 
 from .options import data_options, dataset_options, recipe_options, runtime_options
 
-__all__ = ["TrainOptions", "build_parser", "parse_options", "resolve_options", "SET_BY_TRAIN"]
+__all__ = ["TrainOptions", "build_parser", "parse_options", "resolve_options", "read_config", "SET_BY_TRAIN"]
 
 #: dataset options that train.py sets from its own flags, beyond those every script sets
 SET_BY_TRAIN = {"seed": "--seed", "unannotated": "--unannotated", "difficult": "--difficult",
@@ -79,6 +83,7 @@ class TrainOptions:
     tensorboard: bool
     unannotated: str
     difficult: str
+    config: Optional[str]
 
     def as_dict(self) -> dict[str, Any]:
         """One flat dict keyed by the option dests (``args.json``, the checkpoints' ``args``)."""
@@ -134,14 +139,113 @@ def build_parser() -> ArgumentParser:
                    help="openimages: unannotated labels count as negatives, or are ignored by the loss")
     p.add_argument("--difficult", type=str, default="positive", choices=["positive", "ignore", "negative"],
                    help="voc: how 'difficult' objects enter training")
+    p.add_argument("--config", type=str, default=None, metavar="FILE.yaml",
+                   help="a recipe file (configs/): its keys are these options' dests (model_name, image_size...); "
+                        "the command line overrides it, args.json records the result")
     # original: a progress line every 100 steps; the loss is read back from the device at those steps only
     p.set_defaults(print_freq=100)
     return p
 
 
 def parse_options(argv: Optional[Sequence[str]] = None) -> TrainOptions:
-    """The command line, parsed and resolved; bad input raises (argparse's exit 2, or a one-line ``AslError``)."""
-    return resolve_options(build_parser().parse_args(argv))
+    """The command line (over the ``--config`` file's values), parsed and resolved; bad input raises (argparse's
+    exit 2, or a one-line ``AslError``)."""
+    parser = build_parser()
+    config = _config_path(argv)
+    if config is not None:
+        values = read_config(config, parser)
+        for action in parser._actions:  # the file may give DATA, which the command line then need not
+            if not action.option_strings and action.dest in values:
+                action.nargs, action.required, action.default = "?", False, values.pop(action.dest)
+        parser.set_defaults(**values)
+        for action in parser._actions:
+            # An option with an action of its own (--max-pixels puts itself in force) acts on the file's value too.
+            if action.dest in values and type(action).__module__ != argparse.__name__:
+                action(parser, argparse.Namespace(), values[action.dest])
+    return resolve_options(parser.parse_args(argv))
+
+
+def _config_path(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """``--config``'s value, read before the real parse (which then takes the file's values as defaults)."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--config", type=str, default=None)
+    return early.parse_known_args(argv)[0].config
+
+
+#: the largest recipe file read: a recipe is a few hundred bytes, and a FIFO or a device must not hang the run
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The recipe file's values by option dest, each through its option's type (and choices): YAML's ``2`` is a
+    fine float and its ``1e-4`` (a string to YAML) too. An unknown key or a value its option rejects is a
+    :class:`UsageError` naming the file and the key."""
+    raw = _load_yaml(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in actions:
+            raise UsageError(f"--config {path}: unknown key {key!r}: keys are train.py's option dests, such as "
+                             f"model_name or image_size (see train.py --help)")
+        try:
+            values[name] = _config_value(actions[name], value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise UsageError(f"--config {path}: {name}: {exc}") from None
+    return values
+
+
+def _load_yaml(path: str) -> dict[Any, Any]:
+    file = Path(path)
+    if not file.is_file():
+        what = "not a regular file" if file.exists() else "no such file"
+        raise UsageError(f"--config {path}: {what}")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a recipe is a short YAML file")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"--config {path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option dests to values, got a YAML "
+                         f"{type(raw).__name__}")
+    return raw
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` as the command line would have given it to ``action``."""
+    if action.nargs == 0:  # a switch (store_true, --x/--no-x)
+        if not isinstance(value, bool) and not (value is None and action.default is None):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+        items = items if isinstance(items, list) else [items]
+        return [_typed(action, item) for item in items]
+    if value is None:
+        if action.default is not None:
+            raise ValueError("expected a value, got null")
+        return None
+    return _typed(action, value)
+
+
+def _typed(action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected one value, got {value!r}")
+    text = "" if value is None else str(value)
+    # YAML reads yes/no/true/false as booleans: a text option would get 'True'
+    if isinstance(value, bool) and action.type not in (None, str):
+        raise ValueError(f"expected a {getattr(action.type, '__name__', 'value')}, got {value!r}")
+    converted = action.type(text) if action.type is not None else text
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted
 
 
 def resolve_options(args: argparse.Namespace) -> TrainOptions:

@@ -287,6 +287,14 @@ def test_remote_failures_are_one_line_naming_the_url(syn, http_base):
         create_dataset("webdataset", f"http://127.0.0.1:{port}", "train", 16, train=False)
 
 
+def test_a_failing_pipe_command_is_one_line(syn):
+    _, out = syn
+    with pytest.raises(ShardError, match="exit 1"):
+        create_dataset("webdataset", f"pipe:cat {out}/missing-{{name}} 2>/dev/null", "train", 16, train=False)
+    with pytest.raises(DatasetError, match="needs {name}"):
+        create_dataset("webdataset", f"pipe:cat {out}/train.json", "train", 16, train=False)
+
+
 def test_a_stalled_server_gives_up():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -347,8 +355,10 @@ def test_a_shard_broken_inside_is_named_and_a_bad_picture_is_skipped(syn, tmp_pa
     with pytest.raises(ShardError, match=r"train-000001\.tar is broken: sample '000000010' has no labels"):
         _eval_items(copy)
     _overwrite(copy / "train-000001.tar", "000000010.jpg", header=True)
-    with pytest.raises(ShardError, match=r"train-000001\.tar holds 3 samples but its index records 7"):
-        _eval_items(copy)
+    ds = create_dataset("webdataset", copy, "train", 16, train=False, with_index=True)
+    with pytest.raises(ShardError, match=r"train-000001\.tar holds 3 samples but its index records 7") as caught:
+        _items(create_shard_loader(ds, 8, num_workers=1))  # raised in a worker, still one line
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(str(copy))
     # a picture that does not decode: skipped and counted, as in the folder route
     copy = _copy(syn[1], tmp_path / "second")
     _overwrite(copy / "train-000000.tar", "000000003.jpg", header=False)

@@ -27,14 +27,13 @@ exact mid-epoch resume with the same world size and ``-j``.
 """
 from __future__ import annotations
 
+import http.client
 import io
 import itertools
 import json
 import logging
 import random
-import socket
 import tarfile
-import urllib.error
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -275,8 +274,7 @@ class ShardDataset(IterableDataset):
             if seen != count:
                 raise ShardError(f"{where} holds {seen} samples but its index records {count}: truncated or replaced "
                                  f"(write the shards again)")
-        except (tarfile.TarError, EOFError, socket.timeout, TimeoutError, urllib.error.URLError, OSError,
-                ValueError) as exc:
+        except (tarfile.TarError, EOFError, OSError, http.client.HTTPException, ValueError) as exc:
             raise ShardError(f"{where} is broken or could not be read: {_reason(exc)}") from None
         finally:
             _close(stream)

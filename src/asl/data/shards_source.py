@@ -74,8 +74,12 @@ class ShardSource:
 
     def read_bytes(self, name: str) -> bytes:
         """A small file's whole content (``SPLIT.json``)."""
-        with self.open(name) as f:
-            return _read_all(f, self.location(name))
+        where = self.location(name)
+        try:
+            with self.open(name) as f:
+                return _read_all(f, where)
+        except OSError as exc:  # a command that failed reports it when its pipe is closed
+            raise ShardError(f"{where} cannot be read: {exc.strerror or exc}") from None
 
     def open(self, name: str, expected_bytes: Optional[int] = None) -> BinaryIO:
         """A stream of the file; :class:`ShardError` naming it when it cannot be opened."""

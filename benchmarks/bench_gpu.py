@@ -30,9 +30,10 @@ from asl.precision import AMP_DTYPES, autocast
 
 FULL = {"configs": [("tresnet_m", 224, 128), ("tresnet_l", 448, 64)], "steps": 10, "warmup": 3,
         "amps": ["float16", "bfloat16"], "compile": True, "smoke_steps": 50, "smoke_size": 224, "smoke_batch": 32,
-        "gradient_size": 64}
-DRY = {"configs": [("tresnet_m", 64, 2)], "steps": 1, "warmup": 0, "amps": ["bfloat16"], "compile": False,
-       "smoke_steps": 2, "smoke_size": 64, "smoke_batch": 4, "gradient_size": 32}
+        "smoke_images": (256, 64), "smoke_workers": 2, "gradient_size": 64}
+DRY = {"configs": [("tresnet_m", 32, 2)], "steps": 1, "warmup": 0, "amps": ["bfloat16"], "compile": False,
+       "smoke_steps": 2, "smoke_size": 32, "smoke_batch": 4, "smoke_images": (8, 4), "smoke_workers": 0,
+       "gradient_size": 32}
 
 
 def _sync(device: torch.device) -> None:
@@ -158,9 +159,10 @@ def smoke_run(device: torch.device, plan: dict) -> dict:
     from asl.apps import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [str(Path(tmp) / "data"), "--dataset", "synthetic", "--dataset-option", "num_train=256",
-                "--dataset-option", "num_val=64", "--image-size", str(plan["smoke_size"]), "-b",
-                str(plan["smoke_batch"]), "-j", "2", "--epochs", "1", "--stop-epoch", "0", "--max-steps-per-epoch",
+        num_train, num_val = plan["smoke_images"]
+        argv = [str(Path(tmp) / "data"), "--dataset", "synthetic", "--dataset-option", f"num_train={num_train}",
+                "--dataset-option", f"num_val={num_val}", "--image-size", str(plan["smoke_size"]), "-b",
+                str(plan["smoke_batch"]), "-j", str(plan["smoke_workers"]), "--epochs", "1", "--stop-epoch", "0", "--max-steps-per-epoch",
                 str(plan["smoke_steps"]), "--device", device.type, "--output-dir", str(Path(tmp) / "run")]
         start = time.perf_counter()
         code = train.main(argv)

@@ -1,6 +1,10 @@
-"""torch.compile: TResNet M/L/XL trace to one graph with no break, in training (forward + ASL loss) and in eval,
-and a compiled training step gives eager's gradients (the memory-saving norm and blur Functions traced), through
-AOTAutograd and through inductor's generated code."""
+"""torch.compile: TResNet traces to one graph with no break, in training (forward + ASL loss) and in eval, and a
+compiled training step gives eager's gradients (the memory-saving norm and blur Functions traced), through
+AOTAutograd and through inductor's generated code.
+
+The graph test runs TResNet-M: it holds every layer class and code path of the family (the stem, basic and
+bottleneck blocks, anti-aliased stride-2 blocks, SE in both block kinds), and L, XL and L v2 are the same classes
+at other depths and widths, which change nothing that dynamo traces."""
 import pytest
 import torch
 import torch.nn as nn
@@ -16,13 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 def _batch(num_classes: int):
     g = torch.Generator().manual_seed(0)
-    return torch.rand(2, 3, 64, 64, generator=g), (torch.rand(2, num_classes, generator=g) > 0.5).float()
+    return torch.rand(2, 3, 32, 32, generator=g), (torch.rand(2, num_classes, generator=g) > 0.5).float()
 
 
-@pytest.mark.parametrize("name", ["tresnet_m", "tresnet_l", "tresnet_xl"])
-def test_one_graph_in_training_and_in_eval(name):
+def test_one_graph_in_training_and_in_eval():
     torch.manual_seed(0)
-    model = create_model(name, 5).train()
+    model = create_model("tresnet_m", 5).train()
     criterion = AsymmetricLoss(4, 0, 0.05, disable_torch_grad_focal_loss=True)
     x, y = _batch(5)
     dynamo.reset()

@@ -124,7 +124,8 @@ class AsymmetricLoss(nn.Module):
         if mask is not None and mask.shape != targets.shape:
             raise ValueError(f"ASL: mask must have the shape of targets {tuple(targets.shape)}, "
                              f"got {tuple(mask.shape)}")
-        if mask is None and not self._unmasked_targets_checked:
+        # Not while torch.compile traces: reading a tensor there would break the graph; the eager call checks.
+        if mask is None and not self._unmasked_targets_checked and not torch.compiler.is_compiling():
             self._unmasked_targets_checked = True
             _warn_if_unknown_targets(targets)
         with autocast_disabled(logits.device.type):

@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 def load_coco(root, split: str, **dataset_kwargs) -> MultiLabelDataset:
     root = Path(root)
-    ann_file = require_file(root / "annotations" / f"instances_{split}.json", "COCO annotation file")
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        _missing_split(ann_file, split)
+    ann_file = require_file(ann_file, "COCO annotation file")
     image_dir = require_dir(root / split, "COCO image folder")
     try:
         classes, rel_paths, positives, dropped = _read_annotations(ann_file)
@@ -36,6 +39,16 @@ def load_coco(root, split: str, **dataset_kwargs) -> MultiLabelDataset:
                     split, dropped, dropped + len(rel_paths))
     labels = LabelTable(len(classes), 0.0, {1.0: positives})
     return MultiLabelDataset(image_dir, rel_paths, labels, classes, name="coco", split=split, **dataset_kwargs)
+
+
+def _missing_split(ann_file: Path, split: str) -> None:
+    """A split whose annotation file is absent while others are there: the likely mistake is the split's name
+    (train2014 asked, train2017 downloaded), so the message lists the splits found and the flags that choose."""
+    found = sorted(p.name[len("instances_"):-len(".json")] for p in ann_file.parent.glob("instances_*.json"))
+    if found:
+        raise DatasetError(f"no {ann_file.name} in {ann_file.parent} for the split {split!r}; the splits found there "
+                           f"are {', '.join(found)}: choose one with --train-split or --val-split (train.py), "
+                           f"--val-split (validate.py)")
 
 
 def _read_annotations(ann_file: Path) -> tuple[list[str], list[str], list[list[int]], int]:

@@ -1,7 +1,9 @@
 """A training run's files in its output folder: ``last.pth`` (resume), ``model-highest.pth`` (the best weights,
 in the model-zoo format), ``log.txt`` (one JSON object per epoch) and ``args.json``.
 
-Only the main process writes; every write is atomic. Under ``torchrun`` every rank calls :meth:`save_last`,
+Only the main process writes; every write is atomic. No write follows a symbolic link: the files written whole are
+renamed over their path (a link there is replaced, its target untouched), and ``log.txt``, appended to, is opened
+with ``O_NOFOLLOW`` (a link there is refused in one line). Under ``torchrun`` every rank calls :meth:`save_last`,
 which first makes all ranks' weights equal to rank 0's.
 """
 from __future__ import annotations
@@ -51,6 +53,8 @@ class RunFolder:
         """Writes args.json. A resumed run appends to its log; a new run in the folder of an earlier one starts a
         new log.txt (the earlier run's last.pth and model-highest.pth are replaced at this run's first save)."""
         self._last_is_ours = resumed
+        if resumed and self.is_main and os.path.islink(self.output_dir / "log.txt"):
+            raise UsageError(_link_refused(self.output_dir / "log.txt"))
         if not resumed and self.is_main:
             if self.last_path.is_file() or (self.output_dir / "log.txt").is_file():
                 logger.warning("%s holds an earlier run: this new run replaces it (--resume auto would continue "
@@ -195,7 +199,9 @@ class RunFolder:
         path = self.output_dir / "log.txt"
         data = memoryview((json.dumps(dict(record)) + "\n").encode("utf-8"))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if not _NOFOLLOW and os.path.islink(path):
+                raise UsageError(_link_refused(path))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
             try:
                 start = os.lseek(fd, 0, os.SEEK_END)
                 try:
@@ -211,7 +217,18 @@ class RunFolder:
             finally:
                 os.close(fd)
         except OSError as exc:
+            if os.path.islink(path):
+                raise UsageError(_link_refused(path)) from None
             raise _write_error(path, exc) from None
+
+
+#: open flags that refuse a symbolic link in the last component (0 where the platform has none: lstat checks instead)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _link_refused(path: Path) -> str:
+    return f"{path} is a symbolic link: the run does not write through links (remove it, or choose another " \
+           f"--output-dir)"
 
 
 def describe_kept(last: Optional[Path], resume_hint: bool = False) -> str:

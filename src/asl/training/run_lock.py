@@ -14,6 +14,13 @@ start time), so that a second run can say who holds the folder.
   the system drops it when the process ends, too.
 - Neither available, or a file system that refuses locks: ``OUTPUT_DIR/.train.pid``, created exclusively. A file
   that names a process of this host that no longer runs is stale and replaced.
+
+The lock file is never followed through a symbolic link (``O_NOFOLLOW``; an ``lstat`` check where the platform has
+no such flag) and must be a regular file: a link there could make the run truncate a user's file, or create one
+outside the folder. Such a lock file, or a folder in its place, is refused in one line that names it.
+
+Not the ``filelock`` package: its Unix lock opens the path with ``O_TRUNC`` and follows links (the target of a link
+would be emptied), and it takes ``flock`` locks, which forked loader workers inherit (see above).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -48,6 +56,10 @@ PID_NAME = ".train.pid"
 _WINDOWS_LOCK_OFFSET = 1 << 16
 #: a holder writes its text right after it locks; a second run gives it this long to appear
 _READ_PATIENCE_S = 1.0
+#: open flags that refuse a symbolic link in the last component (0 where the platform has none: lstat checks instead)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: the most of a lock file read: its text is one short JSON line
+_HOLDER_BYTES = 4096
 #: the folders (real paths) this process holds: record locks cannot refuse a second lock of the same process
 _held: set[str] = set()
 _held_guard = threading.Lock()
@@ -111,8 +123,7 @@ class RunLock:
     def _acquire_os_lock(self) -> None:
         path = self.folder / LOCK_NAME
         for _ in range(20):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0),
-                         0o644)
+            fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
             try:
                 locked = _try_lock(fd)
                 # A file that is no longer at the path was removed by a holder that ended meanwhile: a lock on it
@@ -135,8 +146,11 @@ class RunLock:
         path = self.folder / PID_NAME
         for _ in range(3):
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                # O_EXCL never follows a link: one at the path counts as a file that exists.
+                fd = _open_lock_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
+                if os.path.islink(path) or not os.path.isfile(path):
+                    raise UsageError(_not_a_lock_file(path)) from None
                 holder = _read_holder(path)
                 # This process's own PID there is an earlier process's file (the registry says we hold nothing).
                 if holder is not None and holder.get("host") == socket.gethostname() \
@@ -181,6 +195,37 @@ class RunLock:
             self._key = None
 
 
+def _open_lock_file(path: Path, flags: int) -> int:
+    """The lock file's descriptor: never through a symbolic link, and only a regular file. Any other problem with the
+    file itself (a folder in its place, a read-only file) is a :class:`UsageError` that names it."""
+    if not _NOFOLLOW and os.path.islink(path):
+        raise UsageError(_not_a_lock_file(path))
+    flags |= _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if os.path.islink(path) or os.path.isdir(path):
+            raise UsageError(_not_a_lock_file(path)) from None
+        raise UsageError(f"cannot open the run's lock file {path}: {exc.strerror or exc}; remove it if no train.py "
+                         f"run uses the folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(_not_a_lock_file(path))
+    return fd
+
+
+def _not_a_lock_file(path: Path) -> str:
+    if os.path.islink(path):
+        what = "a symbolic link (the run never writes through one)"
+    elif os.path.isdir(path):
+        what = "a folder"
+    else:
+        what = "not a regular file"
+    return f"the run's lock file {path} is {what}: remove it if no train.py run uses the folder"
+
+
 def _try_lock(fd: int) -> bool:
     """True when locked; False when another process holds the lock."""
     try:
@@ -200,7 +245,7 @@ def _try_lock(fd: int) -> bool:
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        mine, named = os.fstat(fd), os.stat(path)
+        mine, named = os.fstat(fd), os.lstat(path)  # lstat: a link put at the path is not our file
     except FileNotFoundError:
         return False
     return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
@@ -219,7 +264,7 @@ def _read_holder(path: Path) -> Optional[dict[str, Any]]:
     deadline = time.monotonic() + _READ_PATIENCE_S
     while True:
         try:
-            holder = json.loads(path.read_text(encoding="utf-8"))
+            holder = json.loads(_read_small(path))
             if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
                 return holder
         except (OSError, ValueError):
@@ -227,6 +272,17 @@ def _read_holder(path: Path) -> Optional[dict[str, Any]]:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
+
+
+def _read_small(path: Path) -> str:
+    """The start of a regular file, not through a link: a FIFO or a device put there must not block or flood."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.read(fd, _HOLDER_BYTES).decode("utf-8")
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: Any) -> bool:

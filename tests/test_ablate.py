@@ -70,7 +70,7 @@ def test_default_plan_is_the_papers_comparison_on_skewed_data(tmp_path, capsys):
 
 
 TINY = ["--dataset", "synthetic", "--dataset-option=num_train=8", "--dataset-option=num_val=8",
-        "--dataset-option=synthetic_classes=8", "--dataset-option=skew=1", "--model-name", "tresnet_m",
+        "--dataset-option=synthetic_classes=8", "--dataset-option=skew=1", "--model-name", "timm/test_resnet",
         "--model-path", "", "--image-size", "32", "-b", "4", "-j", "0", "--lr", "1e-3", "--ema-decay", "0.9",
         "--print-freq", "100"]
 

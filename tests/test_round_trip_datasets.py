@@ -1,4 +1,5 @@
-"""Every dataset family through the scripts a user runs on it: train.py (TResNet-M, tiny pictures, two steps), then
+"""Every dataset family through the scripts a user runs on it: train.py (timm's smallest network: the data path is
+the same for every model; tiny pictures, two steps), then
 validate.py on the saved model-highest.pth gives the mAP train.py printed, on the split train.py validated on, and
 infer.py names the dataset's own classes. Real photos for coco (tiny_coco) and voc (voc2007_mini), skipped when
 ../shared/data lacks them; small sets in the native formats for nus-wide, openimages and csv (tests/conftest.py)."""
@@ -98,7 +99,8 @@ def test_train_validate_infer(family, request, tmp_path, capsys):
     case = FAMILIES[family](request)
     run, val_split = tmp_path / "run", _flag("--val-split", case.val_split)
     code, text = _run(train.main, [str(case.data), "--dataset", family, *_flag("--train-split", case.train_split),
-                                   *val_split, "--image-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
+                                   *val_split, "--model-name", "timm/test_resnet", "--image-size", "32", "-b", "4",
+                                   "-j", "0", "--epochs", "1",
                                    "--stop-epoch", "0", "--max-steps-per-epoch", "2", "--device", "cpu",
                                    "--output-dir", str(run)])
     assert code == 0, capsys.readouterr().err[-2000:]

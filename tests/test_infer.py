@@ -296,7 +296,8 @@ def test_unreadable_folders_are_named_not_skipped_silently(tmp_path, monkeypatch
     ({}, "https://host/x/MS_COCO_TResNet_xl_640_88.4.pth", (640, "from the file name")),
     ({}, "MS_COCO_TRresNet_M_224_81.8.pth", (224, "from the file name")),
     ({}, "my_model.pth", (448, "the default, as the checkpoint does not say")),
-    ({"image_size": True}, "m_86.6.pth", (448, "the default, as the checkpoint does not say")),
+    ({"image_size": True}, "m_86.6.pth", (448, "the default: the checkpoint's image_size True is no size within "
+                                                "1..4096")),
 ])
 def test_the_input_size_comes_from_the_checkpoint(ckpt, source, expected):
     from asl.models.loading import stored_image_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import pickletools
@@ -30,7 +31,7 @@ import torch
 from .atomic import atomic_write
 from .download import expected_sha256, is_url, sha256_of
 from .errors import CheckpointError
-from .sources import checkpoint_entries, read_safetensors, resolve, weights_suffix
+from .sources import checkpoint_entries, resolve
 from .state_dict import clean_state_dict
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "load_checkpoint",
     "is_url",
     "make_model_checkpoint",
+    "read_safetensors",
+    "is_safetensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -240,15 +243,13 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     """
     source = os.fspath(path_or_url)
     remote = is_url(source)
-    # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does. The
-    # temporary file's name ends in .tmp, so the check reads it by the URL's file ending.
-    resolved = resolve(source, sha256, check=lambda p: _read_weights(p, weights_suffix(source), "cpu"))
+    # A download enters the cache only once it loads (or matches its SHA-256): a cut or HTML body never does.
+    resolved = resolve(source, sha256, check=lambda p: _read_weights(p, "cpu"))
     path = resolved.weights
     if sha256 and not remote and sha256_of(path) != expected_sha256(source, sha256):
         raise CheckpointError(f"{path} does not match the expected SHA-256 {sha256}")
     try:
-        # A cached download keeps its URL's file ending, so the local path tells the format in every case.
-        obj = _read_weights(path, weights_suffix(path), map_location)
+        obj = _read_weights(path, map_location)
     except CheckpointError as exc:
         if remote:  # a cached file that no longer loads: say which file to delete so that the next run fetches it
             raise CheckpointError(f"{exc} (the cached download of {source}: delete {path} to fetch it again)") from None
@@ -260,9 +261,44 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", sha256: Op
     return ckpt
 
 
-def _read_weights(path: str, suffix: str, map_location: Any) -> Any:
-    """A weights file's content: safetensors (with the config stored in its metadata) or a torch file."""
-    if suffix != ".safetensors":
+def is_safetensors(path: str) -> bool:
+    """Whether the file's bytes are safetensors': an 8-byte little-endian header length, then a JSON object (a
+    truncated one too, to be called a damaged safetensors file). torch files start otherwise: a zip archive with
+    ``PK``, a legacy pickle with its protocol byte 0x80. The name does not decide: a safetensors file called
+    ``.pth`` is read as one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return (len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
+            and not head.startswith((b"PK", b"\x80")))
+
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """(state dict, the ``asl`` config stored in the file's metadata or {}) of a safetensors file."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(f"{path}: safetensors files need the safetensors package") from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not read the safetensors file {path}: {reason[:200]}") from None
+    try:
+        config = json.loads(metadata.get("asl", "{}"))
+    except ValueError:
+        config = {}
+    return tensors, config if isinstance(config, dict) else {}
+
+
+def _read_weights(path: str, map_location: Any) -> Any:
+    """A weights file's content, its format told by its bytes: safetensors (with the config stored in its metadata)
+    or a torch file."""
+    if not is_safetensors(path):
         return _read(path, map_location)
     tensors, config = read_safetensors(path)
     if map_location not in (None, "cpu"):
@@ -273,7 +309,9 @@ def _read_weights(path: str, suffix: str, map_location: Any) -> Any:
 def _read(path: str, map_location: Any) -> Any:
     """``torch.load`` with ``weights_only=True`` (NumPy scalars allowed); any failure is a one-line error."""
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        # An open file, not the path: torch reads a path ending in .safetensors as safetensors, and the bytes, not
+        # the name, have decided by now.
+        with torch.serialization.safe_globals(_numpy_safe_globals()), open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError (refused or corrupt), truncated zip, unreadable file...
         raise _explain_unpickling_error(path, exc) from exc

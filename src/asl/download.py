@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import socket
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,6 +41,14 @@ _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _CHUNK = 1 << 20
 #: seconds of silence (connecting, or between two reads) after which a download gives up
 DOWNLOAD_TIMEOUT_S = 60.0
+#: a transfer that brings fewer than STALL_BYTES within STALL_SECONDS has stalled (a server dripping a byte a
+#: second never falls silent long enough for the timeout)
+STALL_SECONDS = 60.0
+STALL_BYTES = 64 << 10
+#: seconds between two progress lines when the output is no terminal (a log file, a batch job)
+PROGRESS_EVERY_S = 10.0
+#: the longest cached file name, in bytes
+_NAME_BYTES = 160
 #: what to do without internet, for a URL and a Hub id alike
 OFFLINE_HINT = ("without internet, fetch the file where there is internet (hf download ORG/NAME for a Hub id) and "
                 "pass its local path")
@@ -66,17 +76,31 @@ def expected_sha256(url: str, sha256: Optional[str]) -> Optional[str]:
     return found.group(1) if found else None
 
 
+def cache_name(url: str) -> str:
+    """The cached file's name: the URL's file name, cut to :data:`_NAME_BYTES` bytes, with a hash of the whole URL
+    before its ending (a file system takes 255 bytes per name, and a temporary name adds some)."""
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
+    stem, suffix = os.path.splitext(name)
+    if len(suffix.encode("utf-8")) > 16 or not suffix[1:].isalnum():
+        stem, suffix = name, ""
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    room = _NAME_BYTES - len(suffix.encode("utf-8")) - len(key) - 1
+    stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore").replace(os.sep, "_") or "download"
+    return f"{stem}-{key}{suffix}"
+
+
 def _matches(actual: str, expected: Optional[str]) -> bool:
     return expected is None or actual.startswith(expected)
 
 
 def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[str], Any]] = None,
-             timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
+             timeout: float = DOWNLOAD_TIMEOUT_S, stall: tuple[float, int] = (STALL_SECONDS, STALL_BYTES)) -> str:
     """The local path of ``url``'s content: from the cache, or downloaded and checked.
 
     ``check(path)`` is called on the complete download before it enters the cache when no SHA-256 is known; it
     raises :class:`CheckpointError` for content that is no weights file. Raises :class:`CheckpointError` for a
-    failed, silent, incomplete or mismatching download.
+    failed, silent, stalled (fewer than ``stall[1]`` bytes in ``stall[0]`` seconds), incomplete or mismatching
+    download.
     """
     parsed = urllib.parse.urlparse(url)
     name = os.path.basename(parsed.path)
@@ -86,9 +110,7 @@ def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[s
         logger.warning("downloading %s over plain http: nothing protects it in transit; prefer https or give "
                        "its SHA-256 (--model-sha256)", url)
     expected = expected_sha256(url, sha256)
-    stem, suffix = os.path.splitext(name)
-    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{stem}-{key}{suffix}"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / cache_name(url)
     if cached.is_file():
         # Hashing a large file costs seconds: only when there is a hash to compare with.
         if expected is None or _matches(sha256_of(cached), expected):
@@ -98,7 +120,7 @@ def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[s
     logger.info("downloading %s to %s", url, cached)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            atomic_write(cached, lambda f: _receive(response, f, url, expected, None if expected else check))
+            atomic_write(cached, lambda f: _receive(response, f, url, expected, None if expected else check, stall))
     except CheckpointError:
         raise
     except (socket.timeout, TimeoutError) as exc:
@@ -114,21 +136,30 @@ def download(url: str, sha256: Optional[str] = None, check: Optional[Callable[[s
 
 
 def _receive(response, out: BinaryIO, url: str, expected: Optional[str],
-             check: Optional[Callable[[str], Any]]) -> None:
+             check: Optional[Callable[[str], Any]], stall: tuple[float, int]) -> None:
     """Streams the body into ``out``, then checks its length, its hash and that it loads (raising leaves no file
     behind)."""
-    from tqdm import tqdm
-
     announced = response.headers.get("Content-Length")
     total = int(announced) if announced and announced.isdigit() else None
     digest = hashlib.sha256()
     received = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url), disable=None, leave=False) as bar:
-        for chunk in iter(lambda: response.read(_CHUNK), b""):
+    # read1 returns what one read of the socket brings: read(n) would wait for all n bytes of a dripping server.
+    read = getattr(response, "read1", response.read)
+    window_start, window_bytes = time.monotonic(), 0
+    with _Progress(os.path.basename(urllib.parse.urlparse(url).path), total) as progress:
+        for chunk in iter(lambda: read(_CHUNK), b""):
             out.write(chunk)
             digest.update(chunk)
             received += len(chunk)
-            bar.update(len(chunk))
+            window_bytes += len(chunk)
+            progress.update(len(chunk))
+            now = time.monotonic()
+            if now - window_start >= stall[0]:
+                if window_bytes < stall[1]:
+                    raise CheckpointError(f"the download of {url} stalled: {window_bytes} bytes in the last "
+                                          f"{now - window_start:.0f} s ({received} in all); nothing was cached, try "
+                                          f"again later ({OFFLINE_HINT})")
+                window_start, window_bytes = now, 0
     if total is not None and received != total:
         raise CheckpointError(f"incomplete download of {url}: {received} of {total} bytes (the connection was cut); "
                               f"nothing was cached, try again")
@@ -142,6 +173,36 @@ def _receive(response, out: BinaryIO, url: str, expected: Optional[str],
         except CheckpointError as exc:
             raise CheckpointError(f"the download of {url} is not a weights file: {_describe(out.name, received, exc)}"
                                   f"; nothing was cached") from None
+
+
+class _Progress:
+    """A progress bar on a terminal; elsewhere (a log file, a batch job) a log line every PROGRESS_EVERY_S."""
+
+    def __init__(self, name: str, total: Optional[int]) -> None:
+        self.name, self.total, self.done = name, total, 0
+        self.bar = None
+        self.last = time.monotonic()
+
+    def __enter__(self) -> "_Progress":
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=self.name, leave=False)
+        return self
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            share = f"{100 * self.done / self.total:.0f}% of {self.total / 2**20:.1f} MiB" if self.total else \
+                f"{self.done / 2**20:.1f} MiB"
+            logger.info("downloading %s: %s", self.name, share)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _describe(path: str, size: int, failure: CheckpointError) -> str:

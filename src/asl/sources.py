@@ -8,28 +8,41 @@
   ``HF_HUB_OFFLINE`` and its usual token);
 - an ``http(s)`` URL of a file (:mod:`asl.download`).
 
-:func:`resolve` turns a source into a local weights file and the ``config.json`` beside it, if any;
-:func:`checkpoint_entries` turns that config (ours, or timm's) into the checkpoint entries the rest of the package
-reads (``num_classes``, ``idx_to_class``, ``model_name``, ``image_size``, ...).
+:func:`resolve` turns a source into a local weights file and the ``config.json`` beside it, if any (only regular
+files are taken, and a config of bounded size); :func:`checkpoint_entries` turns that config (ours, or timm's) into
+the checkpoint entries the rest of the package reads (``num_classes``, ``idx_to_class``, ``model_name``,
+``image_size``, ...). Reading the weights is :mod:`asl.checkpoint`'s job; this module imports neither it nor
+:mod:`asl.models`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import stat
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from .download import OFFLINE_HINT, download, is_url
 from .errors import CheckpointError
 
-__all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "Resolved", "is_hub_id", "is_remote", "parse_hub_id", "resolve",
-           "read_safetensors", "checkpoint_entries", "config_from_checkpoint"]
+__all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "MAX_CONFIG_BYTES", "Resolved", "is_hub_id", "is_remote",
+           "parse_hub_id", "resolve", "regular_file", "checkpoint_entries", "config_from_checkpoint"]
 
 HUB_PREFIX = "hf-hub:"
 #: the weights file of a folder or Hub repository, in order of preference (safetensors never runs code)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_FILE = "config.json"
+#: the largest config.json read: ours lists the class names (Open Images' 9605 take about 300 KB)
+MAX_CONFIG_BYTES = 16 << 20
+#: the Hub's rule for each half of ORG/NAME: letters, digits, '-', '_', '.', at most 96 characters in all
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
+_HUB_ID_MAX = 96
+#: seconds to wait for the Hub's server to accept a connection before asking it for files
+_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -49,12 +62,49 @@ def is_remote(source: Optional[str]) -> bool:
     return bool(source) and (is_hub_id(source) or is_url(source))
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` for a message: its repr, cut to about ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def parse_hub_id(source: str) -> tuple[str, Optional[str]]:
-    """``hf-hub:ORG/NAME[@REVISION]`` -> (``ORG/NAME``, revision or None)."""
+    """``hf-hub:ORG/NAME[@REVISION]`` -> (``ORG/NAME``, revision or None); a malformed id is named as such."""
     repo, _, revision = source[len(HUB_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise CheckpointError(f"{source}: a Hub id is hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    parts = repo.split("/")
+    if (len(parts) != 2 or len(repo) > _HUB_ID_MAX or not all(_HUB_NAME.fullmatch(p) for p in parts)
+            or ".." in repo or "--" in repo or any(c.isspace() or not c.isprintable() for c in revision)):
+        raise CheckpointError(f"malformed Hub id {_clip(source)}: a Hub id is hf-hub:ORG/NAME or "
+                              f"hf-hub:ORG/NAME@REVISION (letters, digits, '-', '_' and '.', at most {_HUB_ID_MAX} "
+                              f"characters)")
     return repo, revision or None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def regular_file(path: str, origin: Optional[str] = None) -> str:
+    """``path`` when it names a regular file, links followed (the Hub cache links its snapshots to blobs);
+    :class:`CheckpointError` otherwise: a pipe or a device would block or never end, and is never a weights file."""
+    origin = origin or path
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        dangling = " (a link to nothing)" if os.path.islink(path) else ""
+        raise CheckpointError(f"checkpoint not found: {origin}{dangling}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {origin}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{origin} is not a regular file: it is {_kind(mode)}")
+    return path
 
 
 def resolve(source: str, sha256: Optional[str] = None, check: Optional[Callable[[str], Any]] = None) -> Resolved:
@@ -64,18 +114,29 @@ def resolve(source: str, sha256: Optional[str] = None, check: Optional[Callable[
         return _resolve_hub(source)
     if is_url(source):
         return Resolved(download(source, sha256, check=check), None)
-    path = Path(source)
-    if path.is_dir():
-        return _resolve_folder(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {source}")
-    return Resolved(source, None)
+    if os.path.isdir(source):
+        return _resolve_folder(Path(source))
+    return Resolved(regular_file(source), None)
 
 
-def _read_config(path: Path, origin: str) -> dict:
+def _read_config(path: str, origin: str) -> dict:
+    """A config.json, read only if it is a regular file of at most :data:`MAX_CONFIG_BYTES` (links followed)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; fstat then tells what it is.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{origin}: cannot read its {CONFIG_FILE} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{origin}: its {CONFIG_FILE} is not a regular file: it is {_kind(info.st_mode)}")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{origin}: its {CONFIG_FILE} holds {info.st_size} bytes, more than the "
+                                  f"{MAX_CONFIG_BYTES >> 20} MiB a config can take")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        config = json.loads(data[:MAX_CONFIG_BYTES].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{origin}: cannot read its {CONFIG_FILE} ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{origin}: its {CONFIG_FILE} is not a JSON object")
@@ -83,13 +144,57 @@ def _read_config(path: Path, origin: str) -> dict:
 
 
 def _resolve_folder(folder: Path) -> Resolved:
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    weights = next((folder / name for name in WEIGHT_FILES if os.path.lexists(folder / name)), None)
     if weights is None:
         raise CheckpointError(f"{folder} is a folder without weights: it needs {' or '.join(WEIGHT_FILES)} (and "
                               f"{CONFIG_FILE}), as export.py --format hf writes")
     config_path = folder / CONFIG_FILE
-    config = _read_config(config_path, str(folder)) if config_path.is_file() else None
-    return Resolved(str(weights), config)
+    config = _read_config(str(config_path), str(folder)) if os.path.lexists(config_path) else None
+    return Resolved(regular_file(str(weights)), config)
+
+
+# ----------------------------------------------------------------------------------------- the Hub
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache_dir() -> str:
+    """huggingface_hub's cache folder as the environment names it now (its own constants are read at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _hub_unreachable() -> Optional[str]:
+    """Why the Hub is evidently out of reach (offline mode, a refused connection, an unknown host), or None.
+
+    huggingface_hub retries a refused connection for about 25 s per file, printing each try; one quick probe tells
+    the same at once. A proxy is left to the client (the probe would not go through it), as is a slow answer."""
+    from huggingface_hub import constants
+
+    if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=_PROBE_TIMEOUT_S):
+            return None
+    except (ConnectionRefusedError, socket.gaierror) as exc:
+        return f"{endpoint.hostname}:{port} is unreachable ({exc.strerror or exc})"
+    except OSError:  # a timeout or a network that is merely slow: the client decides
+        return None
+
+
+class _Absent:
+    """The repository has no such file (the Hub said so, or its cache records it)."""
 
 
 def _resolve_hub(source: str) -> Resolved:
@@ -105,32 +210,61 @@ def _resolve_hub(source: str) -> Resolved:
     # it, and must not be read as "this repository has no such file".
     absent = (hub_errors.RemoteEntryNotFoundError if hasattr(hub_errors, "RemoteEntryNotFoundError")
               else hub_errors.EntryNotFoundError)
+    cache = _hub_cache_dir()
+    offline = _hub_unreachable()
 
-    def fetch(filename: str) -> Optional[str]:
-        """The local path of the repository's file, None when the repository has no such file."""
-        try:
-            return huggingface_hub.hf_hub_download(repo, filename, revision=revision, library_name="asl")
-        except hub_errors.LocalEntryNotFoundError as exc:
-            raise _hub_error(source, exc) from None
-        except absent:
-            return None
-        except Exception as exc:  # every failure of the Hub client is the user's source or network, in one line
-            raise _hub_error(source, exc) from None
+    def fetch(filename: str) -> Union[str, type, None]:
+        """The local path of the repository's file, _Absent when it has none, None when the cache cannot tell."""
+        nonlocal offline
+        if offline is None:
+            try:
+                return huggingface_hub.hf_hub_download(repo, filename, revision=revision, cache_dir=cache,
+                                                       library_name="asl")
+            except hub_errors.LocalEntryNotFoundError:
+                offline = "the Hub did not answer"
+            except absent:
+                return _Absent
+            except Exception as exc:  # every failure of the Hub client is the user's source or network, in one line
+                raise _hub_error(source, exc) from None
+        return _from_cache(huggingface_hub, repo, filename, revision, cache, source)
 
     config_file = fetch(CONFIG_FILE)
-    weights = next((path for path in map(fetch, WEIGHT_FILES) if path is not None), None)
+    found = [fetch(name) for name in WEIGHT_FILES]
+    weights = next((path for path in found if isinstance(path, str)), None)
     if weights is None:
-        raise CheckpointError(f"{source} holds no weights file ({' or '.join(WEIGHT_FILES)})")
-    config = _read_config(Path(config_file), source) if config_file else None
-    return Resolved(weights, config)
+        if all(path is _Absent for path in found):
+            raise CheckpointError(f"{source} holds no weights file ({' or '.join(WEIGHT_FILES)})")
+        raise CheckpointError(f"{source}: {offline} and its weights are not in the Hub cache ({cache}); "
+                              f"{OFFLINE_HINT}")
+    config = _read_config(config_file, source) if isinstance(config_file, str) else None
+    return Resolved(regular_file(weights, f"{source}: its {os.path.basename(weights)}"), config)
+
+
+def _from_cache(huggingface_hub, repo: str, filename: str, revision: Optional[str], cache: str,
+                source: str) -> Union[str, type, None]:
+    """What the cached snapshot holds for ``filename``: its path, _Absent (huggingface_hub recorded that the
+    repository has no such file), or None. A snapshot entry that exists but is no regular file is refused here,
+    where huggingface_hub's lookup would report it as missing."""
+    found = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
+    if isinstance(found, str):
+        return found
+    if found is not None:  # huggingface_hub's _CACHED_NO_EXIST
+        return _Absent
+    folder = Path(cache) / ("models--" + repo.replace("/", "--"))
+    ref = folder / "refs" / (revision or "main")
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else (revision or "main")
+    entry = folder / "snapshots" / commit / filename
+    if os.path.lexists(entry):
+        regular_file(str(entry), f"{source}: its cached {filename}")
+    return None
 
 
 def _hub_error(source: str, exc: Exception) -> CheckpointError:
     from huggingface_hub import errors as hub_errors
 
-    if isinstance(exc, hub_errors.LocalEntryNotFoundError):
-        return CheckpointError(f"{source}: the Hub is offline (HF_HUB_OFFLINE) or unreachable and the file is not in "
-                               f"its cache; {OFFLINE_HINT}")
+    if isinstance(exc, hub_errors.HFValidationError):
+        return CheckpointError(f"malformed Hub id {_clip(source)}: a Hub id is hf-hub:ORG/NAME or "
+                               f"hf-hub:ORG/NAME@REVISION")
     if isinstance(exc, hub_errors.GatedRepoError):
         return CheckpointError(f"{source}: HTTP 403, a gated repository: accept its terms on the Hub and log in "
                                f"(hf auth login)")
@@ -141,28 +275,8 @@ def _hub_error(source: str, exc: Exception) -> CheckpointError:
         return CheckpointError(f"{source}: no such revision on the Hub")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CheckpointError(f"{source}: the Hub answered {'HTTP ' + str(status) if status else reason}; see "
-                           f"MODEL_ZOO.md ({OFFLINE_HINT})")
-
-
-def read_safetensors(path: str) -> tuple[dict, dict]:
-    """(state dict, the ``asl`` config stored in the file's metadata or {}) of a safetensors file."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise CheckpointError(f"{path}: safetensors files need the safetensors package") from None
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not read the safetensors file {path}: {reason}") from None
-    try:
-        config = json.loads(metadata.get("asl", "{}"))
-    except ValueError:
-        config = {}
-    return tensors, config if isinstance(config, dict) else {}
+    return CheckpointError(f"{source}: the Hub answered {'HTTP ' + str(status) if status else _clip(reason, 200)}; "
+                           f"see MODEL_ZOO.md ({OFFLINE_HINT})")
 
 
 def _whole(value: Any) -> Optional[int]:
@@ -232,8 +346,3 @@ def config_from_checkpoint(ckpt: Mapping[str, Any], class_names: list, image_siz
                            "num_classes": len(class_names)},
         "asl": asl,
     }
-
-
-def weights_suffix(source: str) -> str:
-    """The file ending that tells how to read a source's weights (``.safetensors`` or a torch file)."""
-    return os.path.splitext(source.split("?")[0])[1].lower()

@@ -103,9 +103,18 @@ def detect_head(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, An
         return None
     queries = sd.get(ML_DECODER_PREFIX + "query_embed.weight")
     bias = sd.get(ML_DECODER_PREFIX + "duplicate_pooling_bias")
+    pooling = sd.get(ML_DECODER_PREFIX + "duplicate_pooling")
+    # original (zero-shot ML-Decoder): the queries come from word vectors through head.wordvec_proj (an identity
+    # for 300-wide ones), there is no query_embed, and duplicate_pooling is one (D, 1) matrix shared by all.
+    if "head.wordvec_proj.weight" in sd or (queries is None and pooling is not None and pooling.dim() == 2):
+        raise CheckpointError("the checkpoint holds ML-Decoder's zero-shot variant (queries made from word vectors, "
+                              "one shared duplicate_pooling), which is not supported")
     if queries is None or bias is None or len(queries.shape) != 2 or len(bias.shape) != 1:
-        raise CheckpointError("the checkpoint has an ML-Decoder head without query_embed.weight (G, D) and "
-                              "duplicate_pooling_bias (C): the zero-shot variant is not supported")
+        def shown(key, tensor):
+            return f"{key} {'missing' if tensor is None else 'of shape ' + str(tuple(tensor.shape))}"
+        raise CheckpointError(f"the checkpoint's ML-Decoder head is damaged: it needs {ML_DECODER_PREFIX}"
+                              f"query_embed.weight (groups, width) and duplicate_pooling_bias (classes), and has "
+                              f"{shown('query_embed.weight', queries)}, {shown('duplicate_pooling_bias', bias)}")
     return {"head": "ml-decoder", "num_of_groups": int(queries.shape[0]), "decoder_embedding": int(queries.shape[1]),
             "num_classes": int(bias.shape[0])}
 

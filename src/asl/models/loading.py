@@ -38,7 +38,8 @@ from .ml_decoder import DEFAULT_EMBEDDING
 from .timm_backbone import TimmClassifier
 
 __all__ = ["LoadedModel", "load_model", "create_model", "load_pretrained_backbone", "load_model_state",
-           "resolve_architecture", "class_names_from_checkpoint", "stored_image_size"]
+           "check_state_fits", "check_values", "resolve_architecture", "class_names_from_checkpoint",
+           "stored_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,22 @@ def check_state_fits(model: nn.Module, state_dict: Mapping[str, Any], model_name
     return relevant(k for k in state_dict if k in expected)
 
 
+def check_values(state_dict: Mapping[str, Any], keys: list[str], expected: Mapping[str, torch.Tensor]) -> None:
+    """:class:`CheckpointError` naming the first tensor that is not what it claims: an integer or boolean tensor
+    where the model holds floats (a quantised or damaged file: casting it would run silently wrong), or a floating
+    one with NaN or infinite values (buffers such as ``running_var`` included). float16, bfloat16 and float64 are
+    cast on load, as timm does."""
+    for key in keys:
+        value, wanted = state_dict[key], expected[key]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint entry {key} is a {type(value).__name__}, not a tensor")
+        if wanted.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"checkpoint tensor {key} is {str(value.dtype).replace('torch.', '')} where the "
+                                  f"model holds floats: not a float weights file (quantised or damaged)")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint tensor {key} holds NaN or infinite values: the weights are broken")
+
+
 def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
                      skip_prefix: Optional[str] = None) -> None:
     """Load ``state_dict`` into ``model`` strictly, or raise one :class:`CheckpointError` explaining the mismatch.
@@ -147,6 +164,7 @@ def load_model_state(model: nn.Module, state_dict: Mapping, model_name: str, *,
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
     keys = check_state_fits(model, state_dict, model_name, skip_prefix=skip_prefix)
+    check_values(state_dict, keys, model.state_dict())
     to_load = OrderedDict((k, state_dict[k]) for k in keys)
     model.load_state_dict(to_load, strict=False)
     logger.info("loaded %d tensors into %s", len(to_load), model_name)
@@ -187,20 +205,50 @@ class LoadedModel:
         return size, origin
 
 
+#: the model zoos' file names (MS_COCO_TRresNet_L_448_86.6.pth, tresnet_l_COCO__448_90_0.pth): a TResNet named,
+#: then one of the zoos' sizes as a field of its own. Other names (asl_coco_2024.pth, run_0100_best.pth) say nothing.
+_ZOO_NAME = re.compile(r"t{1,2}r?resnet", re.IGNORECASE)
+_ZOO_SIZE = re.compile(r"_(224|448|640)(?=[_.]|$)(?!_groups)")
+
+
+def _size_value(value: Any) -> Optional[int]:
+    """A stored size read as a whole number of pixels (64, 64.0, "64", a 0-d tensor), or None."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            return None
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    if not np.isfinite(value) or not float(value).is_integer() or not 1 <= value <= MAX_IMAGE_SIZE:
+        return None
+    return int(value)
+
+
 def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
     """The input size a checkpoint was made for, and where it was read.
 
     Ours store ``image_size``. The official model-zoo files do not, but name it (``..._448_86.6.pth``); a file that
-    says neither gets 448, the size of most of the paper's models.
+    says neither gets 448, the size of most of the paper's models. A stored value that is no size is named, with
+    the size used instead.
     """
     stored = ckpt.get("image_size")
-    if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= MAX_IMAGE_SIZE:
-        return stored, "stored in the checkpoint"
-    # "_200_groups" in an ML-Decoder file name (tresnet_m_open_images_200_groups_86_8.pth) is a query count
-    named = re.search(r"_(\d{3,4})(?=[_.]|$)(?!_groups)", PurePath(source.split("?")[0]).name)
-    if named and int(named.group(1)) <= MAX_IMAGE_SIZE:
-        return int(named.group(1)), "from the file name"
-    return DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say"
+    size = _size_value(stored)
+    if size is not None:
+        return size, "stored in the checkpoint"
+    name = PurePath(source.split("?")[0]).name
+    named = _ZOO_SIZE.search(name) if _ZOO_NAME.search(name) else None
+    fallback = (int(named.group(1)), "from the file name") if named else (DEFAULT_IMAGE_SIZE, "the default")
+    if stored is None:
+        return fallback if named else (DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say")
+    shown = repr(stored)
+    shown = shown if len(shown) <= 40 else shown[:40] + "..."
+    return fallback[0], (f"{fallback[1]}: the checkpoint's image_size {shown} is no size within "
+                         f"1..{MAX_IMAGE_SIZE}")
 
 
 def _whole_number(value: Any) -> int:
@@ -346,10 +394,15 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
     arch = resolve_architecture(ckpt, model_name, num_classes)
-    model = create_model(arch["model_name"], arch["num_classes"], bottleneck_head=arch["bottleneck_head"],
-                         head=arch["head"], num_of_groups=arch["num_of_groups"],
-                         decoder_embedding=arch["decoder_embedding"])
-    load_model_state(model, normalize_state_dict(model, ckpt["model"]), arch["model_name"])
+    sizes = {k: arch[k] for k in ("bottleneck_head", "head", "num_of_groups", "decoder_embedding")}
+    # The stored sizes (a config.json's num_classes, say) are checked against the weights' shapes on a network
+    # without storage first: a wrong 1e9 classes is then one line, not an allocation of terabytes.
+    with torch.device("meta"):
+        skeleton = build_model(arch["model_name"], arch["num_classes"], **sizes)
+    state = normalize_state_dict(skeleton, ckpt["model"])
+    check_state_fits(skeleton, state, arch["model_name"])
+    model = build_model(arch["model_name"], arch["num_classes"], **sizes)
+    load_model_state(model, state, arch["model_name"])
     model.eval()
     device = torch.device(device)
     # Moved first: prepare_for_inference picks the memory layout for the device the model is on.

@@ -162,6 +162,21 @@ class MultiLabelDataset(Dataset):
         # is named once per run rather than once per worker and epoch.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._unreadable = torch.zeros(len(labels), dtype=torch.uint8).share_memory_()
+        self._shared()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_views", None)  # a worker makes its own views of the shared tensors, which travel instead
+        return state
+
+    def _shared(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views of the shared epoch and unreadable flags, made once per process (a worker makes its own):
+        each item then reads plain memory, not a tensor (the training loop counts tensor reads as host syncs)."""
+        views = self.__dict__.get("_views")
+        if views is None or views[0] != os.getpid():
+            views = (os.getpid(), self._epoch.numpy(), self._unreadable.numpy())
+            self.__dict__["_views"] = views
+        return views[1], views[2]
 
     # ---- the dataset contract
     def __len__(self) -> int:
@@ -188,7 +203,7 @@ class MultiLabelDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch[0])
+        return int(self._shared()[0][0])
 
     def num_unreadable(self) -> int:
         """How many distinct images have been found unreadable so far (in any worker)."""
@@ -209,15 +224,16 @@ class MultiLabelDataset(Dataset):
         index = int(index)
         if index < 0:
             index += len(self)
-        if self._unreadable[index] and not self.strict:
+        unreadable = self._shared()[1]
+        if unreadable[index] and not self.strict:
             return None
         try:
             arr = self.load_resized(index)
         except UnreadableImageError as exc:
             if self.strict:
                 raise DatasetError(f"{exc} (strict data mode)") from exc
-            if not self._unreadable[index]:
-                self._unreadable[index] = 1
+            if not unreadable[index]:
+                unreadable[index] = 1
                 logger.warning("skipping unreadable image %s (%s)", exc.path, exc.reason)
             return None
         rng = item_rng(self.seed, self.epoch, index) if self.train else None

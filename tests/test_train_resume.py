@@ -81,13 +81,21 @@ def should_die(info):
 """
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic, tmp_path_factory):
+    """The reference both fault tests resume to: two epochs with two DataLoader workers, uninterrupted, run once
+    in-process (the process boundary matters to the runs that are killed, not to this one)."""
+    torch.set_num_threads(1)
+    full = tmp_path_factory.mktemp("full")
+    assert train.main(_flags(synthetic, full, "-j", "2", "--stop-epoch", "1")) == 0
+    return full
+
+
 @pytest.mark.faults
 def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, synthetic, run_script,
-                                                                     self_killing_train):
-    full, killed = tmp_path / "full", tmp_path / "killed"
+                                                                     self_killing_train, uninterrupted):
+    full, killed = uninterrupted, tmp_path / "killed"
     common = ["-j", "2", "--stop-epoch", "1", "--save-every-steps", "2"]
-    run = run_script(["train.py", *_flags(synthetic, full, *common)])
-    assert run.returncode == 0, run.stderr[-2000:]
     run = run_script(["-c", self_killing_train(_DIES_AT_EPOCH_1_STEP_2), *_flags(synthetic, killed, *common)])
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     saved = torch.load(killed / "last.pth", weights_only=True)
@@ -101,15 +109,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_workers(tmp_path, s
 
 @pytest.mark.faults
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_bit_identically(tmp_path, synthetic,
-                                                                                     run_script):
+                                                                                     run_script, uninterrupted):
     """What SLURM's scancel does: SIGTERM to every process of the group, DataLoader workers included."""
     import os
     import subprocess
     import sys
 
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    full, stopped = uninterrupted, tmp_path / "stopped"
     common = ["-j", "2", "--stop-epoch", "1", "-p", "1"]
-    assert run_script(["train.py", *_flags(synthetic, full, *common)]).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"),
                              *_flags(synthetic, stopped, *common)], env=env, stdout=subprocess.PIPE,

@@ -142,3 +142,12 @@ def test_classes_found_in_the_csv_include_unknown_and_negative_names(tmp_path):
 
     (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat|?dog|-ant\n")
     assert create_dataset("csv", tmp_path, None, 16, train=False).classes == ["ant", "cat", "dog"]
+
+
+def test_parse_simulation():
+    from asl.data.partial import parse_simulation
+
+    assert parse_simulation("fpc:1000") == ("fpc", 1000) and parse_simulation("RPS:0.5") == ("rps", 0.5)
+    for bad in ("fpc", "rps:half", "fpc:1.5", "xyz:1"):
+        with pytest.raises(DatasetError):
+            parse_simulation(bad)

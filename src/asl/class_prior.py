@@ -85,14 +85,19 @@ class PriorEstimate:
     samples, never reset between epochs. The sum stays on the logits' device and :meth:`update` reads nothing back,
     so it adds no host synchronisation to a training step.
 
-    Under several processes each keeps its own sum; :meth:`mean` and :meth:`state_dict` take a ``reduce`` callable
-    that sums a tensor over the processes (e.g. an all-reduce), called by every process at the same point.
+    Under several processes each keeps the sum of its own samples. ``reduce`` sums a tensor over the processes (an
+    all-reduce): :meth:`mean` and :meth:`state_dict` call it, so every process must call them at the same point.
+    ``holds_total``: whether this process takes the saved sum on :meth:`load_state_dict` (exactly one does; the
+    others start from zero, so that the sum over the processes is the saved one).
     """
 
-    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu", *,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, holds_total: bool = True):
         self.num_classes = int(num_classes)
         self.total = torch.zeros(self.num_classes, dtype=torch.float32, device=device)
         self.count = 0  # samples of this process; a host number, known from the batch shape without a sync
+        self.reduce = reduce
+        self.holds_total = holds_total
 
     def update(self, logits: torch.Tensor) -> None:
         with torch.no_grad():
@@ -100,33 +105,32 @@ class PriorEstimate:
             self.total += probs.reshape(-1, self.num_classes).sum(dim=0)
             self.count += probs.numel() // self.num_classes
 
-    def _summed(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> tuple[torch.Tensor, float]:
-        if reduce is None:
-            return self.total.clone(), float(self.count)
-        both = torch.cat([self.total, self.total.new_tensor([float(self.count)])])
-        both = reduce(both)
-        return both[:-1], float(both[-1])
+    def _summed(self) -> tuple[torch.Tensor, int]:
+        if self.reduce is None:
+            return self.total.clone(), self.count
+        # float64 for the exchange: a count of millions of samples stays exact
+        both = torch.cat([self.total.double(), self.total.new_tensor([self.count], dtype=torch.float64)])
+        both = self.reduce(both)
+        return both[:-1].float(), int(both[-1].item())
 
-    def mean(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        """The prior over every sample seen (all processes with ``reduce``); ``None`` before the first sample."""
-        total, count = self._summed(reduce)
+    def mean(self) -> Optional[torch.Tensor]:
+        """The prior over every sample seen (by all processes); ``None`` before the first sample."""
+        total, count = self._summed()
         if count == 0:
             return None
         return total / count
 
-    def state_dict(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
-        """The sum and count of all processes (with ``reduce``), on the CPU: what a resumed run starts from."""
-        total, count = self._summed(reduce)
+    def state_dict(self) -> dict:
+        """The sum and count over all processes, on the CPU: what a resumed run starts from."""
+        total, count = self._summed()
         return {"total": total.cpu(), "count": count}
 
-    def load_state_dict(self, state: dict, *, holds_total: bool = True) -> None:
-        """Continue from :meth:`state_dict`. With several processes exactly one passes ``holds_total=True`` and
-        the others start from zero, so that the sum over the processes is the saved one."""
+    def load_state_dict(self, state: dict) -> None:
         total = torch.as_tensor(state["total"], dtype=torch.float32)
         count = float(state["count"])
         if total.shape != (self.num_classes,) or not math.isfinite(count) or count < 0:
             raise UsageError(f"the saved class prior holds {total.numel()} classes, the model has {self.num_classes}")
-        if holds_total:
+        if self.holds_total:
             self.total = total.to(self.total.device)
             self.count = int(count)
         else:

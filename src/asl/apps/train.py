@@ -19,7 +19,9 @@ from asl import distributed as dist_utils
 from asl.cli import run_main, setup_logging
 from asl.data import create_dataset, create_loader
 from asl.errors import UsageError
-from asl.losses import AsymmetricLoss
+from asl.class_prior import PriorEstimate, prior_csv_text
+from asl.data.partial import has_unknown_labels, parse_simulation, simulate_partial_dataset
+from asl.losses import AsymmetricLoss, PartialSelectiveLoss
 from asl.models import create_model
 from asl.models.loading import load_model_state
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, MLDecoder
@@ -55,6 +57,8 @@ def train(options: TrainOptions) -> int:
         resume_path = RunFolder.find_resume(options.resume, output_dir)
         resume = RunFolder.load_resume(resume_path) if resume_path else None
         train_ds, val_ds = build_datasets(options)
+        prepare_partial_labels(options, train_ds, info.is_main)
+        criterion = build_criterion(options, train_ds.num_classes, info.device)
         amp_dtype = resolve_amp_dtype(options.amp_dtype, info.device)
         # What ran, not "auto"; the class count is the dataset's.
         options = dataclasses.replace(options, num_classes=train_ds.num_classes, amp_dtype=amp_dtype_name(amp_dtype))
@@ -80,12 +84,10 @@ def train(options: TrainOptions) -> int:
             logger.info("%s: %d training / %d validation images, %d classes; %s with %s on %s x%d, %d steps per "
                         "epoch", options.dataset, len(train_ds), len(val_ds), train_ds.num_classes, options.model_name,
                         describe_head(state.model), info.device, info.world_size, steps_per_epoch)
-        criterion = AsymmetricLoss(gamma_neg=options.gamma_neg, gamma_pos=options.gamma_pos, clip=options.clip,
-                                   disable_torch_grad_focal_loss=True)  # original: summed, fp32
         with EpochProgress(options.epochs, steps_per_epoch, options.print_freq, info.is_main, output_dir,
                            options.tensorboard) as progress:
             outcome = fit(state, train_loader, val_loader, criterion, run_folder, config, on_step=progress.step,
-                          on_epoch=progress.epoch)
+                          on_epoch=with_prior_file(progress.epoch, state, run_folder, train_ds.classes))
         if outcome is FitOutcome.INTERRUPTED and info.is_main:
             print(f"interrupted at epoch {state.epoch}, step {state.step}: state saved to {run_folder.last_path}; "
                   f"continue with --resume auto", flush=True)
@@ -151,6 +153,58 @@ def build_datasets(options: TrainOptions) -> tuple[Any, Any]:
     return train_ds, val_ds
 
 
+def prepare_partial_labels(options: TrainOptions, train_ds, is_main: bool) -> None:
+    """``--simulate-partial`` hides annotations of the training set (one line says how many it kept);
+    ``--unannotated ignore`` is refused on a training set without unknown labels, where it would do nothing."""
+    labelled = hasattr(train_ds, "labels")  # a label table read up front (not a stream of shards)
+    if options.simulate_partial:
+        if not labelled:
+            raise UsageError(f"--simulate-partial needs a dataset whose labels are read up front, not "
+                             f"{options.dataset}")
+        mode, param = parse_simulation(options.simulate_partial)
+        kept, annotated = simulate_partial_dataset(train_ds, mode, param, seed=options.seed)
+        if is_main:
+            print(f"partial labels simulated ({mode} {param:g}): kept {100 * kept / max(annotated, 1):.1f}% of "
+                  f"{annotated:,} annotations", flush=True)
+    if options.unannotated == "ignore" and labelled and not has_unknown_labels(train_ds):
+        raise UsageError(f"--unannotated ignore: the {options.dataset} training set marks no label unknown (-1), so "
+                         f"there is nothing to ignore (csv sets mark them with ?name, see Datasets.md)")
+
+
+def build_criterion(options: TrainOptions, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """ASL, or with ``--partial-loss-mode`` CSL's loss; a class prior of another length is refused in one line."""
+    if options.partial_loss_mode is None:
+        return AsymmetricLoss(gamma_neg=options.gamma_neg, gamma_pos=options.gamma_pos, clip=options.clip,
+                              disable_torch_grad_focal_loss=True)  # original: summed, fp32
+    criterion = PartialSelectiveLoss(gamma_pos=options.gamma_pos, gamma_neg=options.gamma_neg,
+                                     gamma_unann=options.gamma_unann, alpha_pos=options.alpha_pos,
+                                     alpha_neg=options.alpha_neg, alpha_unann=options.alpha_unann, clip=options.clip,
+                                     partial_loss_mode=options.partial_loss_mode,
+                                     likelihood_topk=options.likelihood_topk,
+                                     prior_threshold=options.prior_threshold, prior=options.prior_path)
+    criterion.check_num_classes(num_classes)
+    return criterion.to(device)  # the prior's buffer: moved once, not copied every step
+
+
+#: the class prior a run with --partial-loss-mode writes each epoch (original: ComputePrior.save_prior)
+PRIOR_FILE = "prior.csv"
+
+
+def with_prior_file(on_epoch, state: TrainState, run_folder: RunFolder, classes):
+    """``on_epoch``, preceded by the writing of ``prior.csv`` when the run estimates the class prior. Every process
+    runs it: the estimate is summed over all of them."""
+    if state.prior is None:
+        return on_epoch
+
+    def write_prior_then(record):
+        mean = state.prior.mean()
+        if mean is not None:
+            run_folder.write_text(PRIOR_FILE, prior_csv_text(classes, mean.tolist()))
+        on_epoch(record)
+
+    return write_prior_then
+
+
 def build_loaders(options: TrainOptions, train_ds, val_ds, local_batch: int,
                   info: dist_utils.DistInfo) -> tuple[Any, Any]:
     pin = info.device.type == "cuda"
@@ -187,6 +241,10 @@ def build_state(options: TrainOptions, resume: Optional[dict], resume_path: Opti
     state = create_train_state(model, lr=options.lr, weight_decay=options.weight_decay,
                                ema_decay=options.ema_decay, epochs=options.epochs, steps_per_epoch=steps_per_epoch,
                                amp_dtype=amp_dtype, device=info.device)
+    if options.partial_loss_mode is not None:
+        # original: ComputePrior, the mean training output since the run started; kept in last.pth to resume
+        state.prior = PriorEstimate(options.num_classes, info.device, holds_total=info.is_main,
+                                    reduce=dist_utils.all_reduce_sum if info.distributed else None)
     if resume is not None:
         if resume.get("steps_per_epoch") != steps_per_epoch:
             raise UsageError(f"--resume {resume_path}: {resume.get('steps_per_epoch')} steps per epoch were saved "
@@ -205,11 +263,14 @@ def build_state(options: TrainOptions, resume: Optional[dict], resume_path: Opti
 
 
 def _loss_mask_mode(options: TrainOptions) -> Optional[str]:
-    """'ignore' when training targets can hold -1 (not annotated / difficult), so the loss masks them."""
-    if (options.dataset == "openimages" and options.unannotated == "ignore") or \
-            (options.dataset == "voc" and options.difficult == "ignore"):
+    """What the ASL loss does with targets of -1 (not annotated, VOC difficult, hidden by --simulate-partial or a csv
+    set's ?name): 'ignore' masks them, 'negative' counts them as 0. With --partial-loss-mode they reach CSL's loss
+    as they are (None)."""
+    if options.partial_loss_mode is not None:
+        return None
+    if options.unannotated == "ignore" or (options.dataset == "voc" and options.difficult == "ignore"):
         return "ignore"
-    return None
+    return "negative"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from asl.models import HEADS, check_head, check_model_name
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, ml_decoder_sizes
 
 from .options import data_options, dataset_options, recipe_options, runtime_options
+from .partial_options import defer_loss_defaults, partial_label_options, resolve_partial_options
 
 __all__ = ["TrainOptions", "build_parser", "parse_options", "resolve_options", "read_config", "SET_BY_TRAIN"]
 
@@ -81,8 +82,20 @@ class TrainOptions:
     save_every_steps: int
     max_steps_per_epoch: Optional[int]
     tensorboard: bool
-    unannotated: str
+    unannotated: Optional[str]
     difficult: str
+    # partial labels (asl.apps.partial_options); unannotated is None with --partial-loss-mode
+    partial_loss_mode: Optional[str]
+    gamma_unann: float
+    alpha_pos: float
+    alpha_neg: float
+    alpha_unann: float
+    likelihood_topk: int
+    prior_path: Optional[str]
+    prior_threshold: float
+    simulate_partial: Optional[str]
+    simulate_partial_type: Optional[str]
+    simulate_partial_param: Optional[float]
     config: Optional[str]
 
     def as_dict(self) -> dict[str, Any]:
@@ -100,7 +113,8 @@ def build_parser() -> ArgumentParser:
     parents = [data_options("--val-split", "default: val2014 for coco (see Datasets.md)"),
                runtime_options(batch_size=128, workers=8, amp_dtype="auto",
                                amp_help="autocast dtype; auto: float16 on CUDA (the original), fp32 on the CPU; an "
-                                        "explicit value applies on any device"), recipe_options()]
+                                        "explicit value applies on any device"), recipe_options(),
+               partial_label_options()]
     p = ArgumentParser(prog="train.py", parents=parents,
                        description="Train with the Asymmetric Loss (ASL, ICCV 2021).")
     p.add_argument("--train-split", type=str, default=None, help="default: train2014 for coco (see Datasets.md)")
@@ -144,6 +158,7 @@ def build_parser() -> ArgumentParser:
                         "the command line overrides it, args.json records the result")
     # original: a progress line every 100 steps; the loss is read back from the device at those steps only
     p.set_defaults(print_freq=100)
+    defer_loss_defaults(p)
     return p
 
 
@@ -255,7 +270,7 @@ def resolve_options(args: argparse.Namespace) -> TrainOptions:
     dataset = canonical_name(args.dataset)
     check_data_dir(args.data, generated=dataset == "synthetic")
     dataset_options(args.dataset_option, "train.py", SET_BY_TRAIN)  # checked before the output folder is made
-    return TrainOptions(**{**vars(args), **_resolve_head(args), "dataset": dataset,
+    return TrainOptions(**{**vars(args), **_resolve_head(args), **resolve_partial_options(args), "dataset": dataset,
                            "dataset_option": tuple(args.dataset_option),
                            "train_split": args.train_split or default_split(dataset, True),
                            "val_split": args.val_split or default_split(dataset, False)})

@@ -22,7 +22,8 @@ import torch
 
 from .base import DatasetError, LabelTable, MultiLabelDataset
 
-__all__ = ["PARTIAL_SIMULATIONS", "simulate_partial_labels", "simulate_partial_dataset", "has_unknown_labels"]
+__all__ = ["PARTIAL_SIMULATIONS", "simulate_partial_labels", "simulate_partial_dataset", "has_unknown_labels",
+           "parse_simulation"]
 
 #: mode -> what ``param`` means
 PARTIAL_SIMULATIONS = {"fpc": "positives and negatives kept per class", "rps": "probability of dropping a label"}
@@ -49,6 +50,18 @@ def _check(mode: str, param) -> tuple[str, Union[int, float]]:
         raise DatasetError(f"partial-label simulation rps: param is the probability of dropping a label, "
                            f"within [0, 1], got {param!r}")
     return key, float(param)
+
+
+def parse_simulation(text: str) -> tuple[str, Union[int, float]]:
+    """``'fpc:N'`` or ``'rps:P'`` (train.py's ``--simulate-partial``) as ``(mode, param)``, checked."""
+    mode, sep, value = str(text).partition(":")
+    if not sep:
+        raise DatasetError(f"expected fpc:N or rps:P, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise DatasetError(f"expected fpc:N or rps:P with a number after the colon, got {text!r}") from None
+    return _check(mode, number)
 
 
 def simulate_partial_labels(targets: Targets, mode: str, param, seed: int = 0) -> Targets:

@@ -161,12 +161,23 @@ class RunFolder:
             if state.ema is not None:
                 dist_utils.broadcast_module_state(state.ema.module)
         self.check_finite(state.model.state_dict(), f"epoch {state.epoch}, step {state.step}")
+        snapshot = state.state_dict()  # on every rank: the class prior's sum is gathered from all of them
         if self.is_main:
             try:
-                save_checkpoint({**state.state_dict(), **self.meta}, self.last_path)
+                save_checkpoint({**snapshot, **self.meta}, self.last_path)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; {describe_kept(self.kept(), resume_hint=True)}") from exc
         self._last_is_ours = True
+
+    def write_text(self, name: str, text: str) -> None:
+        """A small file of the run written whole (``prior.csv``), by the main process, atomically: renamed over its
+        path, so a symbolic link there is replaced, never written through."""
+        if self.is_main:
+            path = self.output_dir / name
+            try:
+                atomic_write_text(path, text)
+            except OSError as exc:
+                raise _write_error(path, exc) from None
 
     def save_best(self, weights: Mapping[str, Any], which: str, score: float, epoch: int) -> None:
         """``model-highest.pth``: the weights that scored (``which`` is 'ema' or 'regular')."""

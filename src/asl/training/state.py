@@ -26,7 +26,9 @@ __all__ = ["TrainState", "create_train_state", "check_resume_compatible", "SCHED
 #: flags that define the model or the learning-rate schedule: a resumed run must use the checkpoint's values.
 SCHEDULE_FLAGS = ("dataset", "train_split", "model_name", "bottleneck_head", "num_classes", "image_size",
                   "batch_size", "lr", "epochs", "max_steps_per_epoch", "weight_decay", "ema_decay", "gamma_neg",
-                  "gamma_pos", "clip", "unannotated", "difficult", "seed", "head", "num_of_groups", "decoder_embedding")
+                  "gamma_pos", "clip", "unannotated", "difficult", "seed", "head", "num_of_groups", "decoder_embedding",
+                  "partial_loss_mode", "gamma_unann", "alpha_pos", "alpha_neg", "alpha_unann", "likelihood_topk",
+                  "prior_threshold", "simulate_partial")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class TrainState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     train_model: Optional[nn.Module] = None
+    #: with --partial-loss-mode, the class prior's running estimate (asl.class_prior.PriorEstimate); saved too
+    prior: Optional[Any] = None
 
     @property
     def forward_model(self) -> nn.Module:
@@ -57,7 +61,8 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "epoch": self.epoch, "step": self.step, "highest_mAP": self.highest, "rng": rng_state(),
-                "epoch_loss": {"sum": self.loss_sum, "steps": self.loss_steps}}
+                "epoch_loss": {"sum": self.loss_sum, "steps": self.loss_steps},
+                "class_prior": self.prior.state_dict() if self.prior is not None else None}
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Everything, counters and random states included: a resumed run continues exactly."""
@@ -80,6 +85,8 @@ class TrainState:
         running = saved.get("epoch_loss", {"sum": 0.0, "steps": 0})
         self.loss_sum, self.loss_steps = float(running["sum"]), int(running["steps"])
         set_rng_state(saved["rng"])
+        if self.prior is not None and saved.get("class_prior") is not None:
+            self.prior.load_state_dict(saved["class_prior"])
 
 
 def create_train_state(model: nn.Module, *, lr: float, weight_decay: float, ema_decay: float, epochs: int,

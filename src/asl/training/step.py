@@ -111,6 +111,8 @@ def _accumulate_gradients(state: Any, images: torch.Tensor, targets: torch.Tenso
             with autocast(device, config.amp_dtype):
                 # original: the loss is computed in fp32 on model(x).float(), outside autocast.
                 output = _forward(state.forward_model, x).float()
+            if getattr(state, "prior", None) is not None:
+                state.prior.update(output)  # original: ComputePrior.update(output) after every training step
             loss = criterion(output, y) if mask is None else criterion(output, y, mask=mask)
             scaled = loss * config.world_size if distributed else loss
             if state.scaler is not None:

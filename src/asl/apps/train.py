@@ -129,7 +129,8 @@ def build_datasets(options: TrainOptions) -> tuple[Any, Any]:
     common = {"seed": options.seed, "strict": options.strict_data, "with_index": True, "cache_dir": options.cache_dir}
     train_options = dict(common)
     if options.dataset == "openimages":
-        train_options["unannotated"] = options.unannotated
+        # With --partial-loss-mode the unknown labels stay -1 for CSL's loss (original: Open Images' own too).
+        train_options["unannotated"] = "ignore" if options.partial_loss_mode else options.unannotated
     if options.dataset == "voc":
         train_options["difficult"] = options.difficult
     train_ds = create_dataset(options.dataset, options.data, options.train_split, options.image_size, train=True,

@@ -212,7 +212,7 @@ def test_training_ranks_stay_in_lockstep_and_one_process_sees_each_sample_once(s
         ds.set_epoch(1)
         streams = [list(_worker_items(ds, w, workers)) for w in range(workers)]
         batches = [len(range(0, len(s), batch)) for s in streams]
-        assert sum(batches) == ds.batches_per_epoch() and sum(len(s) for s in streams) == len(ds)
+        assert sum(batches) == ds.batches_per_epoch() and sum(len(s) for s in streams) == ds.items_per_epoch()
         per_rank.append((sum(batches), [i for s in streams for i in s]))
     assert len({n for n, _ in per_rank}) == 1  # lockstep: the same number of batches everywhere
     seen = [i for _, items in per_rank for i in items]

@@ -5,9 +5,10 @@ import argparse
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from ..cli import (ArgumentParser, image_size, learning_rate, margin, nonnegative_float, nonnegative_int,
-                   parse_key_values, positive_int, probability)
+from ..cli import (ArgumentParser, check_data_dir, image_size, learning_rate, margin, nonnegative_float,
+                   nonnegative_int, parse_key_values, positive_int, probability)
 from ..data import DATASET_NAMES
+from ..data.shards_source import is_remote_data
 from ..data.transforms import MAX_PIXELS_ENV, pixel_limit
 from ..errors import UsageError
 from ..precision import amp_dtype_arg
@@ -123,9 +124,18 @@ def check_pixel_limit() -> None:
         raise UsageError(f"the environment variable {MAX_PIXELS_ENV}: {exc}") from None
 
 
+def check_data(data: str, dataset: str) -> None:
+    """DATA is a readable folder, unless it is generated on first use (synthetic) or shards served over HTTP or by a
+    command (webdataset), which are checked when their index is read."""
+    if dataset == "webdataset" and is_remote_data(data):
+        return
+    check_data_dir(data, generated=dataset == "synthetic")
+
+
 def data_options(split_flag: str, split_help: str) -> ArgumentParser:
     p = ArgumentParser(add_help=False)
-    p.add_argument("data", type=str, metavar="DATA", help="dataset root (layouts: Datasets.md)")
+    p.add_argument("data", type=str, metavar="DATA",
+                   help="dataset root (layouts: Datasets.md); webdataset: shard folder, http(s) URL or pipe:COMMAND")
     p.add_argument("--dataset", type=str, default="coco", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument(split_flag, type=str, default=None, help=split_help)
     p.add_argument("--num-classes", type=positive_int, default=None,

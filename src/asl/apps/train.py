@@ -18,6 +18,7 @@ import torch
 from asl import distributed as dist_utils
 from asl.cli import run_main, setup_logging
 from asl.data import create_dataset, create_loader
+from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.errors import UsageError
 from asl.class_prior import PriorEstimate, prior_csv_text
 from asl.data.partial import has_unknown_labels, parse_simulation, simulate_partial_dataset
@@ -128,7 +129,7 @@ def build_datasets(options: TrainOptions) -> tuple[Any, Any]:
     extra = dataset_options(options.dataset_option, "train.py", SET_BY_TRAIN)
     common = {"seed": options.seed, "strict": options.strict_data, "with_index": True, "cache_dir": options.cache_dir}
     train_options = dict(common)
-    if options.dataset == "openimages":
+    if options.dataset in ("openimages", "webdataset"):
         # With --partial-loss-mode the unknown labels stay -1 for CSL's loss (original: Open Images' own too).
         train_options["unannotated"] = "ignore" if options.partial_loss_mode else options.unannotated
     if options.dataset == "voc":
@@ -209,6 +210,11 @@ def with_prior_file(on_epoch, state: TrainState, run_folder: RunFolder, classes)
 def build_loaders(options: TrainOptions, train_ds, val_ds, local_batch: int,
                   info: dist_utils.DistInfo) -> tuple[Any, Any]:
     pin = info.device.type == "cuda"
+    if isinstance(train_ds, ShardDataset):
+        # Shards split themselves between ranks and workers (no sampler): see asl.data.shards_read.
+        return tuple(create_shard_loader(ds, local_batch, rank=info.rank, world_size=info.world_size,
+                                         num_workers=options.workers, seed=options.seed, pin_memory=pin,
+                                         persistent_workers=True) for ds in (train_ds, val_ds))
     train_sampler = dist_utils.ResumableDistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
                                                            shuffle=True, seed=options.seed)
     val_sampler = (torch.utils.data.DistributedSampler(val_ds, num_replicas=info.world_size, rank=info.rank,

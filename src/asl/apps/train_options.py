@@ -14,14 +14,14 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from asl.cli import ArgumentParser, check_data_dir, image_size, nonnegative_int, positive_int
+from asl.cli import ArgumentParser, image_size, nonnegative_int, positive_int
 from asl.data import canonical_name, default_split
 from asl.data.open_images import UNANNOTATED_MODES
 from asl.errors import UsageError
 from asl.models import HEADS, check_head, check_model_name
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, ml_decoder_sizes
 
-from .options import data_options, dataset_options, recipe_options, runtime_options
+from .options import check_data, data_options, dataset_options, recipe_options, runtime_options
 from .partial_options import defer_loss_defaults, partial_label_options, resolve_partial_options
 
 __all__ = ["TrainOptions", "build_parser", "parse_options", "resolve_options", "read_config", "SET_BY_TRAIN"]
@@ -150,7 +150,8 @@ def build_parser() -> ArgumentParser:
                    help="cap the steps of each epoch (quick runs and demos; shortens the schedule accordingly)")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard")
     p.add_argument("--unannotated", type=str, default="negative", choices=UNANNOTATED_MODES,
-                   help="openimages: unannotated labels count as negatives, or are ignored by the loss")
+                   help="openimages and webdataset: unannotated labels (-1) count as negatives, or are ignored by "
+                        "the loss")
     p.add_argument("--difficult", type=str, default="positive", choices=["positive", "ignore", "negative"],
                    help="voc: how 'difficult' objects enter training")
     p.add_argument("--config", type=str, default=None, metavar="FILE.yaml",
@@ -268,7 +269,7 @@ def resolve_options(args: argparse.Namespace) -> TrainOptions:
     fills in what the flags leave to the dataset and the head."""
     check_model_name(args.model_name)
     dataset = canonical_name(args.dataset)
-    check_data_dir(args.data, generated=dataset == "synthetic")
+    check_data(args.data, dataset)
     dataset_options(args.dataset_option, "train.py", SET_BY_TRAIN)  # checked before the output folder is made
     return TrainOptions(**{**vars(args), **_resolve_head(args), **resolve_partial_options(args), "dataset": dataset,
                            "dataset_option": tuple(args.dataset_option),

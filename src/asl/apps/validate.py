@@ -28,8 +28,9 @@ import torch
 
 from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
-from asl.cli import ArgumentParser, check_data_dir, check_writable, probability, run_main, setup_logging
+from asl.cli import ArgumentParser, check_writable, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
+from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
 from asl.models.loading import load_model
@@ -40,8 +41,8 @@ from asl.evaluation.report import markdown_text, printable, write_report
 from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresholds, max_f1_thresholds,
                                        precision_thresholds, save_thresholds)
 
-from .options import (MODEL_SOURCE_HELP, check_pixel_limit, data_options, dataset_options, inference_options,
-                      model_options, runtime_options)
+from .options import (MODEL_SOURCE_HELP, check_data, check_pixel_limit, data_options, dataset_options,
+                      inference_options, model_options, runtime_options)
 from .progress import BatchPrinter
 
 logger = logging.getLogger("validate")
@@ -81,7 +82,7 @@ def check_args(args) -> None:
         raise UsageError("--thre and --thresholds: give one or the other (--thresholds sets one per class)")
     if args.thre is None:
         args.thre = DEFAULT_THRE
-    check_data_dir(args.data, generated=args.dataset == "synthetic")
+    check_data(args.data, args.dataset)
     if args.threshold_precision is not None and not args.save_thresholds:
         raise UsageError("--threshold-precision chooses the thresholds of --save-thresholds FILE; give that too")
     if args.threshold_precision == 0:
@@ -198,12 +199,17 @@ def _dataset(args, split: str, loaded, info):
 
 
 def _scores(args, dataset, loaded, info, thresholds) -> tuple[dict[str, Any], float]:
-    # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
-    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                   shuffle=False) if info.distributed else None)
     local_batch = dist_utils.per_rank_batch(args.batch_size, info.world_size, exact=False)
-    loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
-                           pin_memory=info.device.type == "cuda")
+    if isinstance(dataset, ShardDataset):
+        # Each sample is read by one rank's worker (asl.data.shards_read); evaluate() gathers them by index.
+        loader = create_shard_loader(dataset, local_batch, rank=info.rank, world_size=info.world_size,
+                                     num_workers=args.workers, pin_memory=info.device.type == "cuda")
+    else:
+        # DistributedSampler pads with repeated images so every rank has as many; evaluate() removes the repeats.
+        sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                       shuffle=False) if info.distributed else None)
+        loader = create_loader(dataset, local_batch, sampler=sampler, num_workers=args.workers,
+                               pin_memory=info.device.type == "cuda")
     printer = BatchPrinter(dataset.num_classes, thresholds, args.print_freq, len(loader), info.is_main)
     if info.is_main:
         print("starting validation")
@@ -242,6 +248,8 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
         named = ", ".join(printable(dataset.image_path(i)) for i in skipped[:MAX_NAMED_SKIPPED])
         more = f" (+{len(skipped) - MAX_NAMED_SKIPPED} more)" if len(skipped) > MAX_NAMED_SKIPPED else ""
         print(f"skipped {len(skipped)} unreadable image(s): {named}{more}")
+    if isinstance(dataset, ShardDataset) and out["num_images"] != dataset.count:
+        print(f"scored {out['num_images']} of the {dataset.count} samples that {split}.json lists")
     if args.per_class:
         print_per_class(rows)
     if args.output_json:

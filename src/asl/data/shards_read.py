@@ -140,9 +140,7 @@ class ShardDataset(IterableDataset):
 
     # ---- the dataset contract
     def __len__(self) -> int:
-        """All samples in evaluation; in training this rank's items per epoch (what its DataLoader yields)."""
-        if self.train and self._batch_counts is not None:
-            return self.items_per_epoch()
+        """The samples of the split (``count``); what one rank reads is :meth:`items_per_epoch`."""
         return self.meta.count
 
     @property
@@ -187,6 +185,7 @@ class ShardDataset(IterableDataset):
         return sum(self._batch_counts or [])
 
     def items_per_epoch(self) -> int:
+        """Training: the items this rank's loader yields in one epoch (its own samples, and those read again)."""
         own = self._available(self.rank, None)
         extra = self.batches_per_epoch() - sum(-(-self._available(self.rank, w) // self.batch_size)
                                                for w in range(self.workers))
@@ -364,10 +363,11 @@ def open_shard_dataset(data: str, split: str, image_size: int, train: bool, **op
 
 class ShardLoader(DataLoader):
     """A DataLoader whose length is the batches it yields: with several workers each one ends its share with a
-    batch of its own, which ``len(DataLoader)`` (items / batch size) does not count."""
+    batch of its own, which ``len(DataLoader)`` (items / batch size) does not count; after ``set_start(k)`` the
+    ``k`` skipped batches do not count either (as a sampler's length after its own ``set_start``)."""
 
     def __len__(self) -> int:
-        return self.dataset.batches_per_epoch()
+        return max(0, self.dataset.batches_per_epoch() - int(self.dataset._epoch[1]))
 
 
 def create_shard_loader(dataset: ShardDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,

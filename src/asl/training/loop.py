@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch.nn as nn
+from torch.utils.data import IterableDataset
 
 from .. import distributed as dist_utils
 from .run_folder import HIGHEST, RunFolder, describe_kept
@@ -85,9 +86,8 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
 
     ``on_step`` receives each step's dict (see :func:`asl.training.step.train_one_epoch`); ``on_epoch`` each epoch's
     record (also appended to ``log.txt``): epoch, train_loss, mAP_regular, mAP_ema, mAP, highest_mAP, lr,
-    images_per_sec, steps, skipped_images, time.
+    images_per_sec, steps, images (training images of the epoch, all ranks), skipped_images, time.
     """
-    sampler, dataset = train_loader.sampler, train_loader.dataset
     run_folder.check_space(state)
     if run_folder.is_main and state.epoch >= config.epochs:
         # The schedule is spent: a higher --stop-epoch would change nothing, and a resumed run keeps --epochs.
@@ -103,9 +103,7 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
         while state.epoch < config.epochs and state.epoch <= config.stop_epoch:  # original: break after stop_epoch
             if state.step == 0:
                 state.loss_sum, state.loss_steps = 0.0, 0
-            sampler.set_epoch(state.epoch)
-            sampler.set_start(state.step * config.local_batch)
-            dataset.set_epoch(state.epoch)
+            _start_epoch(train_loader, state.epoch, state.step, config.local_batch)
 
             def step_done(info: dict[str, Any]) -> None:
                 if on_step is not None:
@@ -138,6 +136,17 @@ def fit(state: TrainState, train_loader: Any, val_loader: Any, criterion: nn.Mod
     return FitOutcome.DONE
 
 
+def _start_epoch(loader: Any, epoch: int, step: int, local_batch: int) -> None:
+    """Sets the loader up for ``epoch`` from its ``step``-th batch on. A map-style dataset's order is its sampler's;
+    an iterable one (shards) has no sampler and orders, and skips, its batches itself."""
+    loader.dataset.set_epoch(epoch)
+    if isinstance(loader.dataset, IterableDataset):
+        loader.dataset.set_start(step)
+    else:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start(step * local_batch)
+
+
 def has_positive_labels(targets: Any) -> bool:
     """Whether any validation target is positive (1). Without one, every class's AP is 0 whatever the scores, so
     the mAP says nothing about the model and no epoch can be called the best."""
@@ -167,5 +176,5 @@ def _evaluate_and_keep_best(state: TrainState, val_loader: Any, run_folder: RunF
         run_folder.save_best(weights, "ema" if best_is_ema else "regular", current, state.epoch)
     return {"epoch": state.epoch, "train_loss": stats["loss"], "mAP_regular": map_regular, "mAP_ema": map_ema,
             "mAP": current, "highest_mAP": state.highest, "lr": stats["lr"],
-            "images_per_sec": stats["images_per_sec"], "steps": stats["steps"],
+            "images_per_sec": stats["images_per_sec"], "steps": stats["steps"], "images": stats["images"],
             "skipped_images": stats["skipped"] + out["skipped"], "time": time.time()}, meaningful

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.shards_source import is_remote_data
 from .ema import ModelEma
 from .step import create_optimizer
 from ..errors import UsageError
@@ -122,7 +123,8 @@ def check_resume_compatible(saved_args: Mapping[str, Any], args: Any, path: str,
 def data_fingerprint(root: str, split: str, dataset: Any) -> dict[str, Any]:
     """What identifies the training data of a run: its folder, split, image count and class names."""
     names = "\n".join(dataset.classes).encode("utf-8")
-    return {"root": os.path.abspath(root), "split": split, "images": len(dataset),
+    where = root if is_remote_data(root) else os.path.abspath(root)
+    return {"root": where, "split": split, "images": len(dataset),
             "classes_sha256": hashlib.sha256(names).hexdigest()}
 
 

@@ -77,3 +77,67 @@ def test_host_reads_are_fewer_than_one_per_four_steps(host_reads, steps, variant
     assert len(reads) < steps / 4, reads
     # the progress callback still gets the loss at the original's print steps (0, then every 100) and the last
     assert [s["step"] for s in shown if s["loss"] is not None] == [0, steps - 1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import json
+    import os
+
+    from asl import distributed as D
+    from asl.training.state import TrainState
+    from asl.training.step import NonFiniteLossError, create_optimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init_distributed("cpu", timeout_s=60)
+    try:
+        results = {}
+        for case in ("plain", "nan", "stop"):
+            torch.manual_seed(0)
+            model = TinyNet()
+            state = TrainState(model, None, create_optimizer(model, lr=1e-3), None, None)
+            state.train_model = nn.parallel.DistributedDataParallel(model)
+            batches = _batches(12, bs=2)
+            if case == "nan" and rank == 1:  # one rank alone goes bad, at step 2
+                bad = batches[2]
+                batches[2] = Batch(torch.full(bad.images.shape, float("nan")), bad.targets, bad.indices, 0)
+            seen = []
+            try:
+                stats = train_one_epoch(state, batches, AsymmetricLoss(4, 0, 0.05),
+                                        StepConfig(CPU, world_size=world, rank=rank),
+                                        on_step=lambda s: seen.append(s["step"]),
+                                        stop_requested=lambda: case == "stop" and rank == 1 and len(seen) >= 3)
+                results[case] = {"steps": stats["steps"], "interrupted": stats["interrupted"],
+                                 "images": stats["images"]}
+            except NonFiniteLossError as exc:
+                results[case] = {"bad_step": exc.step, "steps_done": len(seen)}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        D.destroy_distributed()
+
+
+def test_under_ddp_ranks_agree_at_read_backs_without_a_collective_per_step(tmp_path):
+    """Two gloo ranks: a NaN on one rank, or a stop request on one rank, is agreed by both at the same read-back
+    (every 8 steps under torchrun), so neither waits forever; the first bad step is named on both."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from asl.training.step import STOP_AGREEMENT_STEPS as EVERY
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1]
+    assert results[0]["plain"] == {"steps": 12, "interrupted": False, "images": 48}  # both ranks' images
+    # found at the read-back of step 8, before its optimizer step: steps 0-7 ran
+    assert results[0]["nan"] == {"bad_step": 2, "steps_done": EVERY}
+    assert results[0]["stop"] == {"steps": EVERY + 1, "interrupted": True, "images": 4 * (EVERY + 1)}

@@ -296,12 +296,26 @@ def test_tresnet_names_the_smallest_size_that_works_and_takes_32():
 
 @pytest.mark.parametrize("head", [None, "ml-decoder"])
 def test_a_fixed_size_timm_backbone_is_built_for_the_size_asked(head):
-    model = create_model("timm/vit_tiny_patch16_224", 3, head=head, image_size=64).eval()
+    model = create_model("timm/test_vit3", 3, head=head, image_size=64).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
-    at_224 = create_model("timm/vit_tiny_patch16_224", 3, head=head)
-    with pytest.raises(ModelError, match="built for 224 px inputs and takes no other size"):
-        check_input_size(at_224, 64)
+    at_160 = create_model("timm/test_vit3", 3, head=head)
+    with pytest.raises(ModelError, match="built for 160 px inputs and takes no other size"):
+        check_input_size(at_160, 64)
+
+
+def test_a_fixed_size_backbone_loads_at_its_stored_size_or_its_only_one(tmp_path):
+    vit = "timm/test_vit3"
+    save_checkpoint({"model": create_model(vit, 3, image_size=64).state_dict(), "model_name": vit, "num_classes": 3,
+                     "image_size": 64}, tmp_path / "at64.pth")
+    loaded = load_model(tmp_path / "at64.pth", prepare=False)
+    assert loaded.input_size(None) == (64, "stored in the checkpoint")
+    with pytest.raises(ModelError, match="built for 64 px inputs"):
+        loaded.input_size(128)
+    save_checkpoint({"model": create_model(vit, 3).state_dict(), "model_name": vit, "num_classes": 3},
+                    tmp_path / "plain.pth")
+    assert load_model(tmp_path / "plain.pth", prepare=False).input_size(None) == (160, "the one size the network "
+                                                                                       "takes")
 
 
 def test_a_config_with_a_billion_classes_is_refused_before_building(tmp_path):

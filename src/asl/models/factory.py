@@ -63,8 +63,8 @@ def build_model(name: str, num_classes: int, *, bottleneck_head: bool = False, h
                 image_size: Optional[int] = None) -> nn.Module:
     """The network of :func:`asl.models.create_model`, freshly initialised (see there for the arguments).
 
-    ``image_size``, when given, is checked against what the network takes (:func:`check_input_size`) and passed to
-    timm for the architectures built for one input size (ViT, Swin).
+    ``image_size``, when given, is passed to timm for the architectures built for one input size (ViT, Swin);
+    :func:`check_input_size` tells whether a network takes a size.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -85,8 +85,6 @@ def build_model(name: str, num_classes: int, *, bottleneck_head: bool = False, h
     if head == "ml-decoder":
         # Built after the backbone, so that it keeps its own initialisation (original: add_ml_decoder_head).
         model.attach_spatial_head(MLDecoder(num_classes, model.num_features, num_of_groups, decoder_embedding))
-    if image_size is not None:
-        check_input_size(model, image_size, name)
     return model
 
 

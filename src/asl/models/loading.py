@@ -67,6 +67,8 @@ def create_model(name: str, num_classes: int, *, bottleneck_head: bool = False, 
     model = build_model(name, num_classes, bottleneck_head=bottleneck_head, head=head, num_of_groups=num_of_groups,
                         decoder_embedding=decoder_embedding, memory_efficient=memory_efficient,
                         image_size=image_size)
+    if image_size is not None:
+        check_input_size(model, image_size, name)
     if pretrained:
         load_pretrained_backbone(model, load_checkpoint(pretrained)["model"])
     return model
@@ -394,7 +396,10 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
     arch = resolve_architecture(ckpt, model_name, num_classes)
+    image_size, image_size_source = stored_image_size(ckpt, source)
+    # A timm network of one input size (ViT) is built for the size the checkpoint was made at.
     sizes = {k: arch[k] for k in ("bottleneck_head", "head", "num_of_groups", "decoder_embedding")}
+    sizes["image_size"] = None if image_size_source.startswith("the default") else image_size
     # The stored sizes (a config.json's num_classes, say) are checked against the weights' shapes on a network
     # without storage first: a wrong 1e9 classes is then one line, not an allocation of terabytes.
     with torch.device("meta"):
@@ -403,6 +408,9 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     check_state_fits(skeleton, state, arch["model_name"])
     model = build_model(arch["model_name"], arch["num_classes"], **sizes)
     load_model_state(model, state, arch["model_name"])
+    fixed = model.fixed_input_size() if isinstance(model, TimmClassifier) else None
+    if fixed is not None and sizes["image_size"] is None:
+        image_size, image_size_source = fixed, "the one size the network takes"
     model.eval()
     device = torch.device(device)
     # Moved first: prepare_for_inference picks the memory layout for the device the model is on.
@@ -411,7 +419,6 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
         model = prepare_for_inference(model, channels_last=channels_last, batch_size=batch_size)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "idx_to_class") and
             isinstance(v, (int, float, str, bool, type(None)))}
-    image_size, image_size_source = stored_image_size(ckpt, source)
     return LoadedModel(model=model, model_name=arch["model_name"], num_classes=arch["num_classes"],
                        bottleneck_head=arch["bottleneck_head"], head=arch["head"],
                        num_of_groups=arch["num_of_groups"], decoder_embedding=arch["decoder_embedding"],

@@ -21,7 +21,7 @@ from ..errors import UsageError
 from ..evaluation.report import save_png
 
 __all__ = ["Variant", "DEFAULT_VARIANTS", "parse_variant", "read_variants_file", "sweep", "check_unique",
-           "RunStatus", "read_log", "best_epoch", "results_table", "plot_map_vs_gamma_neg"]
+           "RunStatus", "read_log", "best_epoch", "results_table", "plot_map_vs_gamma_neg", "partial_variants"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -32,13 +32,32 @@ class Variant:
     gamma_neg: float
     gamma_pos: float
     clip: float
+    #: further train.py flags of the variant (the partial-label comparison's loss mode, prior, simulation)
+    extra: tuple[str, ...] = ()
 
     def train_flags(self) -> list[str]:
         return ["--gamma-neg", f"{self.gamma_neg:g}", "--gamma-pos", f"{self.gamma_pos:g}", "--clip",
-                f"{self.clip:g}"]
+                f"{self.clip:g}", *self.extra]
 
     def describe(self) -> str:
-        return f"gamma_neg={self.gamma_neg:g}, gamma_pos={self.gamma_pos:g}, clip={self.clip:g}"
+        numbers = f"gamma_neg={self.gamma_neg:g}, gamma_pos={self.gamma_pos:g}, clip={self.clip:g}"
+        return f"{numbers}, {' '.join(self.extra)}" if self.extra else numbers
+
+
+def partial_variants(simulation: str, prior_path: Path) -> list[Variant]:
+    """CSL's comparison on simulated partial labels (its README's FPC and RPS tables): unknown labels ignored, or
+    taken as negatives, both with cross-entropy; then CSL's selective loss with the class prior that the ignore run
+    estimated (``prior_path``; CSL ranks the classes with a temporary model trained in ignore mode). Every variant
+    trains on the same draw of ``--simulate-partial simulation``."""
+    shown = ("--simulate-partial", simulation)
+    cross_entropy = ("--gamma-unann", "0")
+    # original: CSL README's commands: gamma_neg 3 for fpc, 1 for rps; gamma_unann 4, top-k 5, prior threshold 0.5
+    gamma_neg = 3.0 if simulation.startswith("fpc") else 1.0
+    selective = ("--partial-loss-mode", "selective", "--gamma-unann", "4", "--likelihood-topk", "5",
+                 "--prior-threshold", "0.5", "--prior-path", str(prior_path))
+    return [Variant("ignore", 0.0, 0.0, 0.0, ("--partial-loss-mode", "ignore", *cross_entropy, *shown)),
+            Variant("negative", 0.0, 0.0, 0.0, ("--partial-loss-mode", "negative", *cross_entropy, *shown)),
+            Variant("selective", gamma_neg, 0.0, 0.0, (*selective, *shown))]
 
 
 #: The paper's comparison: CE, focal loss, ASL as trained for the paper (4, 1, 0.05), and a gamma_neg sweep at
@@ -173,9 +192,9 @@ def best_epoch(log_path: Path) -> Optional[dict[str, Any]]:
     return {"mAP": float(best["mAP"]), "epoch": int(best["epoch"])}
 
 
-def results_table(rows: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
+def results_table(rows: Sequence[dict[str, Any]], notes: Sequence[str], title: str = "Loss ablation") -> str:
     """The Markdown of ``results.md``: one row per variant, in the order given."""
-    lines = ["# Loss ablation", "", *notes, "",
+    lines = [f"# {title}", "", *notes, "",
              "| variant | gamma_neg | gamma_pos | clip | best mAP | epoch | time |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:

@@ -17,7 +17,8 @@ from ..data.partial import parse_simulation
 from ..errors import UsageError
 from ..losses import PARTIAL_LOSS_MODES
 
-__all__ = ["partial_label_options", "defer_loss_defaults", "resolve_partial_options", "simulation_text"]
+__all__ = ["partial_label_options", "defer_loss_defaults", "resolve_partial_options", "simulation_text",
+           "simulation_arg"]
 
 #: original: CSL's train.py defaults of the flags it shares with the ASL recipe
 CSL_LOSS_DEFAULTS = {"gamma_neg": 1.0, "gamma_pos": 0.0, "clip": 0.0}
@@ -119,3 +120,8 @@ def _resolve_simulation(args: argparse.Namespace):
         return _simulation(f"{args.simulate_partial_type}:{param}")
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"--simulate-partial-type/--simulate-partial-param: {exc}") from None
+
+
+def simulation_arg(text: str) -> str:
+    """argparse ``type=`` of ``--simulate-partial`` (and ablate.py's ``--partial``): ``fpc:N`` or ``rps:P``."""
+    return _simulation(text)

@@ -104,14 +104,18 @@ def test_hf_hub_ids_read_huggingface_hubs_cache_offline(tmp_path, run_script):
 
 @pytest.mark.slow
 def test_export_hf_round_trip_through_validate_infer_and_a_backbone(tmp_path, make_synthetic, capsys):
-    from asl.apps import export, train, validate
+    from asl.apps import export, validate
+    from asl.checkpoint import make_model_checkpoint, save_checkpoint
     from asl.cli import run_main
+    from asl.data import create_dataset
 
+    # A checkpoint as train.py writes it (train.py's own round trip is tests/test_round_trip.py).
     data = make_synthetic(8, 8, 32)
     run = tmp_path / "run"
-    assert run_main(train.main, [str(data), "--dataset", "synthetic", "--image-size", "32", "-b", "4", "-j", "0",
-                                 "--epochs", "1", "--stop-epoch", "0", "--device", "cpu",
-                                 "--output-dir", str(run)]) == 0
+    classes = create_dataset("synthetic", data, "val", 32, train=False).idx_to_class()
+    torch.manual_seed(0)
+    save_checkpoint(make_model_checkpoint(create_model("tresnet_m", len(classes)).state_dict(), len(classes), classes,
+                                          model_name="tresnet_m", image_size=32), run / "model-highest.pth")
     metrics = tmp_path / "val.json"
     assert run_main(validate.main, [str(data), "--dataset", "synthetic", "--model-path", str(run / "model-highest.pth"),
                                     "-j", "0", "--device", "cpu", "--output-json", str(metrics)]) == 0

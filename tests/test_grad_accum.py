@@ -94,7 +94,8 @@ def test_train_py_takes_the_flag_and_records_it(tmp_path, make_synthetic, capsys
     from asl.cli import run_main
 
     data = make_synthetic(8, 8, 32)
-    code = run_main(train.main, [str(data), "--dataset", "synthetic", "--image-size", "32", "-b", "4", "-j", "0",
+    code = run_main(train.main, [str(data), "--dataset", "synthetic", "--model-name", "timm/test_resnet",
+                                 "--image-size", "32", "-b", "4", "-j", "0",
                                  "--epochs", "1", "--stop-epoch", "0", "--device", "cpu", "--grad-accum-steps", "2",
                                  "--output-dir", str(tmp_path / "run")])
     assert code == 0, capsys.readouterr().err[-2000:]

@@ -1,7 +1,12 @@
 """Shards under a real process group (2 processes, gloo, CPU): evaluation gathers exactly the single-process scores,
-and training epochs have the same number of batches on both ranks however unequal their shards."""
+training epochs have the same number of batches on both ranks however unequal their shards, and train.py under
+torchrun finishes its epoch and records the images of both ranks."""
+import json
 import os
 import socket
+from pathlib import Path
+
+import pytest
 
 import torch
 import torch.multiprocessing as mp
@@ -12,6 +17,8 @@ from asl.data import create_dataset, generate_synthetic_coco
 from asl.data.shards_read import create_shard_loader
 from asl.data.shards_write import write_shards
 from asl.evaluation.predictions import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -59,3 +66,21 @@ def test_two_processes_evaluate_exactly_and_train_in_lockstep(tmp_path):
         assert g["indices"].tolist() == list(range(23))
         assert torch.equal(g["scores"], torch.from_numpy(single["scores"]))
     assert got[0]["batches"] == got[1]["batches"] == got[0]["planned"] == got[1]["planned"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_unequal_shards_without_a_hang(tmp_path, run_script):
+    root = generate_synthetic_coco(tmp_path / "syn", num_train=19, num_val=6, image_size=16)
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards(create_dataset("synthetic", root, split, 32, train=False), root, shards, split, shard_size=8)
+    out = tmp_path / "run"
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                       f"--master_port={_free_port()}", REPO / "train.py", shards, "--dataset", "webdataset",
+                       "--train-split", "train", "--val-split", "val", "--model-name", "timm/test_resnet",
+                       "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "1", "--stop-epoch", "0", "--lr",
+                       "1e-3", "--output-dir", out, "--device", "cpu"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "log.txt").read_text())
+    # shards of 8, 8, 3: rank 0 reads 8 + 3 (batches of 4, 4, 3), rank 1 reads 8 (4, 4) and one batch of 4 again
+    assert (record["steps"], record["images"]) == (3, 23)

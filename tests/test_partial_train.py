@@ -11,7 +11,7 @@ from asl.apps import train
 from asl.cli import run_main
 
 TINY = ["--model-name", "timm/test_resnet", "--image-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
-        "--stop-epoch", "0", "--max-steps-per-epoch", "2", "--device", "cpu"]
+        "--stop-epoch", "0", "--max-steps-per-epoch", "1", "--device", "cpu"]
 
 
 def _train(argv):

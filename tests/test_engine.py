@@ -188,6 +188,28 @@ def test_a_non_finite_loss_stops_at_the_next_read_back_naming_the_first_bad_step
 
 
 @pytest.mark.faults
+def test_a_caller_saving_every_n_steps_saves_only_states_whose_losses_were_read_and_finite():
+    """fit saves after every N-th step (--save-every-steps); check_every N puts a read-back on each of those steps,
+    so a NaN at step 2 is found at step 3's read-back, before the save that would follow step 3."""
+    model, opt, sched, ema, crit = _setup()
+    batches = _batches(6)
+    bad = batches[2]
+    batches[2] = Batch(torch.full(bad.images.shape, float("nan")), bad.targets, bad.indices, 0)
+    state = TrainState(model, ema, opt, None, None)
+    read, saved = [], []
+
+    def on_step(info):
+        if info["loss"] is not None:
+            read.append(info["step"])
+        if state.step % 2 == 0:  # where fit would save
+            saved.append(state.step)
+
+    with pytest.raises(NonFiniteLossError) as err:
+        train_one_epoch(state, batches, crit, StepConfig(CPU, check_every=2), on_step=on_step)
+    assert err.value.step == 2 and read == [0, 1] and saved == [2]
+
+
+@pytest.mark.faults
 def test_non_finite_loss_stops_before_the_optimizer_step():
     model, opt, sched, ema, crit = _setup()
     with torch.no_grad():

@@ -92,3 +92,12 @@ def test_the_command_line_overrides_the_file_and_args_json_records_the_merge(tmp
     assert recorded["config"] == str(config) and recorded["model_name"] == "timm/test_resnet"
     assert not (tmp_path / "ignored").exists()
     assert all(not isinstance(v, (dict, list)) or k == "dataset_option" for k, v in recorded.items())
+
+
+def test_every_config_the_docs_name_exists():
+    import re
+
+    repo = CONFIGS[0].parents[1]
+    docs = [repo / "README.md", repo / "MODEL_ZOO.md", repo / "Datasets.md", *sorted((repo / "docs").glob("*.md"))]
+    named = {m for doc in docs if doc.is_file() for m in re.findall(r"configs/[\w.-]+\.ya?ml", doc.read_text())}
+    assert all((repo / name).is_file() for name in named), sorted(n for n in named if not (repo / n).is_file())

@@ -81,9 +81,9 @@ def test_a_second_run_is_refused_naming_the_first_and_the_folder_is_free_once_it
     assert not (out / LOCK_NAME).exists() and not (out / PID_NAME).exists()
 
 
-def test_two_train_processes_into_one_folder(tmp_path, synthetic, run_script):
-    """Real train.py processes: the second one starts while the first holds the folder (a training step of the
-    first waits until the second has ended)."""
+def test_two_train_processes_into_one_folder(tmp_path, synthetic, capsys):
+    """A real train.py process holds the folder while it trains (a training step of it waits until the second run
+    has ended); the second, in this process, is refused naming it."""
     out, go = tmp_path / "o", tmp_path / "go"
     waiting_first = textwrap.dedent(f"""
         import os, sys, time
@@ -106,10 +106,10 @@ def test_two_train_processes_into_one_folder(tmp_path, synthetic, run_script):
     try:
         line = first.stdout.readline()
         assert line.startswith("training"), (line, first.stderr.read() if first.poll() is not None else "")
-        second = run_script(["train.py", *_flags(synthetic, out, "--seed", "1")])
-        assert second.returncode == 2
-        assert second.stderr.strip().splitlines() == [second.stderr.strip()]
-        assert f"in use by another train.py run (PID {first.pid} on {HOST}" in second.stderr
+        capsys.readouterr()
+        assert train.main(_flags(synthetic, out, "--seed", "1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and f"in use by another train.py run (PID {first.pid} on {HOST}" in err
     finally:
         go.touch()
         stdout, stderr = first.communicate(timeout=240)

@@ -177,6 +177,33 @@ def test_a_refused_connection_fails_at_once_without_retries(tmp_path, monkeypatc
     assert "Retrying" not in capfd.readouterr().err
 
 
+def test_online_the_first_weights_file_found_is_the_only_one_fetched(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    import asl.sources
+
+    folder = Path(_write("folder", tmp_path, _tiny_state()))
+    asked = []
+
+    def fake_download(repo, filename, **kwargs):
+        asked.append(filename)
+        if (folder / filename).exists():
+            return str(folder / filename)
+        absent = getattr(hub_errors, "RemoteEntryNotFoundError", hub_errors.EntryNotFoundError)
+        error = absent.__new__(absent)  # the client's own constructor wants an HTTP response
+        Exception.__init__(error, f"no {filename}")
+        raise error
+
+    monkeypatch.setattr(asl.sources, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert load_checkpoint("hf-hub:org/tiny")["num_classes"] == 3
+    assert asked == ["config.json", "model.safetensors"]
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"hf-hub:org/tiny holds no weights file"):
+        load_checkpoint("hf-hub:org/tiny")
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_cached_config_that_is_no_regular_file_is_refused(kind, offline_hub, tmp_path):
     snapshot = _hub_cache(offline_hub, files={"model.safetensors": b""})

@@ -229,8 +229,12 @@ def _resolve_hub(source: str) -> Resolved:
         return _from_cache(huggingface_hub, repo, filename, revision, cache, source)
 
     config_file = fetch(CONFIG_FILE)
-    found = [fetch(name) for name in WEIGHT_FILES]
-    weights = next((path for path in found if isinstance(path, str)), None)
+    found = []
+    for name in WEIGHT_FILES:  # in order, stopping at the first: a repository may hold both, large
+        found.append(fetch(name))
+        if isinstance(found[-1], str):
+            break
+    weights = found[-1] if isinstance(found[-1], str) else None
     if weights is None:
         if all(path is _Absent for path in found):
             raise CheckpointError(f"{source} holds no weights file ({' or '.join(WEIGHT_FILES)})")

@@ -118,3 +118,21 @@ def test_the_pixel_limit_is_said_and_can_be_raised(tmp_path, monkeypatch, write_
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(UsageError, match=MAX_PIXELS_ENV):
         check_pixel_limit()
+
+
+def test_the_demo_timing_written_down_is_for_the_demo_that_runs():
+    """BENCHMARKS.md's make demo row and docs/speed.md describe the schedule tools/demo.py runs by default (3
+    epochs of 32 steps of 16 images at 64 px: the length its timing and its margin over chance were measured at)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo", repo / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    args = demo.build_parser().parse_args([])
+    row = next(line for line in (repo / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| `make demo`"))
+    assert f"{args.image_size} px, {args.epochs} epochs of 32 steps of 16 images" in row
+    assert re.search(r"about \d+ min \d+ s alone", row)
+    assert f"the demo job ({args.epochs} epochs)" in (repo / "docs" / "speed.md").read_text()

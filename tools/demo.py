@@ -1,11 +1,15 @@
-"""`make demo`: the whole pipeline on generated data, through the real scripts, on a laptop CPU in minutes.
+"""`make demo`: the whole pipeline on generated data, through the real scripts, in under 3 minutes on 2 CPU cores.
 
 1. generate the synthetic COCO-format set (shapes on clutter, 256-px pictures) under demo_data/;
 2. train TResNet-M on it with train.py: the paper's recipe (ASL 4/0/0.05, Adam, OneCycle, EMA, Cutout,
-   RandAugment) at 64 px with a short schedule and a higher peak learning rate (a short run from scratch);
+   RandAugment) at 64 px for 3 epochs with a higher peak learning rate (a short run from scratch);
 3. validate the best checkpoint with validate.py, with its evaluation report (demo_out/report/README.md);
 4. run infer.py on a few validation pictures, writing annotated copies under pics/demo/;
-5. print the final mAP next to chance level (the mAP of random scores on the same labels).
+5. print the final mAP next to chance level (the mAP of random scores on the same labels), and fail (exit 1)
+   unless it beats chance by 20 points.
+
+3 epochs reach 63.4 mAP against a chance level of 33.2 (5 epochs: 69.0), so the promise holds with 10 points to
+spare at about 60% of the 5-epoch run's training time (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -54,16 +58,20 @@ def chance_map(data: Path, split: str) -> float:
     return mAP(targets, scores)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="demo_data")
     parser.add_argument("--output-dir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=64, help="network input size")
     parser.add_argument("--picture-size", type=int, default=256,
                         help="side of the generated pictures (the annotated copies are drawn from them)")
     parser.add_argument("--lr", default="1e-3", help="peak OneCycle learning rate (the paper: 1e-4 over 40 epochs)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     models = Path(args.output_dir) / "models"
     size = str(args.image_size)

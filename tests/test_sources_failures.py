@@ -159,15 +159,21 @@ def test_offline_with_nothing_cached_fails_at_once_in_one_line(offline_hub):
     assert "HF_HUB_OFFLINE" in message and "hf download" in message and "\n" not in message
 
 
-def test_a_refused_connection_fails_at_once_without_retries(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("through", ["endpoint", "proxy"])
+def test_a_refused_connection_fails_at_once_without_retries(through, tmp_path, monkeypatch, capfd):
     import socket
 
     with socket.socket() as probe:  # a port that nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    if through == "endpoint":
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="unreachable") as info:

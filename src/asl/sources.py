@@ -22,6 +22,7 @@ import re
 import socket
 import stat
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -173,23 +174,26 @@ def _hub_cache_dir() -> str:
 def _hub_unreachable() -> Optional[str]:
     """Why the Hub is evidently out of reach (offline mode, a refused connection, an unknown host), or None.
 
-    huggingface_hub retries a refused connection for about 25 s per file, printing each try; one quick probe tells
-    the same at once. A proxy is left to the client (the probe would not go through it), as is a slow answer."""
+    huggingface_hub retries a refused connection for about 25 s per file, printing each try; one quick probe of the
+    endpoint (or of the proxy the environment names for it) tells the same at once. A slow answer is left to the
+    client."""
     from huggingface_hub import constants
 
     if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
-        return None
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    proxy = None if urllib.request.proxy_bypass(endpoint.hostname or "") else (
+        proxies.get(endpoint.scheme) or proxies.get("all"))
+    target = urllib.parse.urlparse(proxy if "://" in (proxy or "://") else f"http://{proxy}") if proxy else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    what = f"the proxy {target.hostname}:{port}" if proxy else f"{target.hostname}:{port}"
     try:
-        with socket.create_connection((endpoint.hostname, port), timeout=_PROBE_TIMEOUT_S):
+        with socket.create_connection((target.hostname, port), timeout=_PROBE_TIMEOUT_S):
             return None
     except (ConnectionRefusedError, socket.gaierror) as exc:
-        return f"{endpoint.hostname}:{port} is unreachable ({exc.strerror or exc})"
-    except OSError:  # a timeout or a network that is merely slow: the client decides
+        return f"{what} is unreachable ({exc.strerror or exc})"
+    except (OSError, ValueError):  # a timeout, a slow network, an odd proxy setting: the client decides
         return None
 
 

@@ -4,8 +4,9 @@ every third-party package the code imports declared alike in pyproject.toml and 
 import ast
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -105,6 +106,7 @@ def _requirement_name(line: str) -> str:
 
 
 def test_every_third_party_import_is_declared_and_requirements_agree():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = [_requirement_name(d) for d in project["dependencies"]]
     extras = {_requirement_name(d) for group in project["optional-dependencies"].values() for d in group}

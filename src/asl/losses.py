@@ -29,6 +29,8 @@ Recommended settings (paper and original training script):
   disable_torch_grad_focal_loss=True)``, summed over the batch (the default ``reduction='sum'``).
 - Open Images: the same, with ``mask = targets >= 0`` so that unannotated entries (target -1) count for nothing.
 - ``gamma_neg=gamma_pos=0, clip=0`` is binary cross-entropy; ``gamma_neg=gamma_pos=2, clip=0`` is focal loss.
+- Partially labelled data (targets 1 / 0 / -1 unknown): :class:`PartialSelectiveLoss`, the authors' follow-up
+  (CSL, CVPR 2022).
 
 Differences from the original code (values and gradients are the same):
 

@@ -9,9 +9,10 @@ from asl.sources import config_from_checkpoint
 def test_model_card_shows_hostile_class_names_as_text():
     names = ["<script>alert(1)</script>", "two\nlines", "```", "a|b", "plain"]
     config = config_from_checkpoint({"model_name": "tresnet_m<b>"}, names, 64)
-    card = model_card(config, {"mAP": 50.0, "dataset": "coco</td>", "split": "val\n# heading", "num_images": 3})
+    card = model_card(config, {"mAP": 50.0, "dataset": "coco</td>", "split": "val\n# heading", "num_images": 3,
+                               "image_size": "<img src=x>"})
     lines = card.splitlines()
-    assert "<script>" not in card and "<b>" not in card and "</td>" not in card
+    assert "<script>" not in card and "<b>" not in card and "</td>" not in card and "<img" not in card
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in card
     # The card's own code block is the only one: the class name ``` is escaped, so no fence opens.
     assert [line for line in lines if line.startswith("```")] == ["```", "```"]

@@ -102,5 +102,5 @@ def model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) 
         where = ", ".join(markdown_text(metrics[k]) for k in ("dataset", "split", "num_images") if k in metrics)
         if where:
             lines += ["", f"Measured by `validate.py --output-json` on {where} (images), at "
-                          f"{metrics.get('image_size', asl['image_size'])} px."]
+                          f"{markdown_text(metrics.get('image_size', asl['image_size']))} px."]
     return "\n".join(lines) + "\n"

@@ -124,3 +124,27 @@ def test_train_on_shards_sees_every_sample_once_and_logs_images(tmp_path, one_th
     assert train_app.main(argv) == 0  # --resume auto: on from the finished epoch
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [(r["epoch"], r["images"]) for r in records] == [(0, 19), (1, 19)]
+
+
+def test_a_shard_broken_during_training_is_one_line_and_leaves_no_worker(tmp_path, capsys, one_thread):
+    import multiprocessing
+    import tarfile
+
+    root = generate_synthetic_coco(tmp_path / "syn", num_train=12, num_val=4, image_size=16)
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards(create_dataset("synthetic", root, split, SIZE, train=False), root, shards, split, shard_size=6)
+    broken = shards / "train-000001.tar"
+    with tarfile.open(broken) as tar:
+        header = tar.getmember("000000008.json").offset
+    with open(broken, "r+b") as f:  # the same size, so the index check passes and the break shows mid-epoch
+        f.seek(header)
+        f.write(b"\x07" * 512)
+    code = train_app.main([str(shards), "--dataset", "webdataset", "--train-split", "train", "--val-split", "val",
+                           "--model-name", "timm/test_resnet", "--image-size", str(SIZE), "-b", "4", "-j", "1",
+                           "--epochs", "1", "--stop-epoch", "0", "--output-dir", str(tmp_path / "run"), "--device",
+                           "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"train.py: error: {broken} is broken") and "Traceback" not in err
+    # the worker that read it ignores SIGTERM: left alive, it would block the interpreter's exit
+    assert not [p for p in multiprocessing.active_children() if p.daemon]

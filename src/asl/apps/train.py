@@ -36,6 +36,7 @@ from asl.training.step import StepConfig
 
 from .options import check_pixel_limit, dataset_options
 from .progress import EpochProgress
+from .workers import stop_worker_processes
 from .train_options import SET_BY_TRAIN, TrainOptions, build_parser, parse_options
 
 __all__ = ["main", "train", "build_parser", "parse_options", "TrainOptions"]
@@ -45,7 +46,10 @@ logger = logging.getLogger("train")
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit code: 0 (done or cleanly interrupted), 2 for bad input (one line), 1 for a bug (traceback)."""
-    return run_main(lambda args: train(parse_options(args)), argv, prog="train.py")
+    code = run_main(lambda args: train(parse_options(args)), argv, prog="train.py")
+    if code:
+        stop_worker_processes()  # a failed run's loader workers would block the exit (asl.apps.workers)
+    return code
 
 
 def train(options: TrainOptions) -> int:

@@ -44,6 +44,7 @@ from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresho
 from .options import (MODEL_SOURCE_HELP, check_data, check_pixel_limit, data_options, dataset_options,
                       inference_options, model_options, runtime_options)
 from .progress import BatchPrinter
+from .workers import stop_worker_processes
 
 logger = logging.getLogger("validate")
 #: dataset options that validate.py sets from its own flags, beyond those every script sets
@@ -132,7 +133,10 @@ def print_per_class(rows: Sequence[dict[str, Any]]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit code: 0, 2 for bad input (one line), 1 for a bug (traceback)."""
-    return run_main(run, argv, prog="validate.py")
+    code = run_main(run, argv, prog="validate.py")
+    if code:
+        stop_worker_processes()  # a failed run's loader workers would block the exit (asl.apps.workers)
+    return code
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

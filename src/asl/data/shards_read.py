@@ -273,6 +273,8 @@ class ShardDataset(IterableDataset):
             if seen != count:
                 raise ShardError(f"{where} holds {seen} samples but its index records {count}: truncated or replaced "
                                  f"(write the shards again)")
+        except ShardError:
+            raise
         except (tarfile.TarError, EOFError, OSError, http.client.HTTPException, ValueError) as exc:
             raise ShardError(f"{where} is broken or could not be read: {_reason(exc)}") from None
         finally:

@@ -386,3 +386,18 @@ def test_shards_app_writes_then_refuses_to_write_over(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "val.json exists" in err[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_open_images_keeps_unknown_labels_and_training_decides(oi_root, tmp_path):
+    folder = create_dataset("openimages", oi_root, "train", 16, train=False)
+    write_shards(folder, oi_root, tmp_path / "oi", "train", shard_size=2)
+    expected = torch.stack([folder.target(i) for i in range(len(folder))])
+    assert (expected == -1).any()  # not-annotated labels, kept as -1 by evaluation
+    got = _eval_items(tmp_path / "oi")
+    assert torch.equal(torch.stack([got[i][1] for i in range(len(folder))]), expected)
+    for unannotated, unknown in (("negative", 0.0), ("ignore", -1.0)):
+        ds = create_dataset("webdataset", tmp_path / "oi", "train", 16, train=True, with_index=True,
+                            unannotated=unannotated, shuffle_buffer=0)
+        trained = _items(create_shard_loader(ds, 8))
+        want = torch.where(expected == -1, torch.tensor(unknown), expected)
+        assert torch.equal(torch.stack([trained[i][1] for i in range(len(folder))]), want)

@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet -e ".[test,onnx]"
 	touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist): most tests run one thread, so two workers keep both cores busy.
 test: install
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist worksteal --durations=15
 
 demo: install
 	$(PY) tools/demo.py

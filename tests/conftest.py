@@ -16,6 +16,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) each worker gets one intra-op thread: the workers already fill the cores,
+    and two spinning OpenMP pools per core would slow every worker down."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for tests that train tiny models: on a shared 2-core machine two spinning OpenMP

@@ -318,11 +318,13 @@ def test_torchrun_two_processes_print_the_single_process_map(ref, odd_dataset, c
     check_coverage_lines(proc.stdout, targets, scores)
 
 
-def test_readme_commands_verbatim(ref, tmp_path, run_script):
-    """The original README's validate.py (plus the DATA it forgot) and infer.py commands, as subprocesses, from a
-    folder laid out like its examples: ./models_local/MS_COCO_TRresNet_L_448_86.6.pth (a TResNet-L made from
+def test_readme_commands_verbatim(ref, tmp_path, monkeypatch, capsys):
+    """The original README's validate.py (plus the DATA it forgot) and infer.py commands, run from a folder laid
+    out like its examples, with no display: ./models_local/MS_COCO_TRresNet_L_448_86.6.pth (a TResNet-L made from
     timm's, in the official format) and ./pics/000000000885.jpg. Defaults apply: val2014, 448 pixels, -j 8,
-    threshold 0.7 in infer."""
+    threshold 0.7 in infer. In-process: main(argv) is what the root scripts run."""
+    from asl.apps import infer
+
     picture = ref["files"][0]
     data = make_dataset_copy(tmp_path / "coco", {picture}, out_split="val2014")
     torch.manual_seed(0)
@@ -338,23 +340,22 @@ def test_readme_commands_verbatim(ref, tmp_path, run_script):
                tmp_path / "models_local" / "MS_COCO_TRresNet_L_448_86.6.pth")
     (tmp_path / "pics").mkdir()
     shutil.copy(DATA / SPLIT / picture, tmp_path / "pics" / "000000000885.jpg")
-    headless = ("DISPLAY",)
-    proc = run_script(["validate.py", data, "--model_name=tresnet_l",
-                       "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth"],
-                      cwd=tmp_path, unset=headless, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^ \* P_C [\d.]+ R_C [\d.]+ F_C [\d.]+ P_O [\d.]+ R_O [\d.]+ F_O [\d.]+$", proc.stdout, re.M)
-    assert "tresnet_l" in proc.stdout and "1 images" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    capsys.readouterr()
+    assert run_main(validate.main, [str(data), "--model_name=tresnet_l",
+                                    "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth"]) == 0
+    stdout = capsys.readouterr().out
+    assert re.search(r"^ \* P_C [\d.]+ R_C [\d.]+ F_C [\d.]+ P_O [\d.]+ R_O [\d.]+ F_O [\d.]+$", stdout, re.M)
+    assert "tresnet_l" in stdout and "1 images" in stdout
     targets = ref["targets"][[0]]
     # One picture: every class with a positive has AP 1 whatever the scores, the others 0.
-    assert printed_map(proc.stdout) == pytest.approx(reference_map(targets, np.zeros_like(targets)), abs=1e-9)
+    assert printed_map(stdout) == pytest.approx(reference_map(targets, np.zeros_like(targets)), abs=1e-9)
 
-    proc = run_script(["infer.py", "--dataset_type=MS-COCO", "--model_name=tresnet_l",
-                       "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth",
-                       "--pic_path=./pics/000000000885.jpg", "--input_size=448"],
-                      cwd=tmp_path, unset=headless, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+    assert run_main(infer.main, ["--dataset_type=MS-COCO", "--model_name=tresnet_l",
+                                 "--model_path=./models_local/MS_COCO_TRresNet_L_448_86.6.pth",
+                                 "--pic_path=./pics/000000000885.jpg", "--input_size=448"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("pics/000000000885.jpg: ")
     # Which classes pass 0.7 is checked against timm's forward by test_infer.py (at a cheaper size); here: the
     # reported classes are names from the file's idx_to_class, with scores above the MS-COCO default 0.7.

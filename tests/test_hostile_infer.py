@@ -301,7 +301,7 @@ def test_fifos_and_symbolic_link_loops_in_a_folder_are_named_and_counted(tmp_pat
         assert find_images([folder]) == [good]
     [record] = [r.getMessage() for r in caplog.records]
     assert record.startswith(f"skipped 3 entries named like pictures that are not regular files under {folder}: ")
-    for name, what in (("pipe.jpg", "a FIFO"), ("loop.jpg", "a loop of symbolic links"),
+    for name, what in (("pipe.jpg", "a named pipe (FIFO)"), ("loop.jpg", "a loop of symbolic links"),
                        ("sub/gone.png", "a broken symbolic link")):
         assert f"{folder / name} ({what})" in record
     assert "notes.txt" not in record

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.transforms import UnreadableImageError, load_rgb, pil_to_uint8, resize_square
 from .errors import UsageError
+from .file_kind import describe_mode
 from .evaluation.report import printable
 
 logger = logging.getLogger(__name__)
@@ -91,15 +92,7 @@ def _not_regular(path: Path) -> Optional[str]:
         if exc.errno == errno.ENOENT and os.path.islink(path):
             return "a broken symbolic link"
         return exc.strerror or str(exc)
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
+    return None if stat.S_ISREG(mode) else describe_mode(mode)
 
 
 def _warn_skipped(what: str, folder: Path, entries: Sequence[tuple[str, str]]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from .download import OFFLINE_HINT, download, is_url
 from .errors import CheckpointError
+from .file_kind import describe_mode
 
 __all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "MAX_CONFIG_BYTES", "Resolved", "is_hub_id", "is_remote",
            "parse_hub_id", "resolve", "regular_file", "checkpoint_entries", "config_from_checkpoint"]
@@ -80,18 +81,6 @@ def parse_hub_id(source: str) -> tuple[str, Optional[str]]:
     return repo, revision or None
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a plain file"
-
-
 def regular_file(path: str, origin: Optional[str] = None) -> str:
     """``path`` when it names a regular file, links followed (the Hub cache links its snapshots to blobs);
     :class:`CheckpointError` otherwise: a pipe or a device would block or never end, and is never a weights file."""
@@ -104,7 +93,7 @@ def regular_file(path: str, origin: Optional[str] = None) -> str:
     except OSError as exc:
         raise CheckpointError(f"cannot read {origin}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{origin} is not a regular file: it is {_kind(mode)}")
+        raise CheckpointError(f"{origin} is not a regular file: it is {describe_mode(mode)}")
     return path
 
 
@@ -130,7 +119,8 @@ def _read_config(path: str, origin: str) -> dict:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{origin}: its {CONFIG_FILE} is not a regular file: it is {_kind(info.st_mode)}")
+            raise CheckpointError(f"{origin}: its {CONFIG_FILE} is not a regular file: it is "
+                                  f"{describe_mode(info.st_mode)}")
         if info.st_size > MAX_CONFIG_BYTES:
             raise CheckpointError(f"{origin}: its {CONFIG_FILE} holds {info.st_size} bytes, more than the "
                                   f"{MAX_CONFIG_BYTES >> 20} MiB a config can take")

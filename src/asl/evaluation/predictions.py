@@ -119,20 +119,23 @@ def _gather(names: list[str], scores: Mapping[str, list[torch.Tensor]], targets_
                 local[key] = torch.zeros((0, num_classes))
         skipped = int(dist_utils.all_reduce_sum(torch.tensor([skipped]))[0])
     idx, gathered = dist_utils.gather_by_index(idx, local)
+    # The gathered rows are CPU tensors: .numpy() shares their memory (no copy, no device wait), and the checks
+    # below run on the arrays.
+    out_scores = {name: gathered[f"scores/{name}"].numpy() for name in names}
     for name in names:
-        _refuse_non_finite(gathered[f"scores/{name}"], name)
+        _refuse_non_finite(out_scores[name], name)
     return {
-        "scores": {name: gathered[f"scores/{name}"].numpy() for name in names},
+        "scores": out_scores,
         "targets": gathered["targets"].numpy(),
         "indices": idx.numpy(),
         "skipped": skipped,
-        "num_images": int(idx.numel()),
+        "num_images": int(idx.shape[0]),
     }
 
 
-def _refuse_non_finite(scores: torch.Tensor, name: str) -> None:
+def _refuse_non_finite(scores: np.ndarray, name: str) -> None:
     """An mAP of NaN scores is meaningless (NaNs sort anywhere): refuse it instead of reporting a number."""
-    broken = int((~torch.isfinite(scores)).any(dim=1).sum())
+    broken = int((~np.isfinite(scores)).any(axis=1).sum())
     if broken:
         raise NonFiniteScoresError(f"{broken} of {scores.shape[0]} images got non-finite (NaN/inf) scores from the "
                                    f"{name} model: its weights are broken")

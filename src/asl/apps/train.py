@@ -18,6 +18,7 @@ import torch
 from asl import distributed as dist_utils
 from asl.cli import run_main, setup_logging
 from asl.data import create_dataset, create_loader
+from asl.data.base import stop_loader_workers
 from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.errors import UsageError
 from asl.class_prior import PriorEstimate, prior_csv_text
@@ -36,7 +37,6 @@ from asl.training.step import StepConfig
 
 from .options import check_pixel_limit, dataset_options
 from .progress import EpochProgress
-from .workers import stop_worker_processes
 from .train_options import SET_BY_TRAIN, TrainOptions, build_parser, parse_options
 
 __all__ = ["main", "train", "build_parser", "parse_options", "TrainOptions"]
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit code: 0 (done or cleanly interrupted), 2 for bad input (one line), 1 for a bug (traceback)."""
     code = run_main(lambda args: train(parse_options(args)), argv, prog="train.py")
     if code:
-        stop_worker_processes()  # a failed run's loader workers would block the exit (asl.apps.workers)
+        stop_loader_workers()  # a failed run's loader workers would block the exit (asl.data.base)
     return code
 
 

@@ -30,6 +30,7 @@ from asl import distributed as dist_utils
 from asl.atomic import atomic_write_text
 from asl.cli import ArgumentParser, check_writable, probability, run_main, setup_logging
 from asl.data import canonical_name, create_dataset, create_loader, default_split
+from asl.data.base import stop_loader_workers
 from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
@@ -44,7 +45,6 @@ from asl.evaluation.thresholds import (NEVER, check_unique_classes, load_thresho
 from .options import (MODEL_SOURCE_HELP, check_data, check_pixel_limit, data_options, dataset_options,
                       inference_options, model_options, runtime_options)
 from .progress import BatchPrinter
-from .workers import stop_worker_processes
 
 logger = logging.getLogger("validate")
 #: dataset options that validate.py sets from its own flags, beyond those every script sets
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit code: 0, 2 for bad input (one line), 1 for a bug (traceback)."""
     code = run_main(run, argv, prog="validate.py")
     if code:
-        stop_worker_processes()  # a failed run's loader workers would block the exit (asl.apps.workers)
+        stop_loader_workers()  # a failed run's loader workers would block the exit (asl.data.base)
     return code
 
 

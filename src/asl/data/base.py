@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -289,12 +291,35 @@ def seed_worker(worker_id: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_loader_workers() -> None:
+    """Kills this process's daemonic ``multiprocessing`` children (DataLoader workers) and reaps them.
+
+    Workers ignore SIGTERM (:func:`seed_worker`). A run that ends with an exception keeps its loaders alive in
+    reference cycles through the exception's frames; at interpreter exit torch no longer shuts their workers down,
+    and ``multiprocessing``'s exit handler sends them SIGTERM, which they ignore, then waits for them forever.
+    :func:`stop_workers_at_exit` runs this first; the apps also call it after a failed run.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+def stop_workers_at_exit(num_workers: int) -> None:
+    """Has :func:`stop_loader_workers` run at interpreter exit, before ``multiprocessing``'s own exit handler
+    (``atexit`` runs the last registered first), once a loader with ``num_workers`` > 0 is made."""
+    if num_workers > 0:
+        atexit.unregister(stop_loader_workers)  # registered once however many loaders are made
+        atexit.register(stop_loader_workers)
+
+
 def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
                   sampler=None, drop_last: bool = False, pin_memory: bool = False,
                   persistent_workers: bool = False) -> DataLoader:
     """A DataLoader wired for these datasets: ``collate_skip``, ``seed_worker`` and a seeded shuffling generator."""
     generator = torch.Generator()
     generator.manual_seed(int(seed))
+    stop_workers_at_exit(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate_skip,
                       worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,

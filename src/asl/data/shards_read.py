@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .base import DatasetError, collate_skip, seed_worker
+from .base import DatasetError, collate_skip, seed_worker, stop_workers_at_exit
 from .shards_format import SplitMeta, decode_target, parse_split_meta
 from .shards_source import ShardError, ShardSource
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, decode_rgb, item_rng, resize_square
@@ -380,6 +380,7 @@ def create_shard_loader(dataset: ShardDataset, batch_size: int, *, rank: int = 0
     dataset.partition(rank, world_size, num_workers, batch_size)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
+    stop_workers_at_exit(num_workers)
     return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip,
                       worker_init_fn=seed_worker, generator=generator, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0)

@@ -44,6 +44,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .base import DatasetError, collate_skip, seed_worker, stop_workers_at_exit
+from .open_images import UNANNOTATED_MODES
 from .shards_format import SplitMeta, decode_target, parse_split_meta
 from .shards_source import ShardError, ShardSource
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, decode_rgb, item_rng, resize_square
@@ -116,8 +117,8 @@ class ShardDataset(IterableDataset):
                  unannotated: Optional[str] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
         if unannotated is None:
             unannotated = "negative" if train else "ignore"
-        if unannotated not in ("negative", "ignore"):
-            raise DatasetError(f"unannotated must be 'negative' or 'ignore', not {unannotated!r}")
+        if unannotated not in UNANNOTATED_MODES:
+            raise DatasetError(f"unannotated must be one of {UNANNOTATED_MODES}, not {unannotated!r}")
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise DatasetError(f"shuffle_buffer must be a whole number >= 0, not {shuffle_buffer!r}")
         self.source, self.meta = source, meta

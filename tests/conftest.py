@@ -23,6 +23,26 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+#: files a test leaves in its tmp_path above this size (checkpoints of full TResNets) are deleted when it ends
+LARGE_FILE_BYTES = 8 * 2**20
+
+
+@pytest.fixture(autouse=True)
+def _drop_large_files(request):
+    """Deletes the large files a test wrote into its ``tmp_path`` once it has run: a TResNet-M ``last.pth`` is
+    about 460 MB, and with two workers the suite would otherwise hold several GB at its peak."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or not tmp.is_dir():
+        return
+    for path in tmp.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size > LARGE_FILE_BYTES:
+                path.unlink()
+        except OSError:
+            pass  # a file the test made unreadable on purpose: it is small anyway
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for tests that train tiny models: on a shared 2-core machine two spinning OpenMP

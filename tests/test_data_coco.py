@@ -82,7 +82,7 @@ def test_missing_image_folder_names_path(tmp_path):
 
 
 def test_names_options_and_default_splits(tmp_path):
-    assert DATASET_NAMES == ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic")
+    assert DATASET_NAMES == ("coco", "voc", "nus-wide", "openimages", "csv", "synthetic", "webdataset")
     assert default_split("coco", True) == "train2014" and default_split("coco", False) == "val2014"
     assert default_split("voc", False) == "test" and default_split("openimages", False) == "test"
     with pytest.raises(ValueError, match="known"):

@@ -8,25 +8,29 @@ and one untimed warm-up epoch:
 - shards, warm: ``shards.py``'s tar files of the same split, from a local folder;
 - folder, cold / shards, cold: the same, with every file's pages dropped from the page cache before each epoch
   (``posix_fadvise(DONTNEED)``; it drops clean pages of files on a disk, so the reads go to the device again);
-- shards over loopback HTTP: the shard folder served by ``http.server`` on 127.0.0.1 (warm cache).
+- shards over loopback HTTP: the shard folder served by ``python -m http.server`` on 127.0.0.1 (warm cache).
 
 The figure is the median over the repeats of the images of one epoch divided by its wall time. Last, the CPU
 time per image of one worker's work (no DataLoader workers, ``time.process_time``, warm cache), by either route:
 what one worker can supply, whatever else runs on the machine.
+
+The pictures are ``--copies`` copies of the split's (separate files), so an epoch is long enough to time.
 
     python benchmarks/bench_shards.py [--data ../shared/data/tiny_coco] [--split train2017] [--size 448] [-j 2]
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
+import json
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -48,16 +52,22 @@ def drop_from_page_cache(paths) -> None:
             os.close(fd)
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-def serve(folder: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
-    handler = functools.partial(QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
+def serve(folder: Path) -> tuple[str, subprocess.Popen]:
+    """``python -m http.server`` on 127.0.0.1, in its own process (as a real server would be, and so that the
+    DataLoader workers are not forked from a process with a server thread in it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return url, server
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the HTTP server did not start")
 
 
 def epoch_rate(loader, dataset, epoch: int, files=None) -> float:
@@ -76,6 +86,26 @@ def cpu_ms_per_image(loader, dataset, epoch: int) -> float:
     return 1000 * (time.process_time() - start) / images
 
 
+def replicate_coco(data: Path, split: str, copies: int, out: Path) -> Path:
+    """A COCO layout holding ``copies`` copies of every picture of ``data``'s split (separate files, so that the
+    cold runs read each one from the disk), for epochs long enough to time."""
+    ann = json.loads((data / "annotations" / f"instances_{split}.json").read_text())
+    images, annotations = [], []
+    (out / split).mkdir(parents=True)
+    (out / "annotations").mkdir()
+    offset = max(im["id"] for im in ann["images"]) + 1
+    for k in range(copies):
+        for im in ann["images"]:
+            name = f"{k}_{im['file_name']}"
+            shutil.copyfile(data / split / im["file_name"], out / split / name)
+            images.append(dict(im, id=im["id"] + k * offset, file_name=name))
+        annotations += [dict(a, id=a["id"] + k * offset * 100, image_id=a["image_id"] + k * offset)
+                        for a in ann["annotations"]]
+    (out / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps(dict(ann, images=images, annotations=annotations)))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a COCO-layout folder")
@@ -83,18 +113,20 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=448)
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("-b", "--batch-size", type=int, default=8)
-    # Small shards for a small set, so that both workers get as many pictures by either route (49 = 25 + 24).
-    p.add_argument("--shard-size", type=int, default=5)
+    p.add_argument("--shard-size", type=int, default=14)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--copies", type=int, default=4, help="copies of every picture, for longer epochs")
     args = p.parse_args(argv)
 
-    folder = create_dataset("coco", args.data, args.split, args.size, train=True)
     with tempfile.TemporaryDirectory() as tmp:
+        args.data = replicate_coco(args.data, args.split, args.copies, Path(tmp) / "data")
+        folder = create_dataset("coco", args.data, args.split, args.size, train=True)
         shard_dir = Path(tmp) / "shards"
         write_shards(create_dataset("coco", args.data, args.split, 1, train=False), args.data, shard_dir,
                      args.split, shard_size=args.shard_size)
         url, server = serve(shard_dir)
         image_files = [folder.image_path(i) for i in range(len(folder))]
+        total = sum(os.path.getsize(f) for f in image_files)
         shard_files = sorted(str(f) for f in shard_dir.glob("*.tar"))
         sources = {}
         for name, data in (("shards", shard_dir), ("http", url)):
@@ -115,8 +147,8 @@ def main(argv=None) -> int:
                 key, files = runs[name]
                 ds, loader = sources[key]
                 rates[name].append(epoch_rate(loader, ds, 1 + repeat, files))
-        server.shutdown()
-        server.server_close()
+        server.terminate()
+        server.wait()
         del sources
         torch.set_num_threads(1)
         single = create_dataset("webdataset", shard_dir, args.split, args.size, train=True)
@@ -124,7 +156,6 @@ def main(argv=None) -> int:
                       "shards": (single, create_shard_loader(single, args.batch_size))}
         cpu = {name: statistics.median(cpu_ms_per_image(loader, ds, 1 + r) for r in range(args.repeats))
                for name, (ds, loader) in in_process.items()}
-    total = sum(os.path.getsize(f) for f in image_files)
     print(f"{len(folder)} images ({total / 2**20:.1f} MiB of JPEG), {args.size} px, -j {args.workers}, "
           f"batch {args.batch_size}, {len(shard_files)} shards, median of {args.repeats} epochs")
     print("| source | images/s | vs folder, warm |")

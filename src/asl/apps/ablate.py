@@ -3,13 +3,15 @@
     python ablate.py --output-dir runs/ablation                      # CPU, generated skewed data, minutes
     python ablate.py --output-dir runs/coco -- /data/coco --model-path tresnet_m_21k.pth --image-size 224
     python ablate.py --variants ce:0,0,0 focal:2,2,0 --gamma-neg-sweep 0 1 2 3 4 -- /data/coco ...
+    python ablate.py --output-dir runs/oi -- OI-SHARDS --dataset webdataset --train-split train --val-split test
 
 Everything after ``--`` is passed to train.py for every variant, which adds ``--gamma-neg/--gamma-pos/--clip``,
-``--output-dir DIR/runs/NAME`` and ``--resume auto``. Without it the built-in CPU recipe runs on a generated set
-whose class frequencies are as skewed as MS-COCO's (see :data:`CPU_RECIPE`). The variants run one after another;
-a killed or interrupted ablation continues where it stopped when the same command runs again, and never trains a
-finished variant twice. ``DIR/results.md`` (the table), ``DIR/results.json`` and ``DIR/map_vs_gamma_neg.png``
-are rewritten after every variant.
+``--output-dir DIR/runs/NAME`` and ``--resume auto``; any data train.py reads works, shards.py's shards
+(``--dataset webdataset``, a folder, URL or ``pipe:`` command: Datasets.md) included. Without it the built-in CPU
+recipe runs on a generated set whose class frequencies are as skewed as MS-COCO's (see :data:`CPU_RECIPE`). The
+variants run one after another; a killed or interrupted ablation continues where it stopped when the same command
+runs again, and never trains a finished variant twice. ``DIR/results.md`` (the table), ``DIR/results.json`` and
+``DIR/map_vs_gamma_neg.png`` are rewritten after every variant.
 """
 from __future__ import annotations
 

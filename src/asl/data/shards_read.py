@@ -167,6 +167,11 @@ class ShardDataset(IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch[0])
 
+    @property
+    def start(self) -> int:
+        """The batches of the current epoch that :meth:`set_start` skips."""
+        return int(self._epoch[1])
+
     def num_unreadable(self) -> int:
         return int(self._unreadable[0])
 
@@ -370,7 +375,7 @@ class ShardLoader(DataLoader):
     ``k`` skipped batches do not count either (as a sampler's length after its own ``set_start``)."""
 
     def __len__(self) -> int:
-        return max(0, self.dataset.batches_per_epoch() - int(self.dataset._epoch[1]))
+        return max(0, self.dataset.batches_per_epoch() - self.dataset.start)
 
 
 def create_shard_loader(dataset: ShardDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,

@@ -148,3 +148,22 @@ def test_a_shard_broken_during_training_is_one_line_and_leaves_no_worker(tmp_pat
     assert code == 2 and err[-1].startswith(f"train.py: error: {broken} is broken") and "Traceback" not in err
     # the worker that read it ignores SIGTERM: left alive, it would block the interpreter's exit
     assert not [p for p in multiprocessing.active_children() if p.daemon]
+
+
+@needs_coco
+def test_validate_says_when_it_scored_fewer_samples_than_the_index_lists(served, tmp_path, capsys):
+    import tarfile
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in served["shards"].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with tarfile.open(copy / "val2017-000000.tar") as tar:
+        member = tar.getmember("000000003.jpg")
+    with open(copy / "val2017-000000.tar", "r+b") as f:  # a picture that no longer decodes, the tar intact
+        f.seek(member.offset_data)
+        f.write(b"\x00" * member.size)
+    code, out, err = _validate(copy, "webdataset", served["checkpoint"], capsys)
+    assert code == 0, err
+    assert f"skipped 1 unreadable image(s): {copy / 'val2017-000000.tar'}#000000003" in out
+    assert "scored 47 of the 48 samples that val2017.json lists" in out

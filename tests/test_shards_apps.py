@@ -124,6 +124,13 @@ def test_train_on_shards_sees_every_sample_once_and_logs_images(tmp_path, one_th
     assert train_app.main(argv) == 0  # --resume auto: on from the finished epoch
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [(r["epoch"], r["images"]) for r in records] == [(0, 19), (1, 19)]
+    # the folder route records its images too
+    folder_argv = [str(root), "--dataset", "synthetic", *argv[3:]]
+    folder_argv[folder_argv.index("--output-dir") + 1] = str(tmp_path / "folder_run")
+    folder_argv[folder_argv.index("--stop-epoch") + 1] = "0"
+    assert train_app.main(folder_argv) == 0
+    record = json.loads((tmp_path / "folder_run" / "log.txt").read_text())
+    assert (record["steps"], record["images"]) == (3, 19)
 
 
 def test_a_shard_broken_during_training_is_one_line_and_leaves_no_worker(tmp_path, capsys, one_thread):

@@ -19,9 +19,9 @@ Training: the assignment is fixed by the shard sizes, and each epoch permutes sh
 positions (seeded by ``(seed, epoch)``), so every slot holds as many samples each epoch while the shards it reads
 change. Within a slot the shard order and a sample buffer (``shuffle_buffer``) are shuffled with generators seeded
 by ``(seed, epoch, rank, worker)``. The number of batches per epoch is the same on every rank (computed from the
-counts): a rank that has fewer of its own batches fills the rest with full batches read again from the start of
-its own shards (wrap-around), so ranks stay in lockstep and never wait for each other at the end of an epoch. One
-process reads every sample exactly once per epoch (no wrap-around; up to one smaller batch per worker).
+counts): a rank that has fewer of its own batches fills the rest with full batches read again from its own
+shards, in another order (wrap-around), so ranks stay in lockstep and never wait for each other at the end of an
+epoch. One process reads every sample exactly once per epoch (no wrap-around; up to one smaller batch per worker).
 ``set_start(k)`` skips the first ``k`` batches of the epoch (the samples are read but not decoded), which gives
 exact mid-epoch resume with the same world size and ``-j``.
 """

@@ -18,7 +18,7 @@ import torch
 
 from asl.data import create_dataset
 from asl.data.shards_format import parse_split_meta
-from asl.data.shards_read import (batches_per_worker, create_shard_loader, skipped_batches, slot_portions)
+from asl.data.shards_read import batches_per_worker, create_shard_loader, resume_plan, slot_portions
 from asl.data.shards_source import ShardError
 from asl.data.shards_write import progress_path, write_shards
 from asl.errors import DatasetError, UsageError
@@ -195,9 +195,12 @@ def test_slot_assignment_by_hand():
     assert batches_per_worker([[9, 1], [5, 0]], 3) == [[3, 1], [4, 0]]
     with pytest.raises(ShardError):
         batches_per_worker([[3], [0]], 2)
-    # a DataLoader takes a batch from each worker in turn, passing over finished ones
-    assert skipped_batches([3, 1, 2], 5) == [2, 1, 2]
-    assert skipped_batches([3, 1, 2], 0) == [0, 0, 0]
+    # a DataLoader takes a batch from each worker in turn, passing over finished ones: batches 0-4 come from
+    # workers 0, 1, 2, 0, 2; the 6th from worker 0
+    assert resume_plan([3, 1, 2], 5) == ([2, 1, 2], 0)
+    assert resume_plan([3, 1, 2], 3) == ([1, 1, 1], 0)
+    assert resume_plan([3, 2], 3) == ([2, 1], 1)  # next: worker 1's second batch, then worker 0's third
+    assert resume_plan([3, 1, 2], 0) == ([0, 0, 0], 0)
 
 
 @pytest.mark.parametrize("world,workers", [(1, 1), (1, 3), (2, 1), (3, 2), (4, 3)])
@@ -240,7 +243,8 @@ def _worker_items(ds, worker, workers):
 def test_mid_epoch_skip_drops_exactly_the_batches_done(syn):
     _, out = syn
     ds = create_dataset("webdataset", out, "train", 16, train=True, with_index=True, shuffle_buffer=5)
-    loader = create_shard_loader(ds, 4)
+    # 2 workers (16 and 14 samples, 4 batches each, taken in turn): after 3 batches the next is worker 1's 2nd
+    loader = create_shard_loader(ds, 4, num_workers=2, persistent_workers=True)
     ds.set_epoch(0)
     full = [b.indices.tolist() for b in loader]
     ds.set_start(3)

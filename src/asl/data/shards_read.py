@@ -50,7 +50,7 @@ from .shards_source import ShardError, ShardSource
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, decode_rgb, item_rng, resize_square
 
 __all__ = ["ShardDataset", "Portion", "open_shard_dataset", "create_shard_loader", "slot_portions",
-           "batches_per_worker", "skipped_batches", "ShardLoader", "DEFAULT_SHUFFLE_BUFFER"]
+           "batches_per_worker", "resume_plan", "ShardLoader", "DEFAULT_SHUFFLE_BUFFER"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +96,18 @@ def batches_per_worker(available: list[list[int]], batch: int) -> list[list[int]
     return out
 
 
-def skipped_batches(batch_counts: list[int], done: int) -> list[int]:
-    """How many of each worker's batches are among the first ``done`` batches of a DataLoader, which takes one batch
-    from each worker in turn, passing over the workers that have finished."""
-    left, skip = list(batch_counts), [0] * len(batch_counts)
+def resume_plan(batch_counts: list[int], done: int) -> tuple[list[int], int]:
+    """For a DataLoader that takes one batch from each worker in turn, passing over the workers that have finished:
+    how many of each worker's batches are among its first ``done`` batches, and which worker's batch comes next."""
+    left, skipped = list(batch_counts), [0] * len(batch_counts)
+    position = 0
     while done > 0 and any(left):
-        for w in range(len(left)):
-            if done and left[w]:
-                left[w] -= 1
-                skip[w] += 1
-                done -= 1
-    return skip
+        if left[position]:
+            left[position] -= 1
+            skipped[position] += 1
+            done -= 1
+        position = (position + 1) % len(left)
+    return skipped, position
 
 
 class ShardDataset(IterableDataset):
@@ -226,24 +227,27 @@ class ShardDataset(IterableDataset):
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.workers:
             self.partition(self.rank, self.world_size, info.num_workers, self.batch_size)
-        epoch, skip_batches = int(self._epoch[0]), int(self._epoch[1])
+        epoch = self.epoch
         order = self._epoch_order(epoch)
-        portions = [Portion(order[p.shard], p.stride, p.offset) for p in self._portions(self.rank, worker)]
         if not self.train:
-            for portion in portions:
-                for raw in self._read(portion):
+            for p in self._portions(self.rank, worker):
+                for raw in self._read(Portion(order[p.shard], p.stride, p.offset)):
                     yield self._decode(raw, epoch)
             return
         counts = self._batch_counts or [0] * self.workers
-        own = self._available(self.rank, worker)
+        skipped, first = resume_plan(counts, self.start)
+        # A DataLoader starts every pass at worker 0: after a resume worker w plays the part of the worker whose
+        # batch came next, so the batches come in the uninterrupted run's order.
+        role = (first + worker) % self.workers
+        portions = [Portion(order[p.shard], p.stride, p.offset) for p in self._portions(self.rank, role)]
+        own = self._available(self.rank, role)
         # own samples, then whole batches read again (wrap-around) up to the worker's share of the rank's batches
-        quota = own + (counts[worker] - -(-own // self.batch_size)) * self.batch_size
-        skip = skipped_batches(counts, skip_batches)[worker] * self.batch_size
-        rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.rank}/{worker}")
+        quota = own + (counts[role] - -(-own // self.batch_size)) * self.batch_size
+        rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.rank}/{role}")
         stream = self._cycle(portions, rng, wrap=quota > own)
         if self.shuffle_buffer > 1:
             stream = wds_shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(stream)
-        for raw in itertools.islice(stream, skip, quota):
+        for raw in itertools.islice(stream, skipped[role] * self.batch_size, quota):
             yield self._decode(raw, epoch)
 
     def _cycle(self, portions: list[Portion], rng: random.Random, wrap: bool) -> Iterator[dict[str, Any]]:

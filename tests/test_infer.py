@@ -236,17 +236,23 @@ def test_annotate_enlarges_thumbnails_by_a_whole_factor():
     assert np.asarray(out)[:10, :30].min() < 150  # dark box and text drawn
 
 
+def _two_classes_pass(setup, ref, order) -> dict:
+    """Per-class thresholds under which exactly two classes pass on a picture with scores ``ref``: order[0] with a
+    threshold just below its score, order[5] with one just below its own; the classes ranked 1..4 score above
+    order[5] yet their threshold (1.0) keeps them out."""
+    chosen = {name: 1.0 for name in setup["names"]}
+    for k in (order[0], order[5]):
+        chosen[setup["names"][k]] = float(ref[k]) - 1e-3
+    return chosen
+
+
 def test_per_class_thresholds_file(setup, tmp_path, capsys):
     """--thresholds FILE: each class at its own threshold. Chosen here so that exactly two classes pass on the
     picture: one threshold in the widest score gap below the best class, the rest above every score."""
     picture = setup["pictures"][1]
     ref = setup["scores"][picture]
     order = np.argsort(-ref)
-    chosen = {name: 1.0 for name in setup["names"]}
-    # Class order[0] passes with a threshold just below its score, class order[5] with one just below its own;
-    # the classes ranked 1..4 have scores above order[5]'s yet their threshold (1.0) keeps them out.
-    for k in (order[0], order[5]):
-        chosen[setup["names"][k]] = float(ref[k]) - 1e-3
+    chosen = _two_classes_pass(setup, ref, order)
     th_file = tmp_path / "th.json"
     th_file.write_text(json.dumps(chosen))
     code = run_main(infer.main, [f"--model_path={setup['path']}", f"--pic_path={picture}", f"--input_size={SIZE}",
@@ -315,9 +321,7 @@ def test_thresholds_a_model_folder_carries_are_used_and_th_overrides_them(setup,
     picture = setup["pictures"][1]
     ref = setup["scores"][picture]
     order = np.argsort(-ref)
-    chosen = {name: 1.0 for name in setup["names"]}
-    for k in (order[0], order[5]):
-        chosen[setup["names"][k]] = float(ref[k]) - 1e-3
+    chosen = _two_classes_pass(setup, ref, order)
     folder = tmp_path / "exported"
     export_hf(load_model(setup["path"], prepare=False), folder, SIZE, thresholds=chosen)
     assert run_main(infer.main, [f"--model-path={folder}", f"--pic-path={picture}", "--json", "--device=cpu"]) == 0

@@ -35,7 +35,8 @@ from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
 from asl.models.loading import load_model
-from asl.evaluation.metrics import ThresholdMetrics, per_class_ap, per_class_partial_ap, score, weighted_partial_mAP
+from asl.evaluation.metrics import (ThresholdMetrics, partial_map_from_ap, per_class_ap, per_class_partial_ap, score,
+                                    weighted_partial_map_from_ap)
 from asl.precision import resolve_amp_dtype
 from asl.sources import is_remote
 from asl.evaluation.report import markdown_text, printable, write_report
@@ -99,8 +100,10 @@ def check_args(args) -> None:
 
 
 def per_class_rows(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray, partial: bool,
-                   meter: ThresholdMetrics) -> list[dict[str, Any]]:
-    ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
+                   meter: ThresholdMetrics, ap: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
+    """One row per class; ``ap``: the per-class AP (partial or not, as ``partial`` says) when the caller has it."""
+    if ap is None:
+        ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
     at_threshold = meter.per_class()
     threshold = np.broadcast_to(np.asarray(meter.threshold, dtype=np.float64), (len(classes),))
     rows = []
@@ -232,8 +235,10 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
     meter = ThresholdMetrics(dataset.num_classes, thresholds)
     meter.update(scores, targets)
     at_threshold = meter.compute()
-    score_value = score(targets, scores)
-    rows = per_class_rows(dataset.classes, targets, scores, partial, meter)
+    # The per-class AP once: the rows, the mAP and CSL's weighted figure all read it (a Python loop over the classes).
+    ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
+    score_value = partial_map_from_ap(ap) if partial else score(targets, scores)
+    rows = per_class_rows(dataset.classes, targets, scores, partial, meter, ap)
     print("--------------------------------------------------------------------")
     print(" * " + meter.format_line(at_threshold))
     if args.thresholds:
@@ -269,7 +274,7 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
         print(line)
     if partial:  # CSL's second figure: each class's AP weighted by its number of positives
         print(f"partial mAP: {score_value:.2f}, class-weighted partial mAP (CSL): "
-              f"{weighted_partial_mAP(targets, scores):.2f}")
+              f"{weighted_partial_map_from_ap(ap, targets):.2f}")
     # original: print("mAP score:", mAP_score) -- the last line, full precision
     print("mAP score:", score_value, flush=True)
     if failed:

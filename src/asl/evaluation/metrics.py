@@ -32,7 +32,9 @@ __all__ = [
     "mAP",
     "per_class_partial_ap",
     "partial_mAP",
+    "partial_map_from_ap",
     "weighted_partial_mAP",
+    "weighted_partial_map_from_ap",
     "score",
     "ThresholdMetrics",
     "threshold_metrics",
@@ -142,7 +144,11 @@ def partial_mAP(targets, scores) -> float:
     Each class is ranked over its annotated samples only, and classes with no positive or no negative among them
     are skipped (see :func:`per_class_partial_ap`). Returns 0 (and logs a warning) when every class is skipped.
     """
-    ap = per_class_partial_ap(targets, scores)
+    return partial_map_from_ap(per_class_partial_ap(targets, scores))
+
+
+def partial_map_from_ap(ap: np.ndarray) -> float:
+    """:func:`partial_mAP` from its :func:`per_class_partial_ap`, for a caller that has it already."""
     scored = ~np.isnan(ap)
     if not scored.any():
         logger.warning("partial_mAP: no class has both an annotated positive and an annotated negative")
@@ -158,13 +164,19 @@ def weighted_partial_mAP(targets, scores) -> float:
     when every class is skipped.
     """
     t, s = _as_matrix_pair(targets, scores)
-    ap = per_class_partial_ap(t, s)
+    return weighted_partial_map_from_ap(per_class_partial_ap(t, s), t)
+
+
+def weighted_partial_map_from_ap(ap: np.ndarray, targets) -> float:
+    """:func:`weighted_partial_mAP` from its :func:`per_class_partial_ap`, for a caller that has it already."""
     scored = ~np.isnan(ap)
     if not scored.any():
         logger.warning("weighted_partial_mAP: no class has both an annotated positive and an annotated negative")
         return 0.0
-    # original: the weight is the column sum of the targets with every value <= 0 set to 0
-    positives = np.where(t[:, scored] > 0, t[:, scored], 0).astype(np.float64).sum(axis=0)
+    t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    # original: the weight is the column sum of the targets with every value <= 0 set to 0 (summed in place: no
+    # copy of a 9605-column matrix)
+    positives = t.sum(axis=0, where=t > 0, dtype=np.float64)[scored]
     return float(100.0 * np.sum(ap[scored] * positives / positives.sum()))
 
 

@@ -11,7 +11,23 @@ __all__ = ["AslError", "UsageError", "ModelError", "DatasetError", "CheckpointEr
 
 
 class AslError(Exception):
-    """Bad input. The message is one line naming the flag, file or value at fault."""
+    """Bad input. The message is one line naming the flag, file or value at fault.
+
+    Raised in a DataLoader worker, the error reaches the main process through torch's ``ExceptionWrapper``, which
+    rebuilds it from a message holding the worker's whole traceback ("Caught ... Original Traceback ..."); the
+    constructor keeps the original one-line message, so that the command line still prints one line."""
+
+    def __init__(self, *args) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_without_worker_traceback(args[0]),)
+        super().__init__(*args)
+
+
+def _without_worker_traceback(message: str) -> str:
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 class UsageError(AslError):

@@ -30,17 +30,8 @@ __all__ = ["ShardSource", "ShardError", "is_remote_data"]
 
 
 class ShardError(DatasetError):
-    """A shard or shard index that cannot be read, named in the message.
-
-    Raised in a DataLoader worker, it reaches the main process through torch's ``ExceptionWrapper``, which rebuilds
-    it from a message holding the worker's whole traceback; the constructor keeps the original one-line message, so
-    that the command line still prints one line."""
-
-    def __init__(self, message: str):
-        if message.startswith("Caught ") and "Original Traceback" in message:
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if ": " in last else last
-        super().__init__(message)
+    """A shard or shard index that cannot be read, named in the message (one line, also when it was raised in a
+    DataLoader worker: :class:`asl.errors.AslError`)."""
 
 
 def is_remote_data(data: str) -> bool:

@@ -315,12 +315,13 @@ def stop_workers_at_exit(num_workers: int) -> None:
 
 def create_loader(dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
                   sampler=None, drop_last: bool = False, pin_memory: bool = False,
-                  persistent_workers: bool = False) -> DataLoader:
-    """A DataLoader wired for these datasets: ``collate_skip``, ``seed_worker`` and a seeded shuffling generator."""
+                  persistent_workers: bool = False, loader_class: type = DataLoader) -> DataLoader:
+    """A DataLoader wired for these datasets: ``collate_skip``, ``seed_worker`` and a seeded shuffling generator.
+    ``loader_class``: a DataLoader subclass to build instead (the shards' own length)."""
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     stop_workers_at_exit(num_workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+    return loader_class(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate_skip,
                       worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0)

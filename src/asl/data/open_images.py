@@ -27,7 +27,7 @@ from ..errors import CheckpointError
 from .base import DatasetError, LabelTable, MultiLabelDataset, missing_path_error, not_utf8_error, require_dir
 from .miil_csv import iter_miil_csv, parse_list_literal
 
-__all__ = ["load_open_images", "read_class_table", "UNANNOTATED_MODES"]
+__all__ = ["load_open_images", "read_class_table", "resolve_unannotated", "UNANNOTATED_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +116,18 @@ def _class_order(root: Path, rows, idx_to_class, classes_file) -> tuple[list[str
     return mids, mids
 
 
-def load_open_images(root, split: str, *, train: bool, unannotated: str | None = None, classes_file=None,
-                     idx_to_class=None, csv_file=None, **dataset_kwargs) -> MultiLabelDataset:
+def resolve_unannotated(unannotated: str | None, train: bool) -> str:
+    """How targets of -1 enter: as given, else negatives in training and ignored in evaluation."""
     if unannotated is None:
         unannotated = "negative" if train else "ignore"
     if unannotated not in UNANNOTATED_MODES:
         raise DatasetError(f"unannotated must be one of {UNANNOTATED_MODES}, not {unannotated!r}")
+    return unannotated
+
+
+def load_open_images(root, split: str, *, train: bool, unannotated: str | None = None, classes_file=None,
+                     idx_to_class=None, csv_file=None, **dataset_kwargs) -> MultiLabelDataset:
+    unannotated = resolve_unannotated(unannotated, train)
     root = require_dir(root, "Open Images folder")
     csv_path = Path(csv_file) if csv_file is not None else root / "data.csv"
     if not csv_path.is_file():

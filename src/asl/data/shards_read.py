@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .base import DatasetError, collate_skip, seed_worker, stop_workers_at_exit
-from .open_images import UNANNOTATED_MODES
+from .base import DatasetError, create_loader
+from .open_images import resolve_unannotated
 from .shards_format import SplitMeta, decode_target, parse_split_meta
 from .shards_source import ShardError, ShardSource
 from .transforms import EvalTransform, TrainTransform, UnreadableImageError, decode_rgb, item_rng, resize_square
@@ -116,10 +116,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, source: ShardSource, meta: SplitMeta, *, image_size: int, train: bool, seed: int = 0,
                  with_index: bool = False, strict: bool = False, cutout_factor: float = 0.5,
                  unannotated: Optional[str] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
-        if unannotated is None:
-            unannotated = "negative" if train else "ignore"
-        if unannotated not in UNANNOTATED_MODES:
-            raise DatasetError(f"unannotated must be one of {UNANNOTATED_MODES}, not {unannotated!r}")
+        unannotated = resolve_unannotated(unannotated, train)
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise DatasetError(f"shuffle_buffer must be a whole number >= 0, not {shuffle_buffer!r}")
         self.source, self.meta = source, meta
@@ -388,9 +385,5 @@ def create_shard_loader(dataset: ShardDataset, batch_size: int, *, rank: int = 0
     """A DataLoader over shards: ``collate_skip`` batches, ``seed_worker``, this rank's share (see the module
     docstring). ``batch_size`` is this rank's batch."""
     dataset.partition(rank, world_size, num_workers, batch_size)
-    generator = torch.Generator()
-    generator.manual_seed(int(seed))
-    stop_workers_at_exit(num_workers)
-    return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip,
-                      worker_init_fn=seed_worker, generator=generator, pin_memory=pin_memory,
-                      persistent_workers=persistent_workers and num_workers > 0)
+    return create_loader(dataset, batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers, loader_class=ShardLoader)

@@ -19,10 +19,10 @@ from tqdm import tqdm
 from asl.cli import ArgumentParser, check_data_dir, check_folder, nonnegative_int, positive_int, run_main, setup_logging
 from asl.data import DATASET_NAMES, canonical_name, create_dataset, default_split
 from asl.data.shards_format import check_shard_name
-from asl.data.shards_write import write_shards
+from asl.data.shards_write import check_not_written, write_shards
 from asl.errors import UsageError
 
-from .options import cpu_cores, dataset_options
+from .options import add_max_pixels, check_pixel_limit, cpu_cores, dataset_options
 
 #: dataset options that shards.py sets from its own flags
 _SET_BY_SHARDS = {"split": "--split", "seed": None}
@@ -45,6 +45,7 @@ def build_parser() -> ArgumentParser:
                    help=f"processes decoding the pictures (default: min(8, CPU cores) = {workers})")
     p.add_argument("--dataset-option", type=str, action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset option, as in train.py (e.g. difficult=positive for a voc training split)")
+    add_max_pixels(p)
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -66,9 +67,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     check_shard_name(f"{split}.json", "--split")
     check_data_dir(args.data, generated=name == "synthetic")
     check_folder("--output", Path(args.output))
-    if (Path(args.output) / f"{split}.json").exists():
-        raise UsageError(f"{Path(args.output) / f'{split}.json'} exists: that split is written already (remove it "
-                         f"and its shards to write it again)")
+    check_not_written(args.output, split)  # before the dataset is read
+    check_pixel_limit()
     # Evaluation targets (train=False): not-annotated labels stay -1; training from shards decides what they mean.
     # The image size is unused: the shards keep encoded pictures.
     dataset = create_dataset(name, args.data, split, 1, train=False, **options)

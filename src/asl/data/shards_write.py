@@ -30,9 +30,9 @@ from webdataset import TarWriter
 from ..atomic import atomic_write, atomic_write_text
 from ..errors import UsageError
 from .shards_format import IMAGE_EXTENSIONS, ShardInfo, SplitMeta, encode_target, sample_key, shard_name
-from .transforms import UnreadableImageError, load_rgb
+from .transforms import UnreadableImageError, load_rgb_and_bytes
 
-__all__ = ["write_shards", "WriteResult", "progress_path", "REENCODE_QUALITY"]
+__all__ = ["write_shards", "check_not_written", "WriteResult", "progress_path", "REENCODE_QUALITY"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ class _Encoded(Dataset):
         path = self.dataset.image_path(i)
         target = self.dataset.target(i).numpy()
         try:
-            img = load_rgb(path)  # the folder route's decoder: what it cannot read is skipped here too
-            with open(path, "rb") as f:
-                data = f.read()
+            # The folder route's decoder (what it cannot read is skipped here too), on the bytes the shard keeps.
+            img, data = load_rgb_and_bytes(path)
         except (UnreadableImageError, OSError) as exc:
             return i, None, "", getattr(exc, "reason", None) or str(exc), target
         suffix = os.path.splitext(path)[1].lower().lstrip(".")
@@ -154,6 +153,14 @@ def _remove_stale_temporaries(output: Path, split: str) -> None:
         stale.unlink(missing_ok=True)
 
 
+def check_not_written(output, split: str) -> None:
+    """:class:`UsageError` when ``output/SPLIT.json`` exists: the split is written, and nothing is written over."""
+    final = Path(output) / f"{split}.json"
+    if final.exists():
+        raise UsageError(f"{final} exists: that split is written already (remove it and its shards to write it "
+                         f"again)")
+
+
 def write_shards(dataset, root, output, split: str, *, shard_size: int = 1000, max_side: Optional[int] = None,
                  workers: int = 0, dataset_name: str = "",
                  on_item: Optional[Callable[[int], None]] = None) -> WriteResult:
@@ -164,10 +171,7 @@ def write_shards(dataset, root, output, split: str, *, shard_size: int = 1000, m
     Raises :class:`UsageError` when ``SPLIT.json`` already exists (the split is written; nothing is written over).
     """
     output = Path(output)
-    final = output / f"{split}.json"
-    if final.exists():
-        raise UsageError(f"{final} exists: that split is written already (remove it and its shards to write it "
-                         f"again)")
+    check_not_written(output, split)
     output.mkdir(parents=True, exist_ok=True)
     params = {"dataset": dataset_name, "split": split, "source_count": len(dataset), "shard_size": int(shard_size),
               "max_side": max_side, "classes": list(dataset.classes)}
@@ -194,7 +198,7 @@ def write_shards(dataset, root, output, split: str, *, shard_size: int = 1000, m
     meta = SplitMeta(split=split, dataset=dataset_name, count=sum(s["count"] for s in shards),
                      shards=tuple(ShardInfo(s["name"], s["count"], s["bytes"]) for s in shards),
                      classes=tuple(dataset.classes), skipped=tuple(s["source"] for s in skipped), max_side=max_side)
-    atomic_write_text(final, json.dumps(meta.to_json(), indent=1) + "\n")
+    atomic_write_text(output / f"{split}.json", json.dumps(meta.to_json(), indent=1) + "\n")
     progress_path(output, split).unlink(missing_ok=True)
     return WriteResult(meta, len(shards) - kept, kept)
 

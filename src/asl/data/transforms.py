@@ -17,6 +17,7 @@ and not on the number of DataLoader workers or the order in which they run.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import stat
@@ -109,14 +110,27 @@ def load_rgb(path) -> Image.Image:
     ``DecompressionBombError`` and ``DecompressionBombWarning`` count: a picture that large is not a training
     sample).
     """
+    with _open_picture(path) as file:
+        return decode_rgb(file, path)
+
+
+def load_rgb_and_bytes(path) -> tuple[Image.Image, bytes]:
+    """:func:`load_rgb`, and the file's bytes, read once (shards keep the bytes of what decodes)."""
+    with _open_picture(path) as file:
+        try:
+            data = file.read()
+        except OSError as exc:
+            raise UnreadableImageError(path, exc.strerror or str(exc)) from None
+    return decode_rgb(io.BytesIO(data), path), data
+
+
+def _open_picture(path) -> BinaryIO:
     try:
-        file = _open_regular(path)
+        return _open_regular(path)
     except FileNotFoundError:
         raise UnreadableImageError(path, "file not found") from None
     except OSError as exc:
         raise UnreadableImageError(path, exc.strerror or str(exc)) from None
-    with file:
-        return decode_rgb(file, path)
 
 
 def decode_rgb(file: BinaryIO, name) -> Image.Image:

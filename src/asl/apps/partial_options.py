@@ -17,8 +17,7 @@ from ..data.partial import parse_simulation
 from ..errors import UsageError
 from ..losses import PARTIAL_LOSS_MODES
 
-__all__ = ["partial_label_options", "defer_loss_defaults", "resolve_partial_options", "simulation_text",
-           "simulation_arg"]
+__all__ = ["partial_label_options", "defer_loss_defaults", "resolve_partial_options", "simulation_arg"]
 
 #: original: CSL's train.py defaults of the flags it shares with the ASL recipe
 CSL_LOSS_DEFAULTS = {"gamma_neg": 1.0, "gamma_pos": 0.0, "clip": 0.0}
@@ -28,7 +27,8 @@ _CSL_SIMULATION_PARAM = 1000
 _UNANNOTATED_DEFAULT = "negative"
 
 
-def _simulation(text: str) -> str:
+def simulation_arg(text: str) -> str:
+    """argparse ``type=`` of ``--simulate-partial`` (and ablate.py's ``--partial``): ``fpc:N`` or ``rps:P``."""
     try:
         mode, param = parse_simulation(text)
     except DatasetError as exc:
@@ -58,7 +58,7 @@ def partial_label_options() -> ArgumentParser:
                         "OUTPUT_DIR/prior.csv")
     p.add_argument("--prior-threshold", type=nonnegative_float, default=0.05,
                    help="CSL selective: the unknown labels of classes whose prior exceeds it are ignored (0: off)")
-    p.add_argument("--simulate-partial", type=_simulation, default=None, metavar="fpc:N|rps:P",
+    p.add_argument("--simulate-partial", type=simulation_arg, default=None, metavar="fpc:N|rps:P",
                    help="hide training annotations as CSL's study does: fpc:N keeps N positives and N negatives per "
                         "class, rps:P drops each label with probability P")
     p.add_argument("--simulate-partial-type", type=str, default=None, choices=["fpc", "rps"],
@@ -117,11 +117,7 @@ def _resolve_simulation(args: argparse.Namespace):
         raise UsageError("give --simulate-partial or --simulate-partial-type, not both")
     param = _CSL_SIMULATION_PARAM if args.simulate_partial_param is None else args.simulate_partial_param
     try:
-        return _simulation(f"{args.simulate_partial_type}:{param}")
+        return simulation_arg(f"{args.simulate_partial_type}:{param}")
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"--simulate-partial-type/--simulate-partial-param: {exc}") from None
 
-
-def simulation_arg(text: str) -> str:
-    """argparse ``type=`` of ``--simulate-partial`` (and ablate.py's ``--partial``): ``fpc:N`` or ``rps:P``."""
-    return _simulation(text)

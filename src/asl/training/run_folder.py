@@ -24,7 +24,7 @@ from .. import distributed as dist_utils
 from ..atomic import atomic_write_text
 from ..checkpoint import disk_full_reason, load_checkpoint, make_model_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingDivergedError, UsageError
-from .run_lock import RunLock
+from .run_lock import NOFOLLOW, RunLock
 from .state import TrainState
 
 __all__ = ["RunFolder", "LAST", "HIGHEST", "describe_kept"]
@@ -144,12 +144,7 @@ class RunFolder:
                              f"MiB free")
 
     def write_args(self, args: Mapping[str, Any]) -> None:
-        if self.is_main:
-            path = self.output_dir / "args.json"
-            try:
-                atomic_write_text(path, json.dumps(dict(args), indent=2) + "\n")
-            except OSError as exc:
-                raise _write_error(path, exc) from None
+        self.write_text("args.json", json.dumps(dict(args), indent=2) + "\n")
 
     def save_last(self, state: TrainState, synced: bool = False) -> None:
         """``last.pth`` at the state's position. ``synced``: the ranks' weights were just made identical (right
@@ -170,8 +165,8 @@ class RunFolder:
         self._last_is_ours = True
 
     def write_text(self, name: str, text: str) -> None:
-        """A small file of the run written whole (``prior.csv``), by the main process, atomically: renamed over its
-        path, so a symbolic link there is replaced, never written through."""
+        """A small file of the run written whole (``args.json``, ``prior.csv``), by the main process, atomically:
+        renamed over its path, so a symbolic link there is replaced, never written through."""
         if self.is_main:
             path = self.output_dir / name
             try:
@@ -210,9 +205,9 @@ class RunFolder:
         path = self.output_dir / "log.txt"
         data = memoryview((json.dumps(dict(record)) + "\n").encode("utf-8"))
         try:
-            if not _NOFOLLOW and os.path.islink(path):
+            if not NOFOLLOW and os.path.islink(path):
                 raise UsageError(_link_refused(path))
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
             try:
                 start = os.lseek(fd, 0, os.SEEK_END)
                 try:
@@ -231,10 +226,6 @@ class RunFolder:
             if os.path.islink(path):
                 raise UsageError(_link_refused(path)) from None
             raise _write_error(path, exc) from None
-
-
-#: open flags that refuse a symbolic link in the last component (0 where the platform has none: lstat checks instead)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _link_refused(path: Path) -> str:

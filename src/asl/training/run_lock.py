@@ -46,7 +46,7 @@ try:
 except ImportError:  # POSIX
     msvcrt = None  # type: ignore[assignment]
 
-__all__ = ["RunLock", "LOCK_NAME", "PID_NAME"]
+__all__ = ["RunLock", "LOCK_NAME", "PID_NAME", "NOFOLLOW"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ _WINDOWS_LOCK_OFFSET = 1 << 16
 #: a holder writes its text right after it locks; a second run gives it this long to appear
 _READ_PATIENCE_S = 1.0
 #: open flags that refuse a symbolic link in the last component (0 where the platform has none: lstat checks instead)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 #: the most of a lock file read: its text is one short JSON line
 _HOLDER_BYTES = 4096
 #: the folders (real paths) this process holds: record locks cannot refuse a second lock of the same process
@@ -198,9 +198,9 @@ class RunLock:
 def _open_lock_file(path: Path, flags: int) -> int:
     """The lock file's descriptor: never through a symbolic link, and only a regular file. Any other problem with the
     file itself (a folder in its place, a read-only file) is a :class:`UsageError` that names it."""
-    if not _NOFOLLOW and os.path.islink(path):
+    if not NOFOLLOW and os.path.islink(path):
         raise UsageError(_not_a_lock_file(path))
-    flags |= _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags, 0o644)
     except FileExistsError:
@@ -276,7 +276,7 @@ def _read_holder(path: Path) -> Optional[dict[str, Any]]:
 
 def _read_small(path: Path) -> str:
     """The start of a regular file, not through a link: a FIFO or a device put there must not block or flood."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")

@@ -209,11 +209,9 @@ class Readback:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step, as seen from the host without waiting for the device: this rank's images and skipped
-    images, the read-back when the step was a read-back step, and whether all ranks agreed to stop after it."""
+    """One optimizer step, as seen from the host without waiting for the device: the read-back when the step was a
+    read-back step, and whether all ranks agreed to stop after it. (Its images are counted in the tally.)"""
 
-    images: int
-    skipped: int
     readback: Optional[Readback]
     stop: bool
 
@@ -305,8 +303,7 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
         steps += 1
         loss = None
         if result.readback is not None:
-            images, skipped = images + result.readback.images, skipped + result.readback.skipped
-            _add_to_epoch_loss(state, result.readback)
+            images, skipped = _take(state, result.readback, images, skipped)
             loss = result.readback.last_loss
         if on_step is not None:
             elapsed = time.perf_counter() - start_time
@@ -318,9 +315,7 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
             interrupted = True
             break
     if tally.steps:  # steps after the last read-back: a loader without a length, or a stop between read-backs
-        readback = _checked(tally.read(stop=False), state)
-        images, skipped = images + readback.images, skipped + readback.skipped
-        _add_to_epoch_loss(state, readback)
+        images, skipped = _take(state, _checked(tally.read(stop=False), state), images, skipped)
     elapsed = time.perf_counter() - start_time
     # The epoch's mean loss, over the steps run before a mid-epoch resume too.
     return {"loss": state.loss_sum / state.loss_steps if state.loss_steps else float("nan"),
@@ -328,9 +323,12 @@ def train_one_epoch(state: Any, loader: Iterable, criterion: nn.Module, config: 
             "skipped": skipped, "lr": _current_lr(state.optimizer), "interrupted": interrupted}
 
 
-def _add_to_epoch_loss(state: Any, readback: Readback) -> None:
+def _take(state: Any, readback: Readback, images: int, skipped: int) -> tuple[int, int]:
+    """Adds a read-back to the epoch's loss (kept on ``state``, for a resume) and returns the epoch's image and
+    skipped-image counts with it."""
     state.loss_sum += readback.loss_sum
     state.loss_steps += readback.steps
+    return images + readback.images, skipped + readback.skipped
 
 
 def _checked(readback: Readback, state: Any) -> Readback:
@@ -384,4 +382,4 @@ def _train_step(state: Any, batch: Any, criterion: nn.Module, config: StepConfig
     if state.ema is not None and n_local > 0:
         # original: ema.update(model) right after scheduler.step(), every step.
         state.ema.update(state.model)
-    return StepResult(images=n_local, skipped=skipped, readback=readback, stop=stop)
+    return StepResult(readback=readback, stop=stop)

@@ -36,7 +36,7 @@ from asl.models.loading import LoadedModel, load_model
 from asl.pictures import (IMAGE_EXTENSIONS, WRITABLE_EXTENSIONS, UnreadableImageError, annotate, find_images,
                           load_picture)
 from asl.precision import resolve_amp_dtype
-from asl.evaluation.thresholds import load_thresholds, thresholds_for_classes
+from asl.evaluation.thresholds import checked_threshold, load_thresholds, thresholds_for_classes
 
 from .options import (MODEL_SOURCE_HELP, add_max_pixels, check_pixel_limit, inference_options, model_options,
                       runtime_options)
@@ -256,10 +256,9 @@ def _stored_threshold(loaded: LoadedModel):
     single = loaded.checkpoint_info.get("threshold")
     if single is None:
         return None
-    if isinstance(single, bool) or not isinstance(single, (int, float)) or not 0.0 <= single <= 1.0:
-        raise UsageError(f"the threshold stored with the model ({printable(loaded.source)}, config.json "
-                         f"asl.threshold) must be a number within [0, 1], got {single!r}; give --th T")
-    return float(single), f"the threshold {single:g} stored with the model (--th T overrides it)"
+    single = checked_threshold(single, f"the threshold stored with the model ({printable(loaded.source)}, "
+                                       f"config.json asl.threshold)", "; give --th T")
+    return single, f"the threshold {single:g} stored with the model (--th T overrides it)"
 
 
 def _report(path: Path, found: list, as_json: bool, bar: tqdm) -> None:

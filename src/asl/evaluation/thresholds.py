@@ -32,7 +32,7 @@ from ..errors import UsageError
 from .metrics import ranked_cut_points
 
 __all__ = ["NEVER", "max_f1_thresholds", "precision_thresholds", "save_thresholds", "load_thresholds",
-           "thresholds_for_classes", "check_unique_classes"]
+           "thresholds_for_classes", "checked_threshold", "check_unique_classes"]
 
 #: the threshold of a class that is never predicted (probabilities are at most 1 and the rule is strict).
 NEVER = 1.0
@@ -151,12 +151,14 @@ def thresholds_for_classes(document: object, classes: Sequence[str], where: str)
         if unknown:
             parts.append(f"{len(unknown)} class(es) the model does not have (first: {unknown[0]!r})")
         raise UsageError(f"{where} does not fit this model: {'; '.join(parts)}")
-    values = []
-    for name in classes:
-        value = document[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                or not 0.0 <= value <= 1.0:
-            raise UsageError(f"{where}: the threshold of {name!r} must be a number within "
-                             f"[0, 1], got {value!r}")
-        values.append(float(value))
+    values = [checked_threshold(document[name], f"{where}: the threshold of {name!r}") for name in classes]
     return np.asarray(values, dtype=np.float64)
+
+
+def checked_threshold(value: object, what: str, hint: str = "") -> float:
+    """``value`` as a float when it is a number within [0, 1]; :class:`UsageError` naming ``what`` (and adding
+    ``hint``) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not 0.0 <= value <= 1.0:
+        raise UsageError(f"{what} must be a number within [0, 1], got {value!r}{hint}")
+    return float(value)

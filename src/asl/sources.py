@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from .download import OFFLINE_HINT, download, is_url
 from .errors import CheckpointError
-from .file_kind import describe_mode
+from .file_kind import NotRegularFileError, describe_mode, open_regular
 
 __all__ = ["HUB_PREFIX", "WEIGHT_FILES", "CONFIG_FILE", "MAX_CONFIG_BYTES", "Resolved", "is_hub_id", "is_remote",
            "parse_hub_id", "resolve", "regular_file", "checkpoint_entries", "config_from_checkpoint"]
@@ -112,21 +112,19 @@ def resolve(source: str, sha256: Optional[str] = None, check: Optional[Callable[
 def _read_config(path: str, origin: str) -> dict:
     """A config.json, read only if it is a regular file of at most :data:`MAX_CONFIG_BYTES` (links followed)."""
     try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; fstat then tells what it is.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f = open_regular(path)
+    except NotRegularFileError as exc:
+        raise CheckpointError(f"{origin}: its {CONFIG_FILE} is {exc.strerror}") from None
     except OSError as exc:
         raise CheckpointError(f"{origin}: cannot read its {CONFIG_FILE} ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{origin}: its {CONFIG_FILE} is not a regular file: it is "
-                                  f"{describe_mode(info.st_mode)}")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{origin}: its {CONFIG_FILE} holds {info.st_size} bytes, more than the "
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{origin}: its {CONFIG_FILE} holds {size} bytes, more than the "
                                   f"{MAX_CONFIG_BYTES >> 20} MiB a config can take")
-        data = f.read(MAX_CONFIG_BYTES + 1)
+        data = f.read(MAX_CONFIG_BYTES)
     try:
-        config = json.loads(data[:MAX_CONFIG_BYTES].decode("utf-8"))
+        config = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{origin}: cannot read its {CONFIG_FILE} ({exc})") from None
     if not isinstance(config, dict):

@@ -16,17 +16,17 @@ and not on the number of DataLoader workers or the order in which they run.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import random
-import stat
 import warnings
 from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+
+from ..file_kind import open_regular
 
 __all__ = [
     "UnreadableImageError",
@@ -126,7 +126,7 @@ def load_rgb_and_bytes(path) -> tuple[Image.Image, bytes]:
 
 def _open_picture(path) -> BinaryIO:
     try:
-        return _open_regular(path)
+        return open_regular(path)
     except FileNotFoundError:
         raise UnreadableImageError(path, "file not found") from None
     except OSError as exc:
@@ -187,21 +187,6 @@ def _apply_pixel_limit() -> None:
         return  # the scripts refuse it at start; library users keep PIL's default
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = limit or None
-
-
-def _open_regular(path) -> BinaryIO:
-    """Opens ``path`` for reading only if it is a regular file: a FIFO or a device would block the reader forever.
-
-    The file is opened without blocking and checked on the open descriptor, so nothing can swap it in between.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:

@@ -98,15 +98,14 @@ def detect_head(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, An
     ``num_of_groups`` is the rows of ``query_embed``, ``decoder_embedding`` its columns, ``num_classes`` the length
     of ``duplicate_pooling_bias``: creating the model with these gives the same shapes.
     """
-    sd = state_dict
-    if not any(k.startswith(ML_DECODER_PREFIX) for k in sd):
+    if not any(k.startswith(ML_DECODER_PREFIX) for k in state_dict):
         return None
-    queries = sd.get(ML_DECODER_PREFIX + "query_embed.weight")
-    bias = sd.get(ML_DECODER_PREFIX + "duplicate_pooling_bias")
-    pooling = sd.get(ML_DECODER_PREFIX + "duplicate_pooling")
+    queries = state_dict.get(ML_DECODER_PREFIX + "query_embed.weight")
+    bias = state_dict.get(ML_DECODER_PREFIX + "duplicate_pooling_bias")
+    pooling = state_dict.get(ML_DECODER_PREFIX + "duplicate_pooling")
     # original (zero-shot ML-Decoder): the queries come from word vectors through head.wordvec_proj (an identity
     # for 300-wide ones), there is no query_embed, and duplicate_pooling is one (D, 1) matrix shared by all.
-    if "head.wordvec_proj.weight" in sd or (queries is None and pooling is not None and pooling.dim() == 2):
+    if "head.wordvec_proj.weight" in state_dict or (queries is None and pooling is not None and pooling.dim() == 2):
         raise CheckpointError("the checkpoint holds ML-Decoder's zero-shot variant (queries made from word vectors, "
                               "one shared duplicate_pooling), which is not supported")
     if queries is None or bias is None or len(queries.shape) != 2 or len(bias.shape) != 1:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, UnknownArchitectureError
 from ..state_dict import is_counter
-from .convert import detect_architecture, detect_head
+from .convert import convert_timm_tresnet, detect_architecture, detect_head, is_timm_tresnet_layout
 from .factory import MAX_IMAGE_SIZE, MODEL_NAMES, TIMM_PREFIX, build_model, check_input_size, head_prefix, \
     normalize_state_dict
 from .inference import prepare_for_inference
@@ -242,15 +242,21 @@ def stored_image_size(ckpt: Mapping[str, Any], source: str) -> tuple[int, str]:
     size = _size_value(stored)
     if size is not None:
         return size, "stored in the checkpoint"
-    name = PurePath(source.split("?")[0]).name
-    named = _ZOO_SIZE.search(name) if _ZOO_NAME.search(name) else None
-    fallback = (int(named.group(1)), "from the file name") if named else (DEFAULT_IMAGE_SIZE, "the default")
+    named = _zoo_size(source)
+    fallback = (named, "from the file name") if named is not None else (DEFAULT_IMAGE_SIZE, "the default")
     if stored is None:
-        return fallback if named else (DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say")
+        return fallback if named is not None else (DEFAULT_IMAGE_SIZE, "the default, as the checkpoint does not say")
     shown = repr(stored)
     shown = shown if len(shown) <= 40 else shown[:40] + "..."
     return fallback[0], (f"{fallback[1]}: the checkpoint's image_size {shown} is no size within "
                          f"1..{MAX_IMAGE_SIZE}")
+
+
+def _zoo_size(source: str) -> Optional[int]:
+    """The size a model-zoo file name gives (``MS_COCO_TRresNet_L_448_86.6.pth``), None for any other name."""
+    name = PurePath(source.split("?")[0]).name
+    named = _ZOO_SIZE.search(name) if _ZOO_NAME.search(name) else None
+    return int(named.group(1)) if named else None
 
 
 def _whole_number(value: Any) -> int:
@@ -395,11 +401,14 @@ def load_model(path_or_url: Union[str, os.PathLike], model_name: Optional[str] =
     """
     source = os.fspath(path_or_url)
     ckpt = load_checkpoint(source, sha256=sha256)
+    if is_timm_tresnet_layout(ckpt["model"]):
+        # Once, here: telling the architecture and fitting the weights would each convert it again.
+        ckpt["model"] = convert_timm_tresnet(ckpt["model"])
     arch = resolve_architecture(ckpt, model_name, num_classes)
     image_size, image_size_source = stored_image_size(ckpt, source)
     # A timm network of one input size (ViT) is built for the size the checkpoint was made at.
     sizes = {k: arch[k] for k in ("bottleneck_head", "head", "num_of_groups", "decoder_embedding")}
-    sizes["image_size"] = None if image_size_source.startswith("the default") else image_size
+    sizes["image_size"] = _size_value(ckpt.get("image_size")) or _zoo_size(source)  # None: the file does not say
     # The stored sizes (a config.json's num_classes, say) are checked against the weights' shapes on a network
     # without storage first: a wrong 1e9 classes is then one line, not an allocation of terabytes.
     with torch.device("meta"):

@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "stale_temporaries"]
 
 #: bytes of the final name kept in the temporary one (255 minus the PID, random part and dots)
 _TMP_NAME_BYTES = 200
@@ -61,3 +61,9 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def stale_temporaries(directory, final_name_glob: str) -> list[Path]:
+    """The temporary files :func:`atomic_write` left in ``directory`` (a write that was killed) for final names
+    that match ``final_name_glob``."""
+    return sorted(Path(directory).glob(f".{final_name_glob}.*.tmp"))

@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from webdataset import TarWriter
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write, atomic_write_text, stale_temporaries
 from ..errors import UsageError
 from .shards_format import IMAGE_EXTENSIONS, ShardInfo, SplitMeta, encode_target, sample_key, shard_name
 from .transforms import UnreadableImageError, load_rgb_and_bytes
@@ -147,12 +147,6 @@ def _verified_prefix(output: Path, record: dict[str, Any]) -> list[dict[str, Any
     return good
 
 
-def _remove_stale_temporaries(output: Path, split: str) -> None:
-    # atomic_write's temporary names: ".<final name>.<pid>.<random>.tmp"
-    for stale in output.glob(f".{split}-*.tar.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
 def check_not_written(output, split: str) -> None:
     """:class:`UsageError` when ``output/SPLIT.json`` exists: the split is written, and nothing is written over."""
     final = Path(output) / f"{split}.json"
@@ -182,7 +176,8 @@ def write_shards(dataset, root, output, split: str, *, shard_size: int = 1000, m
     elif record is not None:
         logger.warning("%s was written for another dataset or other settings: starting over",
                        progress_path(output, split))
-    _remove_stale_temporaries(output, split)
+    for stale in stale_temporaries(output, f"{split}-*.tar"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     start = shards[-1]["end"] if shards else 0
     skipped = [s for s in (record or {}).get("skipped", []) if s.get("end", start + 1) <= start]
     kept = len(shards)

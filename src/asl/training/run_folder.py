@@ -21,7 +21,7 @@ from typing import Any, ContextManager, Mapping, Optional
 import torch
 
 from .. import distributed as dist_utils
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, stale_temporaries
 from ..checkpoint import disk_full_reason, load_checkpoint, make_model_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingDivergedError, UsageError
 from .run_lock import NOFOLLOW, RunLock
@@ -80,7 +80,7 @@ class RunFolder:
                 # Locked before the clean-up below: another run's save in progress looks just like a stale file.
                 lock = RunLock.acquire(output_dir)
                 # Left by a save that was killed (SIGKILL, power loss); each can be as large as last.pth.
-                for stale in [*output_dir.glob(f".{LAST}.*.tmp"), *output_dir.glob(f".{HIGHEST}.*.tmp")]:
+                for stale in [*stale_temporaries(output_dir, LAST), *stale_temporaries(output_dir, HIGHEST)]:
                     stale.unlink()
                     logger.info("removed %s, left by an interrupted save", stale)
             except UsageError as exc:

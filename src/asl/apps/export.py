@@ -37,7 +37,8 @@ DEFAULT_OPSET = 17
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="export.py", parents=[model_options(MODEL_SOURCE_HELP, required=True)],
+    parents = [model_options(MODEL_SOURCE_HELP, required=True, num_classes=True)]
+    parser = ArgumentParser(prog="export.py", parents=parents,
                             description="Export an ASL checkpoint (official model-zoo file or ours) to ONNX, or to a "
                                         "Hugging Face Hub folder (--format hf).")
     parser.add_argument("--format", type=str, default="onnx", choices=FORMATS,
@@ -45,9 +46,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, default=None,
                         help="output file or folder (default: the checkpoint's name with .onnx, or the name alone for "
                              "hf, in the current folder)")
-    parser.add_argument("--num-classes", type=positive_int, default=None,
-                        help="class count of a checkpoint that does not store it (a bare state dict of a timm/<name> "
-                             "model); otherwise an optional check against the file")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--metrics-json", type=str, default=None, metavar="FILE",
                         help="hf: the validate.py --output-json file whose metrics go into the model card")

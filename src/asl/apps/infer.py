@@ -45,7 +45,7 @@ logger = logging.getLogger("infer")
 
 
 def build_parser() -> ArgumentParser:
-    parents = [model_options(MODEL_SOURCE_HELP, required=True),
+    parents = [model_options(MODEL_SOURCE_HELP, required=True, num_classes=True),
                runtime_options(batch_size=16, workers=8, amp_dtype="none",
                                amp_help="opt-in autocast, on CUDA or the CPU (bfloat16 there); default fp32, "
                                         "as the original"),
@@ -54,9 +54,6 @@ def build_parser() -> ArgumentParser:
                             description="ASL inference on pictures (files or folders).")
     parser.add_argument("--pic-path", type=str, nargs="+", required=True,
                         help="picture file(s) and/or folder(s); folders are searched recursively")
-    parser.add_argument("--num-classes", type=positive_int, default=None,
-                        help="class count of a checkpoint that does not store it (a bare state dict of a timm/<name> "
-                             "model); otherwise an optional check against the file")
     parser.add_argument("--dataset-type", type=str, default="MS-COCO",
                         help="sets the default threshold: MS-COCO 0.7, OpenImages 0.995, others 0.7")
     parser.add_argument("--threshold", "--thre", "--th", dest="th", type=probability, default=None, metavar="T",

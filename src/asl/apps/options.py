@@ -27,7 +27,9 @@ def _checkpoint_source(text: str) -> str:
     return text
 
 
-def model_options(model_path_help: str, required: bool) -> ArgumentParser:
+def model_options(model_path_help: str, required: bool, num_classes: bool = False) -> ArgumentParser:
+    """The model-source flags; ``num_classes``: also ``--num-classes`` for a checkpoint (scripts that read no dataset,
+    whose class count would otherwise check it)."""
     p = ArgumentParser(add_help=False)
     p.add_argument("--model-path", type=_checkpoint_source if required else str, required=required,
                    default=None if required else "", help=model_path_help)
@@ -39,6 +41,10 @@ def model_options(model_path_help: str, required: bool) -> ArgumentParser:
     p.add_argument("--image-size", "--input-size", type=image_size, default=None,
                    help="square input size (default: the checkpoint's own, else the size in an official file's "
                         "name, else 448)")
+    if num_classes:
+        p.add_argument("--num-classes", type=positive_int, default=None,
+                       help="class count of a checkpoint that does not store it (a bare state dict of a timm/<name> "
+                            "model); otherwise an optional check against the file")
     return p
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from asl.data import create_dataset
+from asl.data.base import stop_loader_workers
 from asl.data.shards_format import parse_split_meta
 from asl.data.shards_read import batches_per_worker, create_shard_loader, resume_plan, slot_portions
 from asl.data.shards_source import ShardError
@@ -364,6 +365,9 @@ def test_a_shard_broken_inside_is_named_and_a_bad_picture_is_skipped(syn, tmp_pa
     with pytest.raises(ShardError, match=r"train-000001\.tar holds 3 samples but its index records 7") as caught:
         _items(create_shard_loader(ds, 8, num_workers=1))  # raised in a worker, still one line
     assert "\n" not in str(caught.value) and str(caught.value).startswith(str(copy))
+    # As the apps do after a failed run: the failed loader's worker, kept alive by the exception's frames, would
+    # otherwise stall a later garbage collection for 10 s (torch's join timeouts; the worker ignores SIGTERM).
+    stop_loader_workers()
     # a picture that does not decode: skipped and counted, as in the folder route
     copy = _copy(syn[1], tmp_path / "second")
     _overwrite(copy / "train-000000.tar", "000000003.jpg", header=False)

@@ -18,6 +18,7 @@ from asl import distributed as D
 from asl.data import collate_skip
 from asl.errors import UsageError
 from asl.evaluation.predictions import evaluate
+from process_group import joined
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,12 +74,8 @@ def test_resumable_sampler_skips_the_done_samples_of_the_epoch_only():
     assert list(r0) == [0, 2, 4] and list(r1) == [1, 3, 0]
 
 
-def _eval_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    info = D.init_distributed("cpu")
-    try:
+def _eval_worker(rank, world, out_dir):
+    with joined(rank, world, out_dir) as info:
         assert info.distributed and info.backend == "gloo" and info.rank == rank
         ds = IndexedImages()
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
@@ -88,13 +85,11 @@ def _eval_worker(rank, world, port, out_dir):
         torch.save({"scores": torch.from_numpy(out["scores"]), "targets": torch.from_numpy(out["targets"]),
                     "indices": torch.from_numpy(out["indices"]), "total": total},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        D.destroy_distributed()
 
 
 def test_two_process_evaluate_equals_single_process(tmp_path):
     # 11 items on 2 ranks: the sampler pads rank 1 with item 0, which must not be counted twice.
-    mp.spawn(_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ds = IndexedImages()
     single = evaluate(_model(), torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_skip),
                       torch.device("cpu"))
@@ -110,31 +105,27 @@ def test_two_process_evaluate_equals_single_process(tmp_path):
     assert a == pytest.approx(b, abs=1e-9)
 
 
-def _main_first_worker(rank, world, port, out_dir, fail):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    info = D.init_distributed("cpu")
+def _main_first_worker(rank, world, out_dir, fail):
     cache = Path(out_dir) / "cache.txt"
-    try:
-        with D.main_process_first(info):
-            if fail and rank == 0:
-                raise UsageError("HTTP 404 for the URL")
-            # Rank 0 writes the "download"; the others must find it already there.
-            found = cache.exists()
-            if rank == 0:
-                cache.write_text("weights")
-        outcome = f"found={found}"
-    except UsageError as exc:
-        outcome = f"error={exc}"
-    finally:
-        D.destroy_distributed()
+    with joined(rank, world, out_dir) as info:
+        try:
+            with D.main_process_first(info):
+                if fail and rank == 0:
+                    raise UsageError("HTTP 404 for the URL")
+                # Rank 0 writes the "download"; the others must find it already there.
+                found = cache.exists()
+                if rank == 0:
+                    cache.write_text("weights")
+            outcome = f"found={found}"
+        except UsageError as exc:
+            outcome = f"error={exc}"
     (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["rank-0-succeeds", "rank-0-fails"])
 def test_main_process_first_runs_rank_0_first_and_passes_its_failure_on(tmp_path, fail):
     # Forked, not spawned: the workers run no tensor code, so they need no fresh interpreter and torch import each.
-    mp.start_processes(_main_first_worker, args=(3, _free_port(), str(tmp_path), fail), nprocs=3, join=True,
+    mp.start_processes(_main_first_worker, args=(3, str(tmp_path), fail), nprocs=3, join=True,
                        start_method="fork")
     got = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
     if fail:  # the others stop with one line instead of waiting for a file that never comes

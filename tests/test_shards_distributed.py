@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from process_group import joined
 
 import torch
 import torch.multiprocessing as mp
@@ -32,12 +33,8 @@ def _model():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
 
 
-def _worker(rank, world, port, shards, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    info = D.init_distributed("cpu")
-    try:
+def _worker(rank, world, shards, out_dir):
+    with joined(rank, world, out_dir) as info:
         ds = create_dataset("webdataset", shards, "train", 16, train=False, with_index=True)
         out = evaluate(_model(), create_shard_loader(ds, 4, rank=rank, world_size=world), info.device)
         train = create_dataset("webdataset", shards, "train", 16, train=True, with_index=True)
@@ -49,8 +46,6 @@ def _worker(rank, world, port, shards, out_dir):
             batches += 1
         torch.save({"scores": torch.from_numpy(out["scores"]), "indices": torch.from_numpy(out["indices"]),
                     "batches": batches, "planned": len(loader)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        D.destroy_distributed()
 
 
 def test_two_processes_evaluate_exactly_and_train_in_lockstep(tmp_path):
@@ -58,7 +53,7 @@ def test_two_processes_evaluate_exactly_and_train_in_lockstep(tmp_path):
     shards = tmp_path / "shards"
     # shards of 10, 10 and 3 samples: rank 0 reads 13 (5 batches of 3), rank 1 reads 10 (4 batches, 1 read again)
     write_shards(create_dataset("synthetic", root, "train", 16, train=False), root, shards, "train", shard_size=10)
-    mp.spawn(_worker, args=(2, _free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(shards), str(tmp_path)), nprocs=2, join=True)
     single = evaluate(_model(), create_shard_loader(
         create_dataset("webdataset", shards, "train", 16, train=False, with_index=True), 4), torch.device("cpu"))
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

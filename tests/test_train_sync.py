@@ -79,27 +79,15 @@ def test_host_reads_are_fewer_than_one_per_four_steps(host_reads, steps, variant
     assert [s["step"] for s in shown if s["loss"] is not None] == [0, steps - 1]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, out_dir):
     import json
-    import os
 
-    from asl import distributed as D
+    from process_group import joined
+
     from asl.training.state import TrainState
     from asl.training.step import NonFiniteLossError, create_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    D.init_distributed("cpu", timeout_s=60)
-    try:
+    with joined(rank, world, out_dir):
         results = {}
         for case in ("plain", "nan", "stop"):
             torch.manual_seed(0)
@@ -121,8 +109,6 @@ def _ddp_worker(rank, world, port, out_dir):
             except NonFiniteLossError as exc:
                 results[case] = {"bad_step": exc.step, "steps_done": len(seen)}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        D.destroy_distributed()
 
 
 def test_under_ddp_ranks_agree_at_read_backs_without_a_collective_per_step(tmp_path):
@@ -134,7 +120,7 @@ def test_under_ddp_ranks_agree_at_read_backs_without_a_collective_per_step(tmp_p
 
     from asl.training.step import STOP_AGREEMENT_STEPS as EVERY
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1]
     assert results[0]["plain"] == {"steps": 12, "interrupted": False, "images": 48}  # both ranks' images

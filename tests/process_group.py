@@ -1,0 +1,40 @@
+"""A real gloo process group for tests that spawn their ranks with ``torch.multiprocessing``.
+
+The ranks meet through a file in the test's own folder, not at a TCP port picked in advance: tests run side by side
+(pytest-xdist), and a port freed by one test can be taken by another's sockets before the store binds it. They
+leave together: a barrier before the group is destroyed, so that no rank tears its connections down while a peer
+may still be finishing the last collective.
+"""
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from asl import distributed as D
+
+
+@contextlib.contextmanager
+def joined(rank: int, world: int, folder: str, timeout_s: float = 60.0) -> Iterator[D.DistInfo]:
+    """Rank ``rank`` of ``world`` in a group that meets in ``folder``; yields what the package's own
+    :func:`asl.distributed.init_distributed` sees (it finds the group already there)."""
+    import datetime
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    store = Path(folder) / "rendezvous"
+    dist.init_process_group("gloo", init_method=store.as_uri(), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    info = D.init_distributed("cpu")
+    failed = False
+    try:
+        yield info
+    except BaseException:
+        failed = True  # the peers may never reach a barrier now: leave without one
+        raise
+    finally:
+        if not failed:
+            dist.barrier()
+        D.destroy_distributed()

@@ -378,6 +378,9 @@ def test_a_shard_broken_inside_is_named_and_a_bad_picture_is_skipped(syn, tmp_pa
         got += batch.images.shape[0]
         skipped += batch.skipped
     assert (got, skipped, ds.num_unreadable()) == (29, 1, 1)
+    # read again in a second epoch, by two workers: still one picture, as the folder route counts
+    ds.set_epoch(1)
+    assert sum(b.skipped for b in create_shard_loader(ds, 8, num_workers=2)) == 1 and ds.num_unreadable() == 1
 
 
 def test_shards_app_writes_then_refuses_to_write_over(tmp_path, capsys):

@@ -133,9 +133,11 @@ class ShardDataset(IterableDataset):
         self.num_missing = 0
         self.rank, self.world_size, self.workers, self.batch_size = 0, 1, 1, 1
         self._batch_counts: Optional[list[int]] = None
-        # Shared memory, so that set_epoch()/set_start() reach persistent workers and the skipped count comes back.
+        # Shared memory, so that set_epoch()/set_start() reach persistent workers and the unreadable samples come
+        # back. A flag per sample, as the folder route keeps: a picture read again next epoch is counted once, and
+        # workers that find bad pictures at the same moment write different bytes, so no count is lost.
         self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, batches to skip
-        self._unreadable = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._unreadable = torch.zeros(meta.count, dtype=torch.uint8).share_memory_()
 
     # ---- the dataset contract
     def __len__(self) -> int:
@@ -171,7 +173,8 @@ class ShardDataset(IterableDataset):
         return int(self._epoch[1])
 
     def num_unreadable(self) -> int:
-        return int(self._unreadable[0])
+        """Distinct samples whose picture failed to decode so far."""
+        return int(self._unreadable.sum())
 
     # ---- partition
     def partition(self, rank: int, world_size: int, workers: int, batch_size: int) -> None:
@@ -304,7 +307,7 @@ class ShardDataset(IterableDataset):
         except UnreadableImageError as exc:
             if self.strict:
                 raise ShardError(f"{exc} (strict data mode)") from None
-            self._unreadable[0] += 1
+            self._unreadable[index] = 1
             logger.warning("skipping unreadable image %s (%s)", exc.path, exc.reason)
             return None
         arr = np.array(resize_square(img, self.image_size), dtype=np.uint8)

@@ -150,11 +150,19 @@ def test_offline_cached_bin_with_a_code_running_pickle_is_refused_as_such(offlin
         load_checkpoint("hf-hub:org/tiny")
 
 
-def test_offline_with_nothing_cached_fails_at_once_in_one_line(offline_hub):
-    start = time.monotonic()
+def _no_waits(monkeypatch) -> list:
+    """The waits asked for through ``time.sleep`` (huggingface_hub's backoff between retries among them), recorded
+    and skipped: "at once" is checked as no wait at all, not by the clock of a loaded machine."""
+    waits: list = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    return waits
+
+
+def test_offline_with_nothing_cached_fails_at_once_in_one_line(offline_hub, monkeypatch):
+    waits = _no_waits(monkeypatch)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint("hf-hub:org/absent")
-    assert time.monotonic() - start < 2
+    assert waits == []
     message = str(info.value)
     assert "HF_HUB_OFFLINE" in message and "hf download" in message and "\n" not in message
 
@@ -175,10 +183,10 @@ def test_a_refused_connection_fails_at_once_without_retries(through, tmp_path, m
         monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    start = time.monotonic()
+    waits = _no_waits(monkeypatch)
     with pytest.raises(CheckpointError, match="unreachable") as info:
         load_checkpoint("hf-hub:org/absent")
-    assert time.monotonic() - start < 5
+    assert waits == []
     assert str(info.value).count("hf-hub:org/absent") == 1
     assert "Retrying" not in capfd.readouterr().err
 
@@ -295,7 +303,7 @@ def test_a_dripping_download_gives_up_when_it_stalls(server):
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="stalled"):
         download(f"{base}/slow.pth", stall=(0.5, 1000))
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # the whole body would drip for 200 s
 
 
 def test_progress_lines_when_the_output_is_no_terminal(server, tmp_path, monkeypatch, caplog):

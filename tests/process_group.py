@@ -6,6 +6,7 @@ leave together: a barrier before the group is destroyed, so that no rank tears i
 may still be finishing the last collective.
 """
 import contextlib
+import datetime
 import os
 from pathlib import Path
 from typing import Iterator
@@ -20,8 +21,6 @@ from asl import distributed as D
 def joined(rank: int, world: int, folder: str, timeout_s: float = 60.0) -> Iterator[D.DistInfo]:
     """Rank ``rank`` of ``world`` in a group that meets in ``folder``; yields what the package's own
     :func:`asl.distributed.init_distributed` sees (it finds the group already there)."""
-    import datetime
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     store = Path(folder) / "rendezvous"

@@ -119,7 +119,7 @@ def _main_first_worker(rank, world, out_dir, fail):
             outcome = f"found={found}"
         except UsageError as exc:
             outcome = f"error={exc}"
-    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+        (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["rank-0-succeeds", "rank-0-fails"])

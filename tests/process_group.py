@@ -9,7 +9,8 @@ A rank that got through its body ends with ``os._exit(0)``, without the interpre
 threads can still hold the last reference to a tensor of the last collective, whose Python object they must then
 release under the GIL; if that happens while the interpreter is finalising, the thread is ended from inside C++ and
 the process aborts ("terminate called without an active exception"; pytorch/pytorch pull request 179291). Gloo's
-``shutdown`` does not stop those threads, and DDP keeps the group alive after ``destroy_process_group``.
+``shutdown`` does not stop those threads, and a group that a DDP module was built on keeps them past
+``destroy_process_group``, even once the module is gone.
 """
 import contextlib
 import datetime

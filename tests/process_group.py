@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import faulthandler
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -50,3 +51,10 @@ def joined(rank: int, world: int, folder: str, timeout_s: float = 60.0) -> Itera
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def free_port() -> int:
+    """A port free now, for the store of a ``torchrun`` that a test launches (torchrun has no file rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ The 2-process tests start real process groups on 127.0.0.1 with a free port: one
 """
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ from asl import distributed as D
 from asl.data import collate_skip
 from asl.errors import UsageError
 from asl.evaluation.predictions import evaluate
-from process_group import joined
+from process_group import free_port, joined
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -179,7 +172,7 @@ def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_worker(tmp_pat
     out = tmp_path / "out"
     data = make_synthetic(24, 11, 64)
     proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-                       "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", script,
+                       "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", script,
                        tmp_path / "died", data, "--dataset", "synthetic", "--model-name", "timm/test_resnet",
                        "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "3", "--stop-epoch", "2", "--lr", "1e-3",
                        "--output-dir", out, "--device", "cpu", "--save-every-steps", "1", "--resume", "auto"],

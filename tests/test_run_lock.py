@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from process_group import free_port
 
 from asl.apps import train
 from asl.errors import UsageError
@@ -278,9 +279,7 @@ def test_a_refused_run_leaves_the_holders_save_in_progress_alone(tmp_path):
 @pytest.mark.slow
 def test_under_torchrun_every_rank_learns_that_the_folder_is_taken(tmp_path, synthetic, run_script):
     """Rank 0 alone takes the lock; its refusal reaches the other rank, so that no process waits for ever."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "o"
     out.mkdir()
     first = _holder(out)

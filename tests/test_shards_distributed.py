@@ -3,11 +3,10 @@ training epochs have the same number of batches on both ranks however unequal th
 torchrun finishes its epoch and records the images of both ranks."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from process_group import joined
+from process_group import free_port, joined
 
 import torch
 import torch.multiprocessing as mp
@@ -20,12 +19,6 @@ from asl.data.shards_write import write_shards
 from asl.evaluation.predictions import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -71,7 +64,7 @@ def test_torchrun_trains_from_unequal_shards_without_a_hang(tmp_path, run_script
         write_shards(create_dataset("synthetic", root, split, 32, train=False), root, shards, split, shard_size=8)
     out = tmp_path / "run"
     proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                       f"--master_port={_free_port()}", REPO / "train.py", shards, "--dataset", "webdataset",
+                       f"--master_port={free_port()}", REPO / "train.py", shards, "--dataset", "webdataset",
                        "--train-split", "train", "--val-split", "val", "--model-name", "timm/test_resnet",
                        "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "1", "--stop-epoch", "0", "--lr",
                        "1e-3", "--output-dir", out, "--device", "cpu"], timeout=120)

@@ -54,7 +54,8 @@ def joined(rank: int, world: int, folder: str, timeout_s: float = 60.0) -> Itera
 
 
 def free_port() -> int:
-    """A port free now, for the store of a ``torchrun`` that a test launches (torchrun has no file rendezvous)."""
+    """A port free now: for the store of a ``torchrun`` that a test launches (torchrun has no file rendezvous), or a
+    port where nothing listens."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from process_group import free_port
 
 from asl.data import create_dataset
 from asl.data.base import stop_loader_workers
@@ -286,9 +287,7 @@ def test_http_and_pipe_read_what_the_folder_reads(syn, http_base):
 def test_remote_failures_are_one_line_naming_the_url(syn, http_base):
     with pytest.raises(ShardError, match=r"/val\.json: HTTP 404"):
         create_dataset("webdataset", http_base, "val", 16, train=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there
     with pytest.raises(ShardError, match=f"127.0.0.1:{port}/train.json is unreachable"):
         create_dataset("webdataset", f"http://127.0.0.1:{port}", "train", 16, train=False)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_group import free_port
 
 from asl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from asl.errors import ModelError
@@ -169,11 +170,7 @@ def test_offline_with_nothing_cached_fails_at_once_in_one_line(offline_hub, monk
 
 @pytest.mark.parametrize("through", ["endpoint", "proxy"])
 def test_a_refused_connection_fails_at_once_without_retries(through, tmp_path, monkeypatch, capfd):
-    import socket
-
-    with socket.socket() as probe:  # a port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                 "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)

@@ -35,8 +35,8 @@ from asl.data.shards_read import ShardDataset, create_shard_loader
 from asl.evaluation.predictions import evaluate
 from asl.errors import UsageError
 from asl.models.loading import load_model
-from asl.evaluation.metrics import (ThresholdMetrics, partial_map_from_ap, per_class_ap, per_class_partial_ap, score,
-                                    weighted_partial_map_from_ap)
+from asl.evaluation.metrics import (ThresholdMetrics, map_from_ap, partial_map_from_ap, per_class_ap,
+                                    per_class_partial_ap, weighted_partial_map_from_ap)
 from asl.precision import resolve_amp_dtype
 from asl.sources import is_remote
 from asl.evaluation.report import markdown_text, printable, write_report
@@ -237,7 +237,7 @@ def _report(args, split: str, loaded, dataset, out: dict[str, Any], elapsed: flo
     at_threshold = meter.compute()
     # The per-class AP once: the rows, the mAP and CSL's weighted figure all read it (a Python loop over the classes).
     ap = per_class_partial_ap(targets, scores) if partial else per_class_ap(targets, scores)
-    score_value = partial_map_from_ap(ap) if partial else score(targets, scores)
+    score_value = partial_map_from_ap(ap) if partial else map_from_ap(ap)
     rows = per_class_rows(dataset.classes, targets, scores, partial, meter, ap)
     print("--------------------------------------------------------------------")
     print(" * " + meter.format_line(at_threshold))

@@ -30,6 +30,7 @@ __all__ = [
     "average_precision",
     "per_class_ap",
     "mAP",
+    "map_from_ap",
     "per_class_partial_ap",
     "partial_mAP",
     "partial_map_from_ap",
@@ -115,9 +116,14 @@ def mAP(targets, scores) -> float:
     behaviour; on the standard benchmarks every class has positives). An empty input gives 0.
     """
     t, s = _as_matrix_pair(targets, scores)
-    if s.size == 0:  # original: returns 0 for no predictions
+    return map_from_ap(_ap_columns(s, t))
+
+
+def map_from_ap(ap: np.ndarray) -> float:
+    """:func:`mAP` from its :func:`per_class_ap`, for a caller that has it already."""
+    if ap.size == 0:  # original: returns 0 for no predictions
         return 0.0
-    return float(100.0 * _ap_columns(s, t).mean())
+    return float(100.0 * ap.mean())
 
 
 def per_class_partial_ap(targets, scores) -> np.ndarray:
@@ -173,7 +179,7 @@ def weighted_partial_map_from_ap(ap: np.ndarray, targets) -> float:
     if not scored.any():
         logger.warning("weighted_partial_mAP: no class has both an annotated positive and an annotated negative")
         return 0.0
-    t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    t = _to_numpy(targets)
     # original: the weight is the column sum of the targets with every value <= 0 set to 0 (summed in place: no
     # copy of a 9605-column matrix)
     positives = t.sum(axis=0, where=t > 0, dtype=np.float64)[scored]
@@ -183,7 +189,7 @@ def weighted_partial_map_from_ap(ap: np.ndarray, targets) -> float:
 def score(targets, scores) -> float:
     """The mAP the scripts report: :func:`partial_mAP` when some target is -1 (not annotated: Open Images, VOC
     "difficult"), :func:`mAP` otherwise."""
-    t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    t = _to_numpy(targets)
     return partial_mAP(targets, scores) if bool((t < 0).any()) else mAP(targets, scores)
 
 

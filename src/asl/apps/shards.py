@@ -16,13 +16,13 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from asl.cli import ArgumentParser, check_data_dir, check_folder, nonnegative_int, positive_int, run_main, setup_logging
+from asl.cli import ArgumentParser, check_folder, nonnegative_int, positive_int, run_main, setup_logging
 from asl.data import DATASET_NAMES, canonical_name, create_dataset, default_split
 from asl.data.shards_format import check_shard_name
 from asl.data.shards_write import check_not_written, write_shards
 from asl.errors import UsageError
 
-from .options import add_max_pixels, check_pixel_limit, cpu_cores, dataset_options
+from .options import add_max_pixels, check_data, check_pixel_limit, cpu_cores, dataset_options
 
 #: dataset options that shards.py sets from its own flags
 _SET_BY_SHARDS = {"split": "--split", "seed": None}
@@ -65,7 +65,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     options = dataset_options(args.dataset_option, "shards.py", _SET_BY_SHARDS)
     split = args.split or default_split(name, train=True)
     check_shard_name(f"{split}.json", "--split")
-    check_data_dir(args.data, generated=name == "synthetic")
+    check_data(args.data, name)
     check_folder("--output", Path(args.output))
     check_not_written(args.output, split)  # before the dataset is read
     check_pixel_limit()

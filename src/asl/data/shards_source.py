@@ -22,7 +22,7 @@ from typing import BinaryIO, Optional
 
 from webdataset.gopen import gopen_pipe
 
-from ..download import DOWNLOAD_TIMEOUT_S
+from ..download import DOWNLOAD_TIMEOUT_S, is_url
 from ..errors import DatasetError
 from .shards_format import check_shard_name
 
@@ -35,7 +35,7 @@ class ShardError(DatasetError):
 
 
 def is_remote_data(data: str) -> bool:
-    return str(data).startswith(("http://", "https://", "pipe:"))
+    return str(data).startswith("pipe:") or is_url(str(data))
 
 
 class ShardSource:
@@ -49,7 +49,7 @@ class ShardSource:
             if "{name}" not in self.data:
                 raise DatasetError(f"{self.data}: a pipe: DATA needs {{name}} where the file name goes, e.g. "
                                    f"'pipe:aws s3 cp s3://bucket/folder/{{name}} -'")
-        elif urllib.parse.urlparse(self.data).scheme in ("http", "https"):
+        elif is_url(self.data):
             self.kind = "http"
         else:
             self.kind = "folder"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -18,6 +18,7 @@ from asl.cli import ArgumentParser, image_size, nonnegative_int, positive_int
 from asl.data import canonical_name, default_split
 from asl.data.open_images import UNANNOTATED_MODES
 from asl.errors import UsageError
+from asl.file_kind import NotRegularFileError, open_regular
 from asl.models import HEADS, check_head, check_model_name
 from asl.models.ml_decoder import DEFAULT_EMBEDDING, ml_decoder_sizes
 
@@ -212,15 +213,21 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def _load_yaml(path: str) -> dict[Any, Any]:
-    file = Path(path)
-    if not file.is_file():
-        what = "not a regular file" if file.exists() else "no such file"
-        raise UsageError(f"--config {path}: {what}")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a recipe is a short YAML file")
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        f = open_regular(path)  # checked on the open file: a FIFO swapped in after a check cannot hang the run
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except NotRegularFileError:
+        raise UsageError(f"--config {path}: not a regular file") from None
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc})") from None
+    with f:
+        if os.fstat(f.fileno()).st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a recipe is a short YAML file")
+        data = f.read(MAX_CONFIG_BYTES)
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise UsageError(f"--config {path}: cannot read it ({exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

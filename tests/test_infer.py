@@ -342,3 +342,16 @@ def test_thresholds_a_model_folder_carries_are_used_and_th_overrides_them(setup,
     assert infer._threshold(SimpleNamespace(**flags), single)[0] == 0.25
     bare = SimpleNamespace(thresholds=None, checkpoint_info={}, class_names=names, source="m")
     assert infer._threshold(SimpleNamespace(**flags), bare)[0] == 0.7  # the original's MS-COCO default
+
+
+def test_a_run_of_timms_tresnet_stays_timms_and_a_timm_config_still_names_ours():
+    """train.py --model-name timm/tresnet_m saves timm's network (keys under ``net.``): it loads back as timm's, not
+    as our TResNet. A timm config's ``timm/tresnet_m`` over weights in our layout is our tresnet_m."""
+    with torch.device("meta"):  # shapes and names are all the decision reads
+        timms = create_model("timm/tresnet_m", 3).state_dict()
+        ours = create_model("tresnet_m", 3).state_dict()
+    assert resolve_architecture({"model": timms, "model_name": "timm/tresnet_m", "num_classes": 3})["model_name"] \
+        == "timm/tresnet_m"
+    assert resolve_architecture({"model": ours, "model_name": "timm/tresnet_m"})["model_name"] == "tresnet_m"
+    with pytest.raises(CheckpointError, match="model_name='timm/tresnet_l' but its weights are a tresnet_m"):
+        resolve_architecture({"model": ours, "model_name": "timm/tresnet_l"})

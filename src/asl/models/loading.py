@@ -303,15 +303,6 @@ def _user_name(name: Optional[str]) -> Optional[str]:
     return name if name.lower().startswith("timm/") else name.lower()
 
 
-def _stored_name(name: Any) -> Optional[str]:
-    """The checkpoint's ``model_name``: a timm config names timm's TResNets ``timm/tresnet_*``, which are built as
-    ours (their BatchNorm layout is converted on load)."""
-    name = _user_name(name) if isinstance(name, str) else None
-    if name and name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):] in MODEL_NAMES:
-        return name[len(TIMM_PREFIX):]
-    return name
-
-
 def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = None,
                          num_classes: Optional[int] = None) -> dict[str, Any]:
     """Decides ``model_name``, ``bottleneck_head``, ``num_classes`` and the head (``head``, ``num_of_groups``,
@@ -324,7 +315,7 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
     """
     state = ckpt["model"]
     wanted = _user_name(model_name)
-    stored = _stored_name(ckpt.get("model_name"))
+    stored = _user_name(ckpt["model_name"]) if isinstance(ckpt.get("model_name"), str) else None
     try:
         shapes: Optional[dict] = detect_architecture(state)
     except UnknownArchitectureError as exc:
@@ -332,7 +323,8 @@ def resolve_architecture(ckpt: Mapping[str, Any], model_name: Optional[str] = No
         shape_problem = str(exc)
     if shapes is not None:
         name, bottleneck, classes = shapes["model_name"], bool(shapes["bottleneck_head"]), shapes["num_classes"]
-        if stored is not None and stored != name:
+        # A timm config names timm's TResNets timm/tresnet_*; their weights, converted on load, are ours.
+        if stored is not None and stored not in (name, TIMM_PREFIX + name):
             raise CheckpointError(f"the checkpoint says model_name={stored!r} but its weights are a {name}")
         how = "detected from the weights' shapes"
     elif stored is not None:

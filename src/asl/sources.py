@@ -246,7 +246,9 @@ def _from_cache(huggingface_hub, repo: str, filename: str, revision: Optional[st
         return found
     if found is not None:  # huggingface_hub's _CACHED_NO_EXIST
         return _Absent
-    folder = Path(cache) / ("models--" + repo.replace("/", "--"))
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(cache) / repo_folder_name(repo_id=repo, repo_type="model")
     ref = folder / "refs" / (revision or "main")
     commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else (revision or "main")
     entry = folder / "snapshots" / commit / filename
